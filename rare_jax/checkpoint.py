@@ -1,0 +1,110 @@
+"""Checkpoints: the only module in rare_jax that imports orbax.
+
+A `CheckpointStore` keeps numbered steps under one directory; each step holds a pytree of
+arrays (restored into an abstract target, so shapes, dtypes and shardings are checked) and a
+JSON-able metadata dict. Saves are synchronous: an asynchronous save that fails was measured to
+hang the process at exit (see ../shared/STYLE.md), and a step is only visible once Orbax has
+committed it, so a process killed mid-save leaves the previous steps intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointStore:
+  """Numbered checkpoints of (pytree of arrays, JSON metadata) in one directory.
+
+  Args:
+    directory: where the steps live; created if missing.
+    max_to_keep: keep only the newest this many steps (None keeps all).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, tree: Any, metadata: dict | None = None) -> None:
+    """Saves `tree` and `metadata` as `step`.
+
+    Raises:
+      ValueError: if `step` is negative or already saved (Orbax would silently skip it).
+    """
+    if step < 0:
+      raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    if step in self._manager.all_steps():
+      raise ValueError(
+          f"checkpoint step {step} already exists in {self.directory}; refusing to overwrite")
+    saved = self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree),
+            meta=ocp.args.JsonSave(metadata or {})))
+    if not saved:
+      raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    """Restores `step` into the structure of `like` (arrays or `jax.ShapeDtypeStruct`s).
+
+    Returns:
+      (tree, metadata).
+    """
+    if step not in self._manager.all_steps():
+      raise ValueError(
+          f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
+    abstract = jax.tree.map(_abstract, like)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.meta or {})
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> "CheckpointStore":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _abstract(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  sharding = getattr(x, "sharding", None)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON so that a reader sees the old file or the new one, never a torn one."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise

@@ -1,0 +1,38 @@
+"""Packaging for rare_jax: rare-category classifiers on a tight labeling budget (JAX/Flax)."""
+
+import setuptools
+
+setuptools.setup(
+    name="rare_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax reimplementation of 'Learning Rare Category Classifiers on a Tight "
+        "Labeling Budget' (Mullapudi et al., ICCV 2021)."
+    ),
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["rare_jax", "rare_jax.*"]),
+    install_requires=[
+        "jax>=0.4.35,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.3,<0.3",
+        "orbax-checkpoint>=0.10,<0.13",
+        "tensorflow-datasets>=4.9.7,<4.10",
+        "grain>=0.2.2,<0.3",
+        "array_record>=0.5,<0.9",
+        "scikit-learn>=1.3,<1.10",
+        "absl-py>=2.0,<3",
+        "ml_collections>=0.1.1,<2",
+        "numpy>=1.26,<3",
+        "matplotlib>=3.7,<4",
+        "importlib_resources>=6,<7",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1", "chex>=0.1.87,<0.2"],
+        "tf": ["tensorflow>=2.16,<3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rare-jax-task=rare_jax.task_summary:run",
+        ],
+    },
+)
