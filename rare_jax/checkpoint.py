@@ -29,9 +29,11 @@ class CheckpointStore:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None):
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
+      max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "meta"))
+      self.directory, options=options, item_names=("state", "meta")
+    )
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -49,12 +51,14 @@ class CheckpointStore:
       raise ValueError(f"checkpoint step must be >= 0, got {step}")
     if step in self._manager.all_steps():
       raise ValueError(
-          f"checkpoint step {step} already exists in {self.directory}; refusing to overwrite")
+        f"checkpoint step {step} already exists in {self.directory}; refusing to overwrite"
+      )
     saved = self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree),
-            meta=ocp.args.JsonSave(metadata or {})))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(metadata or {})
+      ),
+    )
     if not saved:
       raise RuntimeError(f"Orbax did not save step {step} in {self.directory}")
     self._manager.wait_until_finished()
@@ -66,19 +70,20 @@ class CheckpointStore:
       (tree, metadata).
     """
     if step not in self._manager.all_steps():
-      raise ValueError(
-          f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
+      raise ValueError(f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
     abstract = jax.tree.map(_abstract, like)
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
     return restored.state, dict(restored.meta or {})
 
   def close(self) -> None:
     self._manager.close()
 
-  def __enter__(self) -> "CheckpointStore":
+  def __enter__(self) -> CheckpointStore:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -1,0 +1,470 @@
+"""The deep half of Algorithm 1: M_pre, cached features and auxiliary labels, trainBGSplit.
+
+Lines 1-2: `pretrain` trains `M_pre` (a `Classifier`) on the task's related-domain split;
+`embed` caches pool and validation embeddings (and M_pre's hard predictions, the auxiliary
+labels A_l) in on-disk feature stores. Lines 19-20: `bgsplit_update` continues the deep model
+from M_{i-1} for E epochs on the union over categories of L_p, L_n and W_n, with the auxiliary
+head's cross-entropy on A_l; `DeepUpdater` then re-embeds the pool and validation set.
+
+Everything resumes: training from its per-epoch TrainState checkpoints, embedding from the
+store's recorded progress, so a killed run loses at most an epoch or a chunk of rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rare_jax import embed as embed_lib
+from rare_jax import metrics, models, sharding, train
+from rare_jax.checkpoint import CheckpointStore
+from rare_jax.data import pipeline, tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSettings:
+  """The deep model's settings (config.deep); defaults are the authors' trainer (METHOD.md)."""
+
+  model: str = "resnet50"
+  image_size: int | None = None  # None: the dataset's size
+  channels: int | None = None  # 3 expands grayscale for ImageNet-style trunks
+  mean: float = 0.0
+  std: float = 1.0
+  compute_dtype: str = "float32"  # or "bfloat16" (parameters stay float32)
+  batch_size: int = 128
+  embed_batch_size: int = 512
+  pretrain_epochs: int = 10
+  pretrain_learning_rate: float = 0.1
+  epochs: int = 15  # E
+  learning_rate: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 1e-4
+  warmup_fraction: float = 0.1
+  aux_weight: float = 0.1
+  mesh: tuple = (("data", -1),)
+
+  def __post_init__(self):
+    if self.model not in models.MODELS:
+      raise ValueError(f"deep.model must be one of {sorted(models.MODELS)}, got {self.model!r}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(
+        f"deep.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}"
+      )
+    for name in ("batch_size", "embed_batch_size", "pretrain_epochs", "epochs"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"deep.{name} must be >= 1, got {getattr(self, name)!r}")
+    if not 0 <= self.warmup_fraction < 1:
+      raise ValueError(f"deep.warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
+    if self.aux_weight < 0:
+      raise ValueError(f"deep.aux_weight must be >= 0, got {self.aux_weight!r}")
+
+  @classmethod
+  def from_config(cls, deep: ml_collections.ConfigDict) -> DeepSettings:
+    values = dict(deep)
+    values["mesh"] = tuple(tuple(axis) for axis in values.get("mesh", cls.mesh))
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown config.deep settings {sorted(unknown)}")
+    return cls(**values)
+
+  def trunk(self):
+    dtype = jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+    return models.get_trunk(self.model, dtype=dtype)
+
+  @property
+  def preprocess(self) -> dict:
+    return dict(image_size=self.image_size, channels=self.channels, mean=self.mean, std=self.std)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+  """The task's images: each a `Source` or `(images, labels)` arrays (see data.pipeline)."""
+
+  train: Any
+  eval: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSet:
+  """One deep update's examples: the union over categories of L_p, L_n and W_n.
+
+  Attributes:
+    pool_positions: `[n]` pool positions.
+    labels: `[n, C]` float: 1 for L_p, 0 for L_n and W_n.
+    label_mask: `[n, C]` bool: where image n has a (human or pseudo) label for category c.
+    aux_labels: `[n]` int, A_l of each image.
+  """
+
+  pool_positions: np.ndarray
+  labels: np.ndarray
+  label_mask: np.ndarray
+  aux_labels: np.ndarray
+
+
+def training_set(labels: np.ndarray, pseudo_negative: np.ndarray, aux_labels: np.ndarray):
+  """`TrainingSet` from a LoopState's `[C, P]` labels and pseudo-negatives."""
+  labels = np.asarray(labels)
+  member = (labels >= 0) | np.asarray(pseudo_negative)
+  positions = np.flatnonzero(member.any(axis=0))
+  return TrainingSet(
+    pool_positions=positions,
+    labels=(labels[:, positions] == 1).T.astype(np.float32),
+    label_mask=member[:, positions].T.copy(),
+    aux_labels=np.asarray(aux_labels)[positions].astype(np.int32),
+  )
+
+
+def _input_shape(settings: DeepSettings, data) -> tuple[int, ...]:
+  sample = pipeline.make_batch(data, np.array([0]), batch_size=1, **settings.preprocess)
+  return (1, *sample["image"].shape[1:])
+
+
+def _mesh(settings: DeepSettings):
+  return sharding.make_mesh(settings.mesh)
+
+
+def _train(
+  *,
+  model,
+  settings: DeepSettings,
+  data,
+  num_examples: int,
+  epochs: int,
+  learning_rate: float,
+  step_fn,
+  make_batch: Callable[[np.ndarray, np.ndarray], dict],
+  directory: str,
+  seed: int,
+  initial_variables: dict | None,
+  log: Callable[[str], None],
+  what: str,
+):
+  """Shared driver of pretraining and BG-split updates: seeded epochs, resumable, logged."""
+  mesh = _mesh(settings)
+  steps_per_epoch = math.ceil(num_examples / settings.batch_size)
+  total = epochs * steps_per_epoch
+  tx = train.make_optimizer(
+    learning_rate=learning_rate,
+    momentum=settings.momentum,
+    weight_decay=settings.weight_decay,
+    warmup_steps=int(settings.warmup_fraction * total),
+    total_steps=total,
+  )
+  state, shardings = train.init_sharded_state(
+    # RBG keys: threefry initialisers were measured to compile ~2.5 s per call on CPU.
+    jax.random.key(seed, impl="rbg"),
+    model=model,
+    tx=tx,
+    input_shape=_input_shape(settings, data),
+    mesh=mesh,
+  )
+  if initial_variables is not None:
+    state = state.replace(
+      params=jax.device_put(initial_variables["params"], shardings.params),
+      batch_stats=jax.device_put(initial_variables["batch_stats"], shardings.batch_stats),
+    )
+  step = train.jit_step(step_fn, mesh=mesh, state_shardings=shardings, model=model, tx=tx)
+
+  def get_batch(step_index: int) -> dict:
+    indices, mask = train.step_batch_indices(
+      num_examples, settings.batch_size, step_index, seed=seed
+    )
+    batch = make_batch(indices, mask)
+    local = sharding.process_shard(np.arange(settings.batch_size))
+    return {k: v[local] for k, v in batch.items()}
+
+  with CheckpointStore(directory) as store:
+    for epoch in range(epochs):
+      start = time.perf_counter()
+      done_before = int(jax.device_get(state.step))
+      state, history = train.fit(
+        state,
+        get_batch,
+        step_fn=step,
+        mesh=mesh,
+        end_step=(epoch + 1) * steps_per_epoch,
+        store=store,
+        save_every=steps_per_epoch,
+        log_every=None,
+      )
+      if history:
+        seconds = time.perf_counter() - start
+        images = (int(jax.device_get(state.step)) - done_before) * settings.batch_size
+        summary = " ".join(
+          f"{k} {np.mean([h[k] for h in history]):.4f}"
+          for k in sorted(history[0])
+          if k in ("loss", "accuracy", "main_loss", "aux_loss")
+        )
+        log(f"{what}: epoch {epoch + 1}/{epochs} | {summary} | {images / seconds:.0f} img/s")
+  return state
+
+
+def pretrain(
+  task: tasks.RareTask,
+  data: ImageData,
+  settings: DeepSettings,
+  directory: str,
+  *,
+  seed: int,
+  log: Callable[[str], None] = print,
+) -> tuple[models.Classifier, train.TrainState]:
+  """Algorithm 1's M_pre: supervised training on the related-domain split (non-rare classes).
+
+  Returns:
+    (the `Classifier`, its TrainState). Labels are the positions of `task.related_classes`.
+  """
+  classes = np.asarray(task.related_classes)
+  remap = np.full(task.num_classes, -1, np.int64)
+  remap[classes] = np.arange(len(classes))
+  labels = remap[task.pretrain_labels]
+  model = models.Classifier(trunk=settings.trunk(), num_classes=len(classes))
+  ids = task.pretrain_ids
+
+  def make_batch(indices, mask):
+    batch = pipeline.make_batch(
+      data.train, ids[indices], batch_size=settings.batch_size, **settings.preprocess
+    )
+    return {"image": batch["image"], "label": labels[indices], "mask": mask}
+
+  state = _train(
+    model=model,
+    settings=settings,
+    data=data.train,
+    num_examples=len(ids),
+    epochs=settings.pretrain_epochs,
+    learning_rate=settings.pretrain_learning_rate,
+    step_fn=train.pretrain_step,
+    make_batch=make_batch,
+    directory=directory,
+    seed=seed,
+    initial_variables=None,
+    log=log,
+    what="pretrain M_pre",
+  )
+  return model, state
+
+
+def bgsplit_model(settings: DeepSettings, num_categories: int, num_aux_classes: int):
+  return models.BGSplitModel(
+    trunk=settings.trunk(), num_categories=num_categories, num_aux_classes=num_aux_classes
+  )
+
+
+def bgsplit_update(
+  *,
+  model: models.BGSplitModel,
+  start_variables: dict,
+  examples: TrainingSet,
+  pool_ids: np.ndarray,
+  data: ImageData,
+  settings: DeepSettings,
+  directory: str,
+  seed: int,
+  log: Callable[[str], None] = print,
+  what: str = "trainBGSplit",
+) -> train.TrainState:
+  """Algorithm 1 line 19: E epochs of background splitting from `start_variables` (M_{i-1})."""
+  if len(examples.pool_positions) == 0:
+    raise ValueError("trainBGSplit needs at least one labeled or pseudo-labeled image")
+  image_ids = np.asarray(pool_ids)[examples.pool_positions]
+
+  def make_batch(indices, mask):
+    batch = pipeline.make_batch(
+      data.train, image_ids[indices], batch_size=settings.batch_size, **settings.preprocess
+    )
+    return {
+      "image": batch["image"],
+      "labels": examples.labels[indices],
+      "label_mask": examples.label_mask[indices] & mask[:, None],
+      "aux_labels": examples.aux_labels[indices],
+      "mask": mask,
+    }
+
+  return _train(
+    model=model,
+    settings=settings,
+    data=data.train,
+    num_examples=len(image_ids),
+    epochs=settings.epochs,
+    learning_rate=settings.learning_rate,
+    step_fn=functools.partial(train.train_step, aux_weight=settings.aux_weight),
+    make_batch=make_batch,
+    directory=directory,
+    seed=seed,
+    initial_variables=start_variables,
+    log=log,
+    what=what,
+  )
+
+
+def embed(
+  model,
+  state: train.TrainState,
+  data,
+  ids: np.ndarray,
+  store_dir: str,
+  settings: DeepSettings,
+  *,
+  outputs: tuple[str, ...] = ("embedding",),
+) -> embed_lib.FeatureStore:
+  """Cached features of `ids` (resumable), with the model's other `outputs` per row."""
+  mesh = _mesh(settings)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  predict = train.jit_predict(model=model, mesh=mesh, state_shardings=shardings)
+  predict_fn = embed_lib.make_predict_fn(state, predict=predict, mesh=mesh, outputs=outputs)
+  ids = np.asarray(ids)
+  size = settings.embed_batch_size
+
+  def batches(first_batch: int):
+    return pipeline.iterate_batches(
+      data, ids[first_batch * size :], batch_size=size, **settings.preprocess
+    )
+
+  dim = int(
+    jax.eval_shape(lambda: model.apply(state.variables, jnp.zeros(_input_shape(settings, data))))[
+      "embedding"
+    ].shape[-1]
+  )
+  return embed_lib.embed_to_store(predict_fn, batches, store_dir, len(ids), dim)
+
+
+def load_variables(directory: str, like_state: train.TrainState) -> dict:
+  """The final `{"params", "batch_stats"}` saved in a training directory."""
+  with CheckpointStore(directory) as store:
+    state, _ = train.restore_train_state(store, like_state)
+  return state.variables
+
+
+class DeepUpdater:
+  """Feature updates of one strategy's run (Algorithm 1 lines 19-20).
+
+  Version 0 is M_pre's features; version i is the deep model after the i-th update, saved in
+  `run_dir/deep/v{i}` (TrainState checkpoints) and `run_dir/features/v{i}/{pool,val}`.
+  """
+
+  def __init__(
+    self,
+    *,
+    run_dir: str,
+    settings: DeepSettings,
+    task: tasks.RareTask,
+    data: ImageData,
+    m_pre_variables: dict,
+    num_aux_classes: int,
+    aux_labels: np.ndarray,
+    base_features,
+    seed: int,
+    normalize: Callable = lambda pool, val: (pool, val),
+    log: Callable[[str], None] = print,
+  ):
+    self.run_dir = run_dir
+    self.settings = settings
+    self.task = task
+    self.data = data
+    self.m_pre_variables = m_pre_variables
+    self.aux_labels = np.asarray(aux_labels)
+    self.base_features = base_features
+    self.seed = seed
+    self.normalize = normalize
+    self.log = log
+    self.model = bgsplit_model(settings, len(task.categories), num_aux_classes)
+
+  def _paths(self, version: int) -> tuple[str, str, str]:
+    features = os.path.join(self.run_dir, "features", f"v{version}")
+    return (
+      os.path.join(self.run_dir, "deep", f"v{version}"),
+      os.path.join(features, "pool"),
+      os.path.join(features, "val"),
+    )
+
+  def _like(self) -> train.TrainState:
+    mesh = _mesh(self.settings)
+    tx = train.make_optimizer(
+      momentum=self.settings.momentum, weight_decay=self.settings.weight_decay, total_steps=1
+    )
+    state, _ = train.init_sharded_state(
+      jax.random.key(0, impl="rbg"),
+      model=self.model,
+      tx=tx,
+      input_shape=_input_shape(self.settings, self.data.train),
+      mesh=mesh,
+    )
+    return state
+
+  def features(self, version: int):
+    """(pool `[P, D]`, validation `[V, D]`) features of a version, as device arrays."""
+    if version == 0:
+      return self.base_features
+    _, pool_dir, val_dir = self._paths(version)
+    pool = embed_lib.FeatureStore.open(pool_dir)
+    val = embed_lib.FeatureStore.open(val_dir)
+    if not (pool.complete and val.complete):
+      raise ValueError(f"features of update {version} in {self.run_dir} are incomplete")
+    return self.normalize(pool.features, val.features)
+
+  def update(self, state, version: int):
+    """Trains M_version from M_{version-1} on `state`'s training set, re-embeds, evaluates.
+
+    Returns:
+      (pool features, validation features, the deep main head's validation metrics).
+    """
+    train_dir, pool_dir, val_dir = self._paths(version)
+    like = self._like()
+    if version == 1:
+      start = models.init_from_pretrained(like.variables, self.m_pre_variables)
+    else:
+      start = load_variables(self._paths(version - 1)[0], like)
+    examples = training_set(
+      jax.device_get(state.labels), jax.device_get(state.pseudo_negative), self.aux_labels
+    )
+    self.log(
+      f"deep update {version}: trainBGSplit on {len(examples.pool_positions)} images "
+      f"({int(examples.label_mask.sum())} (image, category) labels), "
+      f"{self.settings.epochs} epochs"
+    )
+    deep_state = bgsplit_update(
+      model=self.model,
+      start_variables=start,
+      examples=examples,
+      pool_ids=self.task.pool_ids,
+      data=self.data,
+      settings=self.settings,
+      directory=train_dir,
+      seed=self.seed * 1000 + version,
+      log=self.log,
+      what=f"deep update {version}",
+    )
+    start_time = time.perf_counter()
+    pool = embed(
+      self.model, deep_state, self.data.train, self.task.pool_ids, pool_dir, self.settings
+    )
+    val = embed(
+      self.model,
+      deep_state,
+      self.data.eval,
+      self.task.val_ids,
+      val_dir,
+      self.settings,
+      outputs=("embedding", "main_probs"),
+    )
+    self.log(
+      f"deep update {version}: re-embedded {pool.num_rows} pool and {val.num_rows} "
+      f"validation images in {time.perf_counter() - start_time:.1f}s"
+    )
+    pool_features, val_features = self.features(version)
+    return pool_features, val_features, self.evaluate(version)
+
+  def evaluate(self, version: int) -> dict:
+    """The deep main head's validation metrics after update `version` (F1 at 0.5, AP, ...)."""
+    val = embed_lib.FeatureStore.open(self._paths(version)[2])
+    return metrics.category_metrics(np.asarray(val["main_probs"]).T, self.task.val_ground_truth())

@@ -1,0 +1,271 @@
+"""The active loop as pure transitions over an immutable `LoopState` (paper Algorithm 1).
+
+One round for a group of C categories over a pool of P images with D-dim cached features:
+
+    ids = query(state, config=...)                       # [C, B] pool positions to label
+    answers = labeler.answer(ids)                        # [C, B] bool (the only impure step)
+    state = observe(state, ids, answers, features, config=..., train_size=...)
+
+`observe` records the answers, redraws pseudo-negatives from the bottom half of the current
+ranking, refits the per-category logistic regressions on the cached features and re-scores the
+pool (one matmul pass). Both functions are pure; the driver jits them once with
+`functools.partial` for its `LoopConfig`. `train_size` (the padded training-set size) is static
+and comes from `required_train_size`, bucketed so that a run compiles a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rare_jax import linear, select
+
+UNKNOWN = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Static settings of the loop (hashable: passed to jitted functions as a static value).
+
+  Attributes:
+    batch_size: B, images queried per category per round.
+    querying: "adaptive" (paper) or "most_likely_positive" (Tropel).
+    pseudo_negative_factor: f_a; 0 disables pseudo-negatives.
+    l2: L2 penalty of the logistic regression (sklearn's C = 1 / l2).
+    max_iters: solver iteration cap per fit.
+    tol: solver gradient-norm tolerance.
+  """
+
+  batch_size: int = 10
+  querying: str = "adaptive"
+  pseudo_negative_factor: float = 100.0
+  l2: float = 1.0
+  max_iters: int = 200
+  tol: float = 1e-6
+
+  def __post_init__(self):
+    if not isinstance(self.batch_size, int) or self.batch_size < 1:
+      raise ValueError(f"batch_size (B) must be a positive int, got {self.batch_size!r}")
+    if self.querying not in select.QUERYING_RULES:
+      raise ValueError(f"querying must be one of {select.QUERYING_RULES}, got {self.querying!r}")
+    if not 0 <= self.pseudo_negative_factor <= 10_000:
+      raise ValueError(
+        f"pseudo_negative_factor (f_a) must be in [0, 10000], got {self.pseudo_negative_factor!r}"
+      )
+    if not self.l2 > 0:
+      raise ValueError(f"l2 must be > 0, got {self.l2!r}")
+    if self.max_iters < 1:
+      raise ValueError(f"max_iters must be >= 1, got {self.max_iters!r}")
+
+
+@flax.struct.dataclass
+class LoopState:
+  """Everything the loop knows after a round; fixed-shape arrays only.
+
+  Attributes:
+    round: int32 scalar, rounds observed so far (0 after `init`).
+    seed: uint32 scalar; round keys are `fold_in(key(seed), round)`.
+    labels: int8 `[C, P]`: 1 positive, 0 negative, -1 unknown (human labels and seeds).
+    label_round: int32 `[C, P]`: the round a label arrived (0 for seeds), -1 if none.
+    pseudo_negative: bool `[C, P]`: this round's pseudo-negatives W_n.
+    linear: the per-category logistic regressions, weights `[C, D]`, bias `[C]`.
+    has_model: bool scalar, False until the first `observe`.
+    scores: float32 `[C, P]`: the current ranking R_pos (cosine before any linear model,
+      then logits; the margin ranking R_ent is |scores| ascending).
+  """
+
+  round: jax.Array
+  seed: jax.Array
+  labels: jax.Array
+  label_round: jax.Array
+  pseudo_negative: jax.Array
+  linear: linear.LinearModel
+  has_model: jax.Array
+  scores: jax.Array
+
+  @property
+  def num_categories(self) -> int:
+    return self.labels.shape[0]
+
+  @property
+  def pool_size(self) -> int:
+    return self.labels.shape[1]
+
+
+def init(features: jax.Array, seed_ids: jax.Array, *, seed: int | jax.Array) -> LoopState:
+  """Algorithm 1 lines 3-6: seeds are the first positives; cosine ranking to their centroid.
+
+  Args:
+    features: `[P, D]` cached pool features.
+    seed_ids: `[C, K]` pool positions of each category's seed positives.
+    seed: the run's seed.
+  """
+  num_categories = seed_ids.shape[0]
+  pool_size, dim = features.shape
+  rows = jnp.arange(num_categories)[:, None]
+  labels = jnp.full((num_categories, pool_size), UNKNOWN, jnp.int8).at[rows, seed_ids].set(1)
+  label_round = jnp.where(labels >= 0, 0, UNKNOWN).astype(jnp.int32)
+  return LoopState(
+    round=jnp.zeros((), jnp.int32),
+    seed=jnp.asarray(seed, jnp.uint32),
+    labels=labels,
+    label_round=label_round,
+    pseudo_negative=jnp.zeros((num_categories, pool_size), bool),
+    linear=linear.LinearModel(
+      weights=jnp.zeros((num_categories, dim), jnp.float32),
+      bias=jnp.zeros((num_categories,), jnp.float32),
+    ),
+    has_model=jnp.zeros((), bool),
+    scores=select.cosine_scores(features, seed_ids),
+  )
+
+
+def label_counts(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(|L_p|, |L_n|) per category, `[C]` int32 each."""
+  return (
+    jnp.sum(labels == 1, axis=-1, dtype=jnp.int32),
+    jnp.sum(labels == 0, axis=-1, dtype=jnp.int32),
+  )
+
+
+def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
+  """Algorithm 1 lines 9-12: `[C, B]` pool positions to label, never already labeled ones."""
+  num_positive, num_negative = label_counts(state.labels)
+  positive_rule = select.use_positive_rule(
+    querying=config.querying,
+    has_model=state.has_model,
+    num_positive=num_positive,
+    num_negative=num_negative,
+  )
+  priority = select.query_priority(
+    state.scores, labels=state.labels, use_positive_rule=positive_rule
+  )
+  return select.top_unlabeled(priority, config.batch_size)
+
+
+def round_key(state: LoopState, round_index: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(state.seed), round_index)
+
+
+def observe(
+  state: LoopState,
+  query_ids: jax.Array,
+  answers: jax.Array,
+  features: jax.Array,
+  *,
+  config: LoopConfig,
+  train_size: int,
+) -> LoopState:
+  """Algorithm 1 lines 13-18: labels in, pseudo-negatives, linear fit, new rankings.
+
+  Args:
+    state: the state `query_ids` were computed from.
+    query_ids: `[C, B]` pool positions that were asked.
+    answers: `[C, B]` bool answers.
+    features: `[P, D]` the cached pool features.
+    config: static loop settings.
+    train_size: static padded training-set size, >= every category's |L_p|+|L_n|+|W_n|
+      (see `required_train_size`).
+  """
+  next_round = state.round + 1
+  rows = jnp.arange(state.num_categories)[:, None]
+  labels = state.labels.at[rows, query_ids].set(answers.astype(jnp.int8))
+  label_round = state.label_round.at[rows, query_ids].set(next_round)
+  unlabeled = labels < 0
+  num_positive, num_negative = label_counts(labels)
+
+  if config.pseudo_negative_factor > 0:
+    pseudo_negative = select.pseudo_negatives(
+      round_key(state, next_round),
+      scores=state.scores,
+      unlabeled=unlabeled,
+      num=select.num_pseudo_negatives(num_positive, num_negative, config.pseudo_negative_factor),
+    )
+  else:
+    pseudo_negative = jnp.zeros_like(state.pseudo_negative)
+
+  warm = jax.tree.map(lambda w: jnp.where(state.has_model, w, jnp.zeros_like(w)), state.linear)
+  model, scores = _fit_and_score(
+    labels, pseudo_negative, features, warm, config=config, train_size=train_size
+  )
+  return state.replace(
+    round=next_round,
+    labels=labels,
+    label_round=label_round,
+    pseudo_negative=pseudo_negative,
+    linear=model,
+    has_model=jnp.ones((), bool),
+    scores=scores,
+  )
+
+
+def refit(
+  state: LoopState, features: jax.Array, *, config: LoopConfig, train_size: int
+) -> LoopState:
+  """Refits the linear models on new features (after a deep update re-embedded the pool).
+
+  Same training set (labels and this round's pseudo-negatives), cold start: the old weights
+  live in another feature space. Rankings are recomputed on the new features.
+  """
+  model, scores = _fit_and_score(
+    state.labels,
+    state.pseudo_negative,
+    features,
+    jax.tree.map(jnp.zeros_like, state.linear),
+    config=config,
+    train_size=train_size,
+  )
+  return state.replace(linear=model, has_model=jnp.ones((), bool), scores=scores)
+
+
+def _fit_and_score(labels, pseudo_negative, features, init, *, config, train_size):
+  """Algorithm 1 lines 15-18: fit on L_p (1), L_n and W_n (0); score the pool in one pass."""
+  ids, valid = training_set(labels, pseudo_negative, train_size)
+  targets = (jnp.take_along_axis(labels, ids, axis=-1) == 1).astype(jnp.float32)
+  model = linear.fit_logistic_batched(
+    features[ids],
+    targets,
+    valid.astype(jnp.float32),
+    l2=config.l2,
+    init=init,
+    max_iters=config.max_iters,
+    tol=config.tol,
+  )
+  return model, linear.decision_function(features, model).T.astype(jnp.float32)
+
+
+def training_set(labels: jax.Array, pseudo_negative: jax.Array, size: int):
+  """Pool positions of each category's training set, padded to `size`.
+
+  Returns:
+    (ids `[C, size]` int32, valid `[C, size]` bool); padding rows point at position 0 and are
+    marked invalid (their example weight is 0).
+  """
+  member = jnp.logical_or(labels >= 0, pseudo_negative)
+  ids = jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(member)
+  count = jnp.sum(member, axis=-1, dtype=jnp.int32)
+  valid = jnp.arange(size)[None, :] < count[:, None]
+  return ids.astype(jnp.int32), valid
+
+
+def required_train_size(
+  num_positive: np.ndarray, num_negative: np.ndarray, pool_size: int, *, config: LoopConfig
+) -> int:
+  """The bucketed static training-set size for a round, computed on the host.
+
+  Args:
+    num_positive, num_negative: `[C]` label counts *after* this round's answers.
+    pool_size: P.
+  """
+  num_positive = np.asarray(num_positive, np.int64)
+  num_negative = np.asarray(num_negative, np.int64)
+  labeled = num_positive + num_negative
+  pseudo = np.round(
+    config.pseudo_negative_factor * (10 * num_positive + num_negative) / 10.0
+  ).astype(np.int64)
+  pseudo = np.minimum(pseudo + 1, (pool_size - labeled) // 2)  # +1: float32 rounding slack
+  return linear.bucket_size(int(np.max(labeled + pseudo)))

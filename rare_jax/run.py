@@ -1,0 +1,75 @@
+r"""Runs the active loop on a rare-category task: `python -m rare_jax.run`.
+
+    python -m rare_jax.run --config=experiments/configs/demo.py --workdir=runs/demo \
+        [--config.seed=1 --config.strategies='("tropel",)' ...]
+
+Builds (or reloads) the task, the cached features and, per strategy of `config.strategies`,
+runs N*Q rounds with the simulated labeler, writing `WORKDIR/<strategy>/{checkpoints,
+answers.jsonl,metrics.jsonl}` and `WORKDIR/f1_vs_labels.png`. Started again with the same
+command, it resumes every strategy from its newest checkpoint; a workdir holding another
+config is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rare_jax import labelers, metrics, runner, workdirs
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Run config file (ml_collections).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  started = time.perf_counter()
+  context = workdirs.prepare(workdir, config, log=print)
+  print(context.task.summary())
+  records_by_strategy = {}
+  for strategy in config.strategies:
+    records_by_strategy[strategy] = runner.run_strategy(
+      run_dir=os.path.join(workdir, strategy),
+      config=config,
+      strategy=strategy,
+      features=context.features,
+      val_features=context.val_features,
+      seed_ids=context.task.seed_positives,
+      val_ground_truth=context.task.val_ground_truth(),
+      labeler=labelers.SimulatedLabeler(context.task.ground_truth()),
+      updater=context.updater(strategy, log=print),
+    )
+    deep_records = [
+      dict(r["deep"], labels_per_category=r["labels_per_category"])
+      for r in records_by_strategy[strategy]
+      if "deep" in r
+    ]
+    if deep_records:
+      records_by_strategy[f"{strategy} (deep head)"] = deep_records
+  plot = os.path.join(workdir, "f1_vs_labels.png")
+  metrics.plot_f1_vs_labels(
+    records_by_strategy, plot, category_names=list(context.task.category_names)
+  )
+  for strategy, records in records_by_strategy.items():
+    curve = ", ".join(f"{r['labels_per_category']}:{r['mean_f1']:.3f}" for r in records)
+    print(f"{strategy}: mean F1 by labels/category: {curve}")
+  print(f"wrote {plot} ({time.perf_counter() - started:.0f}s in all)")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

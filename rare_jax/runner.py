@@ -1,0 +1,358 @@
+"""Drives the active loop for one strategy: jit once, checkpoint every round, resume, log.
+
+The library half of `python -m rare_jax.run` and `python -m rare_jax.replay`; it takes explicit
+arguments (never absl flags). A strategy's run directory holds:
+
+    checkpoints/      Orbax steps 0..R of the LoopState (step = rounds observed)
+    answers.jsonl     one line per round: {"round", "query_ids", "answers"}
+    metrics.jsonl     one line per round: labels used, per-category and mean metrics
+
+Order within a round: query -> answers appended to answers.jsonl -> observe -> checkpoint ->
+metrics. A run killed at any instant restarts from its newest checkpoint; answers already
+recorded for the next round are reused when its query matches (a person never answers twice),
+so the resumed run ends in exactly the state of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rare_jax import labelers, linear, loop, metrics
+from rare_jax.checkpoint import CheckpointStore, write_json_atomic
+
+# Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
+# querying: the query rule; pseudo_negatives: whether W_n is drawn; deep_updates: whether the
+# deep model is retrained every Q rounds (frozen-feature strategies keep M_pre's features).
+STRATEGIES = {
+  "ours": dict(querying="adaptive", pseudo_negatives=True, deep_updates=True),
+  "ours_linear": dict(querying="adaptive", pseudo_negatives=True, deep_updates=False),
+  "tropel": dict(querying="most_likely_positive", pseudo_negatives=False, deep_updates=False),
+}
+
+
+def loop_config(config, strategy: str) -> loop.LoopConfig:
+  """The static `LoopConfig` of `strategy` under a run `config` (an ml_collections config)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+  spec = STRATEGIES[strategy]
+  return loop.LoopConfig(
+    batch_size=int(config.batch_size),
+    querying=spec["querying"],
+    pseudo_negative_factor=float(config.pseudo_negative_factor)
+    if spec["pseudo_negatives"]
+    else 0.0,
+    l2=float(config.l2),
+    max_iters=int(config.solver_max_iters),
+    tol=float(config.solver_tol),
+  )
+
+
+def num_rounds(config) -> int:
+  """N * Q rounds in all."""
+  rounds = int(config.num_feature_updates) * int(config.rounds_per_update)
+  if rounds < 1:
+    raise ValueError(
+      "num_feature_updates * rounds_per_update must be >= 1, got "
+      f"{config.num_feature_updates} * {config.rounds_per_update}"
+    )
+  return rounds
+
+
+class Engine:
+  """The jitted `query` and `observe` of one `LoopConfig` (compiled once, reused every round)."""
+
+  def __init__(self, config: loop.LoopConfig):
+    self.config = config
+    self.query = jax.jit(functools.partial(loop.query, config=config))
+    self.observe = jax.jit(
+      functools.partial(loop.observe, config=config), static_argnames=("train_size",)
+    )
+    self.refit = jax.jit(
+      functools.partial(loop.refit, config=config), static_argnames=("train_size",)
+    )
+    self._counts = jax.jit(loop.label_counts)
+    self._sizes = jax.jit(
+      lambda labels, pseudo: jnp.sum((labels >= 0) | pseudo, axis=-1, dtype=jnp.int32)
+    )
+
+  def step(self, state: loop.LoopState, query_ids, answers, features) -> loop.LoopState:
+    """`observe` with the bucketed training-set size computed for this round's answers."""
+    answers = np.asarray(answers, bool)
+    num_positive, num_negative = jax.device_get(self._counts(state.labels))
+    train_size = loop.required_train_size(
+      num_positive + answers.sum(1),
+      num_negative + (~answers).sum(1),
+      state.pool_size,
+      config=self.config,
+    )
+    return self.observe(state, query_ids, answers, features, train_size=train_size)
+
+  def refit_on(self, state: loop.LoopState, features) -> loop.LoopState:
+    """`refit` on new features, with the bucketed size of the current training set."""
+    sizes = jax.device_get(self._sizes(state.labels, state.pseudo_negative))
+    return self.refit(state, features, train_size=linear.bucket_size(int(np.max(sizes))))
+
+  def compilations(self) -> int:
+    """Number of compiled variants of `query` and `observe` so far."""
+    return self.query._cache_size() + self.observe._cache_size()
+
+
+def abstract_state(features: jax.Array, seed_ids: np.ndarray, seed: int):
+  return jax.eval_shape(functools.partial(loop.init, seed=seed), features, seed_ids)
+
+
+def read_answers(path: str) -> dict[int, dict]:
+  """The answers log as {round: record}; a torn last line (killed mid-write) is dropped."""
+  if not os.path.exists(path):
+    return {}
+  return {int(record["round"]): record for record in metrics.read_metrics(path)}
+
+
+def evaluate(state: loop.LoopState, val_features, val_ground_truth: np.ndarray) -> dict:
+  """Metrics of the linear models on the validation set (F1 at probability 0.5, AP, ...)."""
+  probabilities = np.asarray(
+    jax.device_get(linear.predict_proba(val_features, state.linear))
+  ).T  # [C, V]
+  return metrics.category_metrics(probabilities, val_ground_truth)
+
+
+def run_strategy(
+  *,
+  run_dir: str,
+  config,
+  strategy: str,
+  features: jax.Array,
+  val_features: jax.Array,
+  seed_ids: np.ndarray,
+  val_ground_truth: np.ndarray,
+  labeler: labelers.Labeler,
+  updater=None,
+  log: Callable[[str], None] = print,
+  stop_after: int | None = None,
+) -> list[dict]:
+  """Runs (or resumes) all rounds of one strategy; returns the metrics records.
+
+  Args:
+    run_dir: this strategy's directory (created).
+    config: the run's ml_collections config.
+    strategy: a key of `STRATEGIES`.
+    features: `[P, D]` pool features (M_pre's); val_features: `[V, D]`.
+    seed_ids: `[C, K]` seed positives (pool positions).
+    val_ground_truth: `[C, V]` bool.
+    labeler: answers the queries.
+    updater: a `rare_jax.deep.DeepUpdater` for strategies with deep updates (every Q rounds
+      the deep model is retrained, the pool re-embedded and the linear models refitted).
+    log: receives progress lines.
+    stop_after: stop after this many rounds in total (tests; None runs all).
+  """
+  if STRATEGIES[strategy]["deep_updates"] != (updater is not None):
+    raise ValueError(
+      f"strategy {strategy!r} {'needs' if updater is None else 'takes no'} deep updater"
+    )
+  engine = Engine(loop_config(config, strategy))
+  total = num_rounds(config)
+  per_update = int(config.rounds_per_update)
+  os.makedirs(run_dir, exist_ok=True)
+  answers_path = os.path.join(run_dir, "answers.jsonl")
+  metrics_path = os.path.join(run_dir, "metrics.jsonl")
+  seed = int(config.seed)
+  seed_ids = np.asarray(seed_ids)
+
+  def record_of(state, round_index, deep_metrics):
+    record = _round_record(state, round_index, config, val_features, val_ground_truth)
+    if deep_metrics is not None:
+      record["deep"] = deep_metrics
+    return record
+
+  with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
+    latest = store.latest_step()
+    if latest is None:
+      state = loop.init(features, seed_ids, seed=seed)
+      store.save(0, state, {"round": 0, "strategy": strategy})
+      latest = 0
+      recorded = {}
+      for path in (answers_path, metrics_path):
+        metrics.rewrite_up_to(path, 0)  # a fresh run: no stale lines from an older one
+    else:
+      state, _ = store.restore(latest, abstract_state(features, seed_ids, seed))
+      if updater is not None and latest >= per_update:
+        features, val_features = updater.features(latest // per_update)
+      recorded = read_answers(answers_path)
+      for path in (answers_path, metrics_path):
+        metrics.rewrite_up_to(path, latest)
+      if latest > 0 and not any(m["round"] == latest for m in metrics.read_metrics(metrics_path)):
+        # Killed between the checkpoint and the metrics line: recompute it (deterministic).
+        deep_metrics = None
+        if updater is not None and latest % per_update == 0:
+          deep_metrics = updater.evaluate(latest // per_update)
+        with metrics.MetricsWriter(metrics_path) as writer:
+          writer.write(record_of(state, latest, deep_metrics))
+      log(f"[{strategy}] resuming from round {latest} of {total}")
+
+    records = metrics.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    last = total if stop_after is None else min(total, stop_after)
+    with (
+      metrics.MetricsWriter(answers_path) as answers_log,
+      metrics.MetricsWriter(metrics_path) as metrics_log,
+    ):
+      for round_index in range(latest + 1, last + 1):
+        start = time.perf_counter()
+        query_ids = np.asarray(jax.device_get(engine.query(state)))
+        previous = recorded.get(round_index)
+        if previous is not None and np.array_equal(previous["query_ids"], query_ids):
+          answers = labelers.check_answers(
+            query_ids, np.asarray(previous["query_ids"]), np.asarray(previous["answers"], bool)
+          )
+        else:
+          answers = np.asarray(labeler.answer(query_ids), bool)
+          if answers.shape != query_ids.shape:
+            raise ValueError(
+              f"labeler returned answers of shape {answers.shape}, expected {query_ids.shape}"
+            )
+        answers_log.write(
+          {"round": round_index, "query_ids": query_ids.tolist(), "answers": answers.tolist()}
+        )
+        state = engine.step(state, query_ids, answers, features)
+        deep_metrics = None
+        if updater is not None and round_index % per_update == 0:
+          features, val_features, deep_metrics = updater.update(state, round_index // per_update)
+          state = engine.refit_on(state, features)
+        store.save(round_index, state, {"round": round_index, "strategy": strategy})
+        record = record_of(state, round_index, deep_metrics)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        metrics_log.write(record)
+        records.append(record)
+        deep = "" if deep_metrics is None else f" | deep head mean F1 {deep_metrics['mean_f1']:.3f}"
+        log(
+          f"[{strategy}] round {round_index:3d}/{total} | labels/category "
+          f"{record['labels_per_category']:4d} | positives found {record['positives_found']} | "
+          f"mean F1 {record['mean_f1']:.3f}{deep} | {record['seconds']:.2f}s"
+        )
+  return records
+
+
+def _round_record(state, round_index, config, val_features, val_ground_truth) -> dict:
+  num_positive, num_negative = (
+    np.asarray(x) for x in jax.device_get(loop.label_counts(state.labels))
+  )
+  seeds = np.asarray(jax.device_get((state.label_round == 0).sum(-1)))
+  record = {
+    "round": round_index,
+    "labels_per_category": round_index * int(config.batch_size),
+    "positives_found": (num_positive - seeds).tolist(),
+    "num_negative": num_negative.tolist(),
+    "num_pseudo_negative": np.asarray(jax.device_get(state.pseudo_negative.sum(-1))).tolist(),
+    "model": "linear",
+  }
+  record.update(evaluate(state, val_features, val_ground_truth))
+  return record
+
+
+def write_config(workdir: str, config_json: dict) -> None:
+  """Records the run's config; refuses a workdir that holds a run of another config."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        existing = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); refusing to reuse {workdir}") from e
+    if existing != config_json:
+      differences = sorted(
+        k for k in set(existing) | set(config_json) if existing.get(k) != config_json.get(k)
+      )
+      raise ValueError(
+        f"workdir {workdir} holds a run of another config (differs in {differences}); "
+        "use a new --workdir or the original config"
+      )
+    return
+  write_json_atomic(path, config_json)
+
+
+def replay_strategy(
+  *,
+  run_dir: str,
+  config,
+  strategy: str,
+  features: jax.Array,
+  seed_ids: np.ndarray,
+  updater=None,
+  recorded=None,
+  log: Callable[[str], None] = print,
+) -> bool:
+  """Re-runs a strategy directory from checkpoint 0 with its recorded answers.
+
+  Args:
+    run_dir, config, strategy, features, seed_ids: as for `run_strategy`.
+    updater: for deep strategies, a `DeepUpdater` writing into a scratch directory.
+    recorded: for deep strategies, a `DeepUpdater` on `run_dir` (to read the run's features).
+    log: receives one line per round.
+
+  Returns:
+    True when every round's query, state (bit for bit) and features match the records.
+  """
+  engine = Engine(loop_config(config, strategy))
+  per_update = int(config.rounds_per_update)
+  like = abstract_state(features, seed_ids, int(config.seed))
+  answers = read_answers(os.path.join(run_dir, "answers.jsonl"))
+
+  def mismatch(round_index, why):
+    log(f"[{strategy}] round {round_index}: {why}: MISMATCH")
+    return False
+
+  with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
+    steps = store.all_steps()
+    if not steps or steps[0] != 0:
+      return mismatch(0, f"no checkpoint 0 in {run_dir}")
+    state, _ = store.restore(0, like)
+    for round_index in steps[1:]:
+      record = answers.get(round_index)
+      if record is None:
+        return mismatch(round_index, "no recorded answers")
+      query_ids = np.asarray(jax.device_get(engine.query(state)))
+      if not np.array_equal(query_ids, record["query_ids"]):
+        return mismatch(round_index, "recomputed query differs from the log")
+      try:
+        answer = labelers.check_answers(
+          query_ids, np.asarray(record["query_ids"]), np.asarray(record["answers"])
+        )
+      except ValueError as e:
+        return mismatch(round_index, f"bad answers record ({e})")
+      state = engine.step(state, query_ids, answer, features)
+      if updater is not None and round_index % per_update == 0:
+        features, val_features, _ = updater.update(state, round_index // per_update)
+        different = differing_leaves(
+          (features, val_features), recorded.features(round_index // per_update)
+        )
+        if different:
+          return mismatch(round_index, f"re-embedded features differ from the run's {different}")
+        state = engine.refit_on(state, features)
+      stored, _ = store.restore(round_index, like)
+      different = differing_leaves(state, stored)
+      if different:
+        return mismatch(round_index, f"state differs from checkpoint in {different}")
+      log(f"[{strategy}] round {round_index}: identical")
+  return True
+
+
+def differing_leaves(a, b) -> list[str]:
+  """Paths of the leaves where two pytrees differ (exact: bitwise for floats)."""
+  leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  leaves_b = jax.tree.leaves(b)
+  return [
+    jax.tree_util.keystr(path)
+    for (path, x), y in zip(leaves_a, leaves_b, strict=True)
+    if not _bitwise_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y)))
+  ]
+
+
+def _bitwise_equal(x: np.ndarray, y: np.ndarray) -> bool:
+  return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()

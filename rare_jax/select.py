@@ -1,0 +1,146 @@
+"""Rankings, the adaptive query rule and pseudo-negatives (paper Algorithm 1, lines 3-4, 9-14).
+
+Everything here is pure and jittable, works on `[C, P]` score arrays (C categories of a group,
+P images in the pool) and touches each array a bounded number of times: top-k instead of full
+sorts, and order statistics by bisection over 32-bit keys instead of sorting for the bottom-50%
+rule and for uniform sampling without replacement.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Querying rules. "adaptive": paper lines 9-12; "most_likely_positive": Tropel's rule.
+QUERYING_RULES = ("adaptive", "most_likely_positive")
+
+
+def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
+  """Cosine similarity of every pool image to the mean of the normalised seed features.
+
+  Args:
+    features: `[P, D]` pool features (any float dtype).
+    seed_ids: `[C, K]` pool positions of the seed positives of each category.
+
+  Returns:
+    `[C, P]` float32 scores (higher = more likely positive).
+  """
+  features = features.astype(jnp.float32)
+  normalized = features * jax.lax.rsqrt(
+    jnp.maximum(jnp.sum(features * features, axis=-1, keepdims=True), 1e-12)
+  )
+  centroids = jnp.mean(normalized[seed_ids], axis=1)  # [C, D]
+  centroids = centroids * jax.lax.rsqrt(
+    jnp.maximum(jnp.sum(centroids * centroids, axis=-1, keepdims=True), 1e-12)
+  )
+  return centroids @ normalized.T
+
+
+def query_priority(scores: jax.Array, *, labels: jax.Array, use_positive_rule: jax.Array):
+  """Priority of each image for querying; labeled images get -inf (never re-queried).
+
+  Args:
+    scores: `[C, P]` current positive scores (cosine before any linear model, else logits).
+    labels: `[C, P]` int labels, -1 where unknown.
+    use_positive_rule: `[C]` bool: True -> most likely positive (highest score first),
+      False -> closest to the margin (smallest |logit| first).
+  """
+  priority = jnp.where(use_positive_rule[:, None], scores, -jnp.abs(scores))
+  return jnp.where(labels < 0, priority, -jnp.inf)
+
+
+def top_unlabeled(priority: jax.Array, num: int) -> jax.Array:
+  """The `num` highest-priority pool positions per category, `[C, num]` int32."""
+  _, ids = jax.lax.top_k(priority, num)
+  return ids.astype(jnp.int32)
+
+
+def use_positive_rule(
+  *, querying: str, has_model: jax.Array, num_positive: jax.Array, num_negative: jax.Array
+) -> jax.Array:
+  """Which categories query their most likely positives this round (`[C]` bool).
+
+  Adaptive (paper lines 9-12): most likely positive while |L_p| < |L_n|, else the margin;
+  before any linear model exists, the cosine ranking (most likely positive).
+  """
+  if querying == "most_likely_positive":
+    return jnp.ones(num_positive.shape, bool)
+  if querying != "adaptive":
+    raise ValueError(f"querying must be one of {QUERYING_RULES}, got {querying!r}")
+  return jnp.logical_or(jnp.logical_not(has_model), num_positive < num_negative)
+
+
+def num_pseudo_negatives(
+  num_positive: jax.Array, num_negative: jax.Array, factor: float
+) -> jax.Array:
+  """`round(f_a * (|L_p| + 0.1 |L_n|))` with round-half-to-even, like Python's `round`.
+
+  Computed as `f_a * (10 |L_p| + |L_n|) / 10` so that integer factors are exact in float32.
+  """
+  tenths = 10 * num_positive.astype(jnp.float32) + num_negative.astype(jnp.float32)
+  return jnp.round(factor * tenths / 10.0).astype(jnp.int32)
+
+
+def sortable_keys(values: jax.Array) -> jax.Array:
+  """Maps float32 to uint32 so that unsigned order equals float order (-0.0 < +0.0)."""
+  bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+  flip = jnp.where(bits >> 31 == 1, jnp.uint32(0xFFFFFFFF), jnp.uint32(0x80000000))
+  return bits ^ flip
+
+
+def _kth_smallest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+  """Smallest t with `#{valid & keys <= t} >= k` (k >= 1), by 32 bisection steps over uint32."""
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    count = jnp.sum(jnp.logical_and(valid, keys <= mid), dtype=jnp.int32)
+    enough = count >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+  return lo
+
+
+def smallest_k_mask(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+  """Mask of exactly `min(k, #valid)` valid entries with the smallest keys, for one row.
+
+  Ties at the threshold go to the lowest positions, so the result is deterministic.
+
+  Args:
+    keys: `[P]` uint32.
+    valid: `[P]` bool: the entries that may be chosen.
+    k: int32 scalar, how many to choose.
+  """
+  k = jnp.minimum(k, jnp.sum(valid, dtype=jnp.int32))
+  threshold = _kth_smallest(keys, valid, jnp.maximum(k, 1))
+  below = jnp.logical_and(valid, keys < threshold)
+  tied = jnp.logical_and(valid, keys == threshold)
+  room = k - jnp.sum(below, dtype=jnp.int32)
+  take_tied = jnp.logical_and(tied, jnp.cumsum(tied, dtype=jnp.int32) <= room)
+  return jnp.logical_and(jnp.logical_or(below, take_tied), k > 0)
+
+
+def bottom_half(scores: jax.Array, unlabeled: jax.Array) -> jax.Array:
+  """`[C, P]` mask of the lowest-scoring floor(U/2) unlabeled images of each category."""
+  half = jnp.sum(unlabeled, axis=-1, dtype=jnp.int32) // 2
+  return jax.vmap(smallest_k_mask)(sortable_keys(scores), unlabeled, half)
+
+
+def pseudo_negatives(
+  key: jax.Array, *, scores: jax.Array, unlabeled: jax.Array, num: jax.Array
+) -> jax.Array:
+  """Draws pseudo-negatives (paper line 14) uniformly from the bottom 50% of the ranking.
+
+  Args:
+    key: PRNG key for this round.
+    scores: `[C, P]` current positive scores.
+    unlabeled: `[C, P]` bool, images without a human label for that category.
+    num: `[C]` int32 how many to draw (all candidates if fewer).
+
+  Returns:
+    `[C, P]` bool mask of exactly `min(num, floor(U/2))` images per category.
+  """
+  candidates = bottom_half(scores, unlabeled)
+  random_keys = jax.random.bits(key, scores.shape, jnp.uint32)
+  return jax.vmap(smallest_k_mask)(random_keys, candidates, num)

@@ -1,0 +1,356 @@
+"""Tests of rare_jax.linear: agreement with scikit-learn, padding, warm start, vmap, jit."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from rare_jax import linear
+
+L2 = 0.7
+NUM_ROWS, NUM_PADDING, DIM = 80, 16, 5
+
+
+def make_data(seed, num_rows=NUM_ROWS, dim=DIM):
+  """Overlapping classes (a finite optimum), non-centred features, weights in [0.5, 2]."""
+  rng = np.random.default_rng(seed)
+  features = rng.normal(size=(num_rows, dim)) + rng.uniform(0, 3, size=dim)
+  true_w = rng.normal(size=dim)
+  logits = (features - features.mean(0)) @ true_w + rng.normal(size=num_rows)
+  labels = (logits > 0.3).astype(np.float64)
+  weights = rng.uniform(0.5, 2.0, size=num_rows)
+  return features, labels, weights
+
+
+def objective(features, labels, weights, coef, intercept, l2=L2):
+  """sum_i w_i logloss_i + l2/2 ||coef||^2, and the weighted mean log-loss, in f64 numpy."""
+  logits = features @ coef + intercept
+  losses = np.logaddexp(0, logits) - labels * logits
+  return float(weights @ losses + 0.5 * l2 * coef @ coef), float(weights @ losses / weights.sum())
+
+
+@functools.cache
+def sklearn_fit(seed, l2=L2):
+  features, labels, weights = make_data(seed)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # lbfgs may report its ftol stop at tol=1e-12
+    clf = LogisticRegression(C=1 / l2, solver="lbfgs", tol=1e-12, max_iter=100_000)
+    clf.fit(features, labels, sample_weight=weights)
+  return clf.coef_[0], float(clf.intercept_[0])
+
+
+def pad(features, labels, weights, num_padding, seed=99):
+  """Appends padding rows: finite junk features, junk labels, weight 0."""
+  rng = np.random.default_rng(seed)
+  return (
+    np.concatenate([features, 100 * rng.normal(size=(num_padding, features.shape[1]))]),
+    np.concatenate([labels, rng.integers(0, 2, num_padding).astype(labels.dtype)]),
+    np.concatenate([weights, np.zeros(num_padding)]),
+  )
+
+
+ZEROS = linear.init_model(DIM)
+
+
+@functools.cache
+def fit64(solver):
+  """Jitted f64 fit, shared by the tests (call under `jax.enable_x64`; rows padded to 96)."""
+  return jax.jit(
+    functools.partial(
+      linear.fit_logistic_with_info, l2=L2, tol=1e-10, max_iters=1000, solver=solver
+    )
+  )
+
+
+@pytest.fixture(scope="module")
+def fit_f32():
+  """One jitted f32 fit shared by the f32 tests (a single compilation per input shape)."""
+  return jax.jit(
+    functools.partial(linear.fit_logistic_with_info, l2=L2, tol=1e-6, max_iters=500),
+  )
+
+
+@pytest.mark.parametrize("solver", linear.SOLVERS)
+def test_padded_fit_matches_sklearn_float64(solver):
+  """sklearn sees the 80 real rows; rare_jax sees them plus 16 junk padding rows."""
+  features, labels, weights = make_data(0)
+  coef, intercept = sklearn_fit(0)
+  with jax.enable_x64(True):
+    model, info = fit64(solver)(*pad(features, labels, weights, NUM_PADDING), init=ZEROS)
+    ours_w, ours_b = np.asarray(model.weights), float(model.bias)
+    assert model.weights.dtype == jnp.float64
+  assert bool(info.converged), info
+  ours_obj, ours_loss = objective(features, labels, weights, ours_w, ours_b)
+  theirs_obj, theirs_loss = objective(features, labels, weights, coef, intercept)
+  assert abs(ours_loss - theirs_loss) <= 1e-4 * theirs_loss
+  assert ours_obj <= theirs_obj * (1 + 1e-9)  # never worse than sklearn's optimum
+  np.testing.assert_allclose(ours_w, coef, atol=1e-5 * np.abs(coef).max())
+  np.testing.assert_allclose(ours_b, intercept, atol=1e-5 * max(1, abs(intercept)))
+  # The reported objective is the objective over sum(weights).
+  assert abs(float(info.objective) - ours_obj / weights.sum()) <= 1e-9
+
+
+def test_matches_sklearn_float32(fit_f32):
+  features, labels, weights = make_data(0)
+  coef, intercept = sklearn_fit(0)
+  model, info = fit_f32(
+    jnp.asarray(features, jnp.float32), jnp.asarray(labels), jnp.asarray(weights), init=ZEROS
+  )
+  assert model.weights.dtype == jnp.float32 and bool(info.converged)
+  _, ours_loss = objective(
+    features, labels, weights, np.asarray(model.weights, np.float64), float(model.bias)
+  )
+  _, theirs_loss = objective(features, labels, weights, coef, intercept)
+  assert abs(ours_loss - theirs_loss) <= 1e-4 * theirs_loss
+  np.testing.assert_allclose(np.asarray(model.weights), coef, atol=2e-4 * np.abs(coef).max())
+  np.testing.assert_allclose(float(model.bias), intercept, atol=2e-4 * max(1, abs(intercept)))
+
+
+def test_example_weights_equal_repeated_rows():
+  """Weight 2 is the row counted twice; weight 0 is the row absent (the objective's meaning)."""
+  features, labels, _ = make_data(1)
+  weights = np.ones(NUM_ROWS)
+  weights[:10], weights[10:15] = 2.0, 0.0
+  repeated = np.r_[np.arange(NUM_ROWS), np.arange(10)]
+  repeated = repeated[(repeated < 10) | (repeated >= 15)]  # 85 rows
+  with jax.enable_x64(True):
+    weighted, _ = fit64("lbfgs")(*pad(features, labels, weights, NUM_PADDING), init=ZEROS)
+    duplicated, _ = fit64("lbfgs")(
+      *pad(features[repeated], labels[repeated], np.ones(repeated.size), NUM_PADDING - 5),
+      init=ZEROS,
+    )
+    np.testing.assert_allclose(weighted.weights, duplicated.weights, atol=1e-7)
+    np.testing.assert_allclose(weighted.bias, duplicated.bias, atol=1e-7)
+
+
+@pytest.mark.parametrize("solver", linear.SOLVERS)
+def test_padding_contents_change_nothing(solver):
+  features, labels, weights = make_data(2)
+  with jax.enable_x64(True):
+    junk, _ = fit64(solver)(*pad(features, labels, weights, NUM_PADDING, seed=1), init=ZEROS)
+    other_junk, _ = fit64(solver)(*pad(features, labels, weights, NUM_PADDING, seed=2), init=ZEROS)
+    np.testing.assert_allclose(junk.weights, other_junk.weights, atol=1e-9)
+    np.testing.assert_allclose(junk.bias, other_junk.bias, atol=1e-9)
+
+
+def test_padding_changes_nothing_float32(fit_f32):
+  features, labels, weights = make_data(2)
+  plain, _ = fit_f32(
+    *(jnp.asarray(a, jnp.float32) for a in (features, labels, weights)), init=ZEROS
+  )
+  padded_arrays = pad(features, labels, weights, NUM_PADDING)
+  padded, _ = fit_f32(*(jnp.asarray(a, jnp.float32) for a in padded_arrays), init=ZEROS)
+  np.testing.assert_allclose(padded.weights, plain.weights, atol=1e-4)
+  np.testing.assert_allclose(padded.bias, plain.bias, atol=1e-4)
+
+
+def test_warm_start_same_optimum_fewer_iterations():
+  data = pad(*make_data(3), NUM_PADDING)
+  other = pad(*make_data(4), NUM_PADDING)
+  perturbed = (data[0], data[1], data[2] * np.linspace(0.8, 1.2, data[2].size))
+  with jax.enable_x64(True):
+    fit = fit64("lbfgs")
+    cold, cold_info = fit(*data, init=ZEROS)
+    near, _ = fit(*perturbed, init=ZEROS)  # the optimum of a perturbed set (one round later)
+    warm, warm_info = fit(*data, init=near)
+    far_model, _ = fit(*other, init=ZEROS)  # another problem's optimum, shifted
+    from_far, _ = fit(*data, init=far_model.replace(bias=far_model.bias + 5.0))
+    for model in (warm, from_far):
+      np.testing.assert_allclose(model.weights, cold.weights, atol=1e-7)
+      np.testing.assert_allclose(model.bias, cold.bias, atol=1e-7)
+  assert int(warm_info.num_iters) < int(cold_info.num_iters), (warm_info, cold_info)
+
+
+NUM_CATEGORIES = 3
+BATCHED_TRACES = []
+
+
+@functools.cache
+def fit_batched():
+  """The jitted f32 batched fit at [3, 96, 5], shared; counts its traces."""
+
+  def fit(features, labels, weights, init):
+    BATCHED_TRACES.append(1)
+    return linear.fit_logistic_batched_with_info(
+      features, labels, weights, init=init, l2=L2, tol=1e-6, max_iters=500
+    )
+
+  return jax.jit(fit)
+
+
+def batched_data(seed):
+  data = [pad(*make_data(seed + c), NUM_PADDING, seed=c) for c in range(NUM_CATEGORIES)]
+  return tuple(jnp.asarray(np.stack([d[i] for d in data]), jnp.float32) for i in range(3))
+
+
+def test_batched_equals_per_category_loop_and_jit_equals_eager():
+  features, labels, weights = batched_data(10)
+  batched, info = fit_batched()(
+    features, labels, weights, linear.init_model(DIM, batch_shape=(NUM_CATEGORIES,))
+  )
+  assert batched.weights.shape == (NUM_CATEGORIES, DIM)
+  assert batched.bias.shape == (NUM_CATEGORIES,)
+  assert info.num_iters.shape == (NUM_CATEGORIES,) and bool(np.all(info.converged))
+  kwargs = dict(l2=L2, tol=1e-6, max_iters=500)
+  single_fit = jax.jit(functools.partial(linear.fit_logistic, **kwargs))
+  for c in range(NUM_CATEGORIES):
+    single = single_fit(features[c], labels[c], weights[c])
+    # Categories converge at different iterations; each stops on its own.
+    np.testing.assert_allclose(single.weights, batched.weights[c], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(single.bias, batched.bias[c], rtol=1e-5, atol=1e-6)
+  eager = linear.fit_logistic(features[0], labels[0], weights[0], **kwargs)  # not jitted
+  np.testing.assert_allclose(eager.weights, batched.weights[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(eager.bias, batched.bias[0], rtol=1e-5, atol=1e-6)
+
+
+def test_one_compilation_across_rounds():
+  """Same bucket shapes, new data and a warm start each round: traced once."""
+  fit = fit_batched()
+  model = linear.init_model(DIM, batch_shape=(NUM_CATEGORIES,))
+  model, _ = fit(*batched_data(20), model)  # warm-up (may be the first trace)
+  traces = len(BATCHED_TRACES)
+  for round_index in range(1, 4):
+    model, info = fit(*batched_data(20 + round_index), model)
+    assert bool(np.all(info.converged))
+  assert len(BATCHED_TRACES) == traces
+
+
+def test_degenerate_training_sets_stay_finite():
+  """One class only (the bias grows until the gradient is small), an all-padding category."""
+  features, labels, weights = (np.array(a) for a in batched_data(30))
+  labels[0] = 1.0  # category 0: positives only
+  weights[1] = 0.0  # category 1: all padding
+  init = linear.LinearModel(jnp.ones((NUM_CATEGORIES, DIM)), jnp.array([0.0, 3.0, 0.0]))
+  model, info = fit_batched()(features, labels, weights, init)
+  assert np.all(np.isfinite(np.asarray(model.weights))) and np.all(np.isfinite(model.bias))
+  probs = linear.predict_proba(jnp.asarray(features[0]), model)
+  assert float(jnp.min(probs[:, 0])) > 0.9  # positives-only category: everything positive
+  # All padding: the penalty alone pulls w to 0; the (unpenalised) bias is left as it was.
+  np.testing.assert_allclose(model.weights[1], 0, atol=1e-6)
+  np.testing.assert_allclose(model.bias[1], 3.0)
+  assert bool(np.all(info.converged))
+
+
+def test_bfloat16_features_fit_the_same_problem(fit_f32):
+  """bf16 storage is exact for these values, so the fit must equal the f32 fit on them."""
+  features, labels, weights = make_data(5)
+  as_bf16 = jnp.asarray(features, jnp.bfloat16)
+  from_bf16, info = fit_f32(as_bf16, jnp.asarray(labels), jnp.asarray(weights), init=ZEROS)
+  from_f32, _ = fit_f32(
+    as_bf16.astype(jnp.float32), jnp.asarray(labels), jnp.asarray(weights), init=ZEROS
+  )
+  assert from_bf16.weights.dtype == jnp.float32 and bool(info.converged)
+  np.testing.assert_allclose(from_bf16.weights, from_f32.weights, atol=1e-4)
+  np.testing.assert_allclose(from_bf16.bias, from_f32.bias, atol=1e-4)
+
+
+def test_decision_function_matches_numpy():
+  rng = np.random.default_rng(6)
+  features = rng.normal(size=(40, DIM))
+  weights, bias = rng.normal(size=(3, DIM)), rng.normal(size=3)
+  model = linear.LinearModel(jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32))
+  expected = features @ weights.T + bias
+  logits = jax.jit(linear.decision_function)(jnp.asarray(features, jnp.float32), model)
+  assert logits.shape == (40, 3) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    linear.predict_proba(jnp.asarray(features, jnp.float32), model),
+    1 / (1 + np.exp(-expected)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  single = linear.decision_function(
+    jnp.asarray(features, jnp.float32), model.replace(weights=model.weights[0], bias=model.bias[0])
+  )
+  np.testing.assert_allclose(single, expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_decision_function_bfloat16_keeps_float32_accuracy():
+  """bf16 features times f32 weights: as accurate as f32 maths on the bf16 values (rounding
+  the weights to bf16 instead would be off by about 1e-2 here)."""
+  rng = np.random.default_rng(7)
+  features = jnp.asarray(rng.normal(size=(64, 256)), jnp.bfloat16)
+  weights = rng.normal(size=(4, 256)).astype(np.float32)
+  model = linear.LinearModel(jnp.asarray(weights), jnp.zeros(4))
+  expected = np.asarray(features, np.float64) @ weights.T.astype(np.float64)
+  logits = np.asarray(linear.decision_function(features, model))
+  assert logits.dtype == np.float32
+  np.testing.assert_allclose(logits, expected, atol=1e-4)
+  rounded = (
+    np.asarray(features, np.float64) @ np.asarray(jnp.asarray(weights, jnp.bfloat16), np.float64).T
+  )
+  assert np.abs(rounded - expected).max() > 1e-3  # the test can tell the two apart
+
+
+def test_bucket_size():
+  assert linear.bucket_size(0) == 64
+  assert linear.bucket_size(64) == 64
+  assert linear.bucket_size(65) == 96
+  assert linear.bucket_size(97) == 128
+  assert linear.bucket_size(10_000) == 12_288
+  assert linear.bucket_size(10_000, steps_per_octave=4) == 10_240
+  assert linear.bucket_size(5, minimum=1, steps_per_octave=1) == 8
+  sizes = {linear.bucket_size(n) for n in range(1, 20_000)}
+  assert len(sizes) == 18  # 64 .. 24576: two per doubling
+  for n in (1, 100, 1000, 5000, 12_289):
+    assert n <= linear.bucket_size(n) <= max(64, 1.5 * n)
+  for bad in (dict(n=-1), dict(n=3, minimum=0), dict(n=3, steps_per_octave=3)):
+    with pytest.raises(ValueError):
+      linear.bucket_size(**bad)
+
+
+def test_check_finite():
+  good = np.ones((10, 3), np.float32)
+  linear.check_finite(good)
+  linear.check_finite(jnp.asarray(good))
+  bad = good.copy()
+  bad[7, 1] = np.nan
+  bad[2, 0] = np.inf
+  with pytest.raises(ValueError, match="2 NaN/inf"):
+    linear.check_finite(bad, chunk_rows=3)
+  with pytest.raises(ValueError, match="store"):
+    linear.check_finite(jnp.asarray(bad), name="store")
+
+
+@pytest.mark.parametrize(
+  "change, match",
+  [
+    (dict(l2=0.0), "l2=0.0"),
+    (dict(l2=float("nan")), "l2=nan"),
+    (dict(solver="sgd"), "solver='sgd'"),
+    (dict(labels=np.ones(NUM_ROWS + 1)), "labels of shape"),
+    (dict(example_weights=np.ones((NUM_ROWS, 1))), "example_weights of shape"),
+    (dict(features=np.ones(NUM_ROWS)), "features of shape"),
+    (dict(labels=np.full(NUM_ROWS, 2.0)), "labels outside"),
+    (dict(example_weights=-np.ones(NUM_ROWS)), "example_weights negative"),
+    (dict(init=linear.init_model(DIM + 1)), "init with weights"),
+    (dict(max_iters=-1), "max_iters=-1"),
+  ],
+)
+def test_bad_input_raises(change, match):
+  features, labels, weights = make_data(9)
+  arguments = dict(features=features, labels=labels, example_weights=weights, l2=L2)
+  arguments.update(change)
+  with pytest.raises(ValueError, match=match):
+    linear.fit_logistic(**arguments)
+
+
+def test_bfloat16_split_is_exact():
+  """The three bf16 parts behind bf16 products sum exactly to the f32 vector (under jit)."""
+  rng = np.random.default_rng(11)
+  values = (rng.normal(size=(64, 2)) * 10.0 ** rng.integers(-6, 6, size=(64, 2))).astype(np.float32)
+  parts = np.asarray(jax.jit(linear._split_bfloat16)(jnp.asarray(values)), np.float64)
+  assert parts.shape == (64, 6)
+  np.testing.assert_array_equal(parts[:, :2] + parts[:, 2:4] + parts[:, 4:], values)
+
+
+def test_decision_function_bad_shapes():
+  features = jnp.ones((4, DIM))
+  with pytest.raises(ValueError, match="model.weights"):
+    linear.decision_function(features, linear.init_model(DIM + 1, batch_shape=(2,)))
+  with pytest.raises(ValueError, match="model.bias"):
+    linear.decision_function(features, linear.LinearModel(jnp.ones((2, DIM)), jnp.ones(3)))

@@ -1,0 +1,192 @@
+"""The active loop on synthetic features: transitions, no retrace, checkpoints, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rare_jax import labelers, loop, runner, select, workdirs
+from rare_jax.checkpoint import CheckpointStore
+
+POOL, DIM, CATEGORIES, SEEDS = 600, 8, 2, 5
+
+
+@pytest.fixture(scope="module")
+def problem():
+  """Two rare categories, 3% of the pool each, separable-ish in 8 dims."""
+  rng = np.random.default_rng(0)
+  truth = np.zeros((CATEGORIES, POOL), bool)
+  truth[0, :18] = True
+  truth[1, 18:36] = True
+  features = rng.normal(size=(POOL, DIM)).astype(np.float32)
+  features[:18, 0] += 3.0
+  features[18:36, 1] += 3.0
+  seed_ids = np.stack([np.arange(SEEDS), 18 + np.arange(SEEDS)]).astype(np.int32)
+  return jnp.asarray(features), seed_ids, truth
+
+
+@pytest.fixture(scope="module")
+def engines():
+  return {
+    "adaptive": runner.Engine(
+      loop.LoopConfig(batch_size=4, querying="adaptive", pseudo_negative_factor=2.0, l2=1.0)
+    ),
+    "tropel": runner.Engine(
+      loop.LoopConfig(
+        batch_size=4, querying="most_likely_positive", pseudo_negative_factor=0.0, l2=1.0
+      )
+    ),
+  }
+
+
+def run_rounds(engine, problem, rounds, seed=0):
+  features, seed_ids, truth = problem
+  labeler = labelers.SimulatedLabeler(truth)
+  state = loop.init(features, seed_ids, seed=seed)
+  states = [state]
+  for _ in range(rounds):
+    ids = np.asarray(engine.query(state))
+    state = engine.step(state, ids, labeler.answer(ids), features)
+    states.append(state)
+  return states
+
+
+def test_init_labels_seeds_and_ranks_by_cosine(problem):
+  features, seed_ids, _ = problem
+  state = loop.init(features, seed_ids, seed=0)
+  labels = np.asarray(state.labels)
+  assert labels.dtype == np.int8 and labels.shape == (CATEGORIES, POOL)
+  assert (labels == 1).sum() == CATEGORIES * SEEDS and (labels == 0).sum() == 0
+  np.testing.assert_array_equal(state.scores, select.cosine_scores(features, jnp.asarray(seed_ids)))
+  assert not bool(state.has_model) and int(state.round) == 0
+
+
+def test_rounds_record_labels_pseudo_negatives_and_never_requery(problem, engines):
+  features, seed_ids, truth = problem
+  states = run_rounds(engines["adaptive"], problem, 4)
+  asked = set()
+  for before, after in zip(states[:-1], states[1:], strict=True):
+    new = np.argwhere((np.asarray(before.labels) < 0) & (np.asarray(after.labels) >= 0))
+    assert len(new) == CATEGORIES * 4  # exactly B new labels per category
+    for c, p in new:
+      assert (c, p) not in asked  # never re-queried
+      asked.add((c, p))
+      assert np.asarray(after.labels)[c, p] == truth[c, p]  # the answer is recorded
+      assert np.asarray(after.label_round)[c, p] == int(after.round)
+    labels = np.asarray(after.labels)
+    pseudo = np.asarray(after.pseudo_negative)
+    assert not np.any(pseudo & (labels >= 0))  # never a labeled image
+    num_positive, num_negative = (labels == 1).sum(1), (labels == 0).sum(1)
+    expected = [round(2.0 * (p + 0.1 * n)) for p, n in zip(num_positive, num_negative, strict=True)]
+    np.testing.assert_array_equal(pseudo.sum(1), expected)
+    # Drawn from the bottom half of the ranking *before* this round's fit.
+    scores = np.asarray(before.scores)
+    for c in range(CATEGORIES):
+      unlabeled = np.flatnonzero(labels[c] < 0)
+      cutoff = np.sort(scores[c, unlabeled])[len(unlabeled) // 2 - 1]
+      assert np.all(scores[c, pseudo[c]] <= cutoff)
+  assert bool(states[-1].has_model)
+
+
+def test_adaptive_rule_switches_to_margin(problem, engines):
+  features, seed_ids, truth = problem
+  engine = engines["adaptive"]
+  for state in run_rounds(engine, problem, 4)[1:]:
+    labels = np.asarray(state.labels)
+    ids = np.asarray(engine.query(state))
+    scores = np.asarray(state.scores)
+    for c in range(CATEGORIES):
+      unlabeled = labels[c] < 0
+      if (labels[c] == 1).sum() < (labels[c] == 0).sum():
+        expected = np.sort(scores[c, unlabeled])[::-1][:4]
+        np.testing.assert_allclose(np.sort(scores[c, ids[c]])[::-1], expected)
+      else:
+        expected = np.sort(np.abs(scores[c, unlabeled]))[:4]
+        np.testing.assert_allclose(np.sort(np.abs(scores[c, ids[c]])), expected)
+
+
+def test_tropel_never_pseudo_labels_and_queries_top(problem, engines):
+  engine = engines["tropel"]
+  for state in run_rounds(engine, problem, 3):
+    assert not np.asarray(state.pseudo_negative).any()
+    ids = np.asarray(engine.query(state))
+    scores = np.where(np.asarray(state.labels) < 0, np.asarray(state.scores), -np.inf)
+    for c in range(CATEGORIES):
+      np.testing.assert_allclose(np.sort(scores[c, ids[c]]), np.sort(scores[c])[-4:])
+
+
+def test_no_retrace_across_rounds(problem):
+  engine = runner.Engine(
+    loop.LoopConfig(batch_size=4, querying="most_likely_positive", pseudo_negative_factor=0.0)
+  )
+  run_rounds(engine, problem, 2)
+  warm = engine.compilations()
+  run_rounds(engine, problem, 6, seed=3)  # later rounds, more labels, same bucket
+  assert engine.compilations() == warm == 2
+
+
+def test_same_seed_same_run_other_seed_other_pseudo_negatives(problem, engines):
+  a = run_rounds(engines["adaptive"], problem, 2, seed=0)[-1]
+  b = run_rounds(engines["adaptive"], problem, 2, seed=0)[-1]
+  c = run_rounds(engines["adaptive"], problem, 2, seed=1)[-1]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a.pseudo_negative, c.pseudo_negative)
+
+
+def test_checkpoint_round_trip_is_exact(problem, engines, tmp_path):
+  features, seed_ids, _ = problem
+  state = run_rounds(engines["adaptive"], problem, 2)[-1]
+  with CheckpointStore(tmp_path / "ck") as store:
+    store.save(2, state, {"round": 2})
+    with pytest.raises(ValueError, match="already exists"):
+      store.save(2, state)
+    restored, meta = store.restore(2, runner.abstract_state(features, seed_ids, 0))
+  assert meta == {"round": 2}
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(batch_size=0), "batch_size"),
+    (dict(pseudo_negative_factor=-1.0), "pseudo_negative_factor"),
+    (dict(querying="random"), "querying"),
+    (dict(l2=0.0), "l2"),
+  ],
+)
+def test_bad_loop_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    loop.LoopConfig(**kwargs)
+
+
+def test_bad_features():
+  with pytest.raises(ValueError, match="NaN/inf in 1 rows"):
+    workdirs.check_features(np.array([[0.0, 1.0], [np.nan, 0.0]], np.float32), 2, "pool")
+  with pytest.raises(ValueError, match=r"must be \[3, D\]"):
+    workdirs.check_features(np.zeros((2, 4), np.float32), 3, "pool")
+
+
+def test_answers_for_unqueried_ids_are_refused():
+  query_ids = np.array([[3, 7], [1, 2]])
+  with pytest.raises(ValueError, match="not queried"):
+    labelers.check_answers(query_ids, np.array([[3, 8], [1, 2]]), np.ones((2, 2), bool))
+  with pytest.raises(ValueError, match="more than once"):
+    labelers.check_answers(query_ids, np.array([[3, 3], [1, 2]]), np.ones((2, 2), bool))
+  aligned = labelers.check_answers(
+    query_ids, np.array([[7, 3], [1, 2]]), np.array([[True, False], [False, True]])
+  )
+  np.testing.assert_array_equal(aligned, [[False, True], [False, True]])
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  runner.write_config(str(tmp_path), {"seed": 0, "batch_size": 10})
+  runner.write_config(str(tmp_path), {"seed": 0, "batch_size": 10})  # same: accepted
+  with pytest.raises(ValueError, match=r"another config \(differs in \['batch_size'\]\)"):
+    runner.write_config(str(tmp_path), {"seed": 0, "batch_size": 20})
+  assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 10  # untouched

@@ -1,0 +1,140 @@
+"""Hand-built cases for rankings, the adaptive rule and pseudo-negatives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rare_jax import select
+
+
+def test_cosine_scores_match_numpy():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(20, 5)).astype(np.float32)
+  seed_ids = np.array([[0, 1, 2], [5, 6, 7]])
+  got = np.asarray(select.cosine_scores(jnp.asarray(features), jnp.asarray(seed_ids)))
+  normalized = features / np.linalg.norm(features, axis=1, keepdims=True)
+  for c in range(2):
+    centroid = normalized[seed_ids[c]].mean(0)
+    expected = normalized @ centroid / np.linalg.norm(centroid)
+    np.testing.assert_allclose(got[c], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_switch():
+  num_positive = jnp.array([5, 5, 7, 9])
+  num_negative = jnp.array([6, 5, 3, 20])
+  got = select.use_positive_rule(
+    querying="adaptive",
+    has_model=jnp.array(True),
+    num_positive=num_positive,
+    num_negative=num_negative,
+  )
+  # |L_p| < |L_n| -> most likely positive; otherwise the margin.
+  np.testing.assert_array_equal(got, [True, False, False, True])
+  before_model = select.use_positive_rule(
+    querying="adaptive",
+    has_model=jnp.array(False),
+    num_positive=num_positive,
+    num_negative=num_negative,
+  )
+  np.testing.assert_array_equal(before_model, [True] * 4)
+  tropel = select.use_positive_rule(
+    querying="most_likely_positive",
+    has_model=jnp.array(True),
+    num_positive=num_positive,
+    num_negative=num_negative,
+  )
+  np.testing.assert_array_equal(tropel, [True] * 4)
+  with pytest.raises(ValueError, match="querying must be one of"):
+    select.use_positive_rule(
+      querying="random",
+      has_model=jnp.array(True),
+      num_positive=num_positive,
+      num_negative=num_negative,
+    )
+
+
+def test_query_priority_positive_and_margin_never_requery():
+  scores = jnp.array([[3.0, -0.1, 2.0, 0.2, -5.0, 0.05]] * 2)
+  labels = jnp.array([[-1, -1, 1, -1, -1, 0]] * 2, jnp.int8)
+  priority = select.query_priority(
+    scores, labels=labels, use_positive_rule=jnp.array([True, False])
+  )
+  ids = np.asarray(select.top_unlabeled(priority, 3))
+  # Category 0: highest scores among unlabeled (position 2 is labeled).
+  np.testing.assert_array_equal(ids[0], [0, 3, 1])
+  # Category 1: smallest |logit| among unlabeled (position 5 is labeled although |0.05| is least).
+  np.testing.assert_array_equal(ids[1], [1, 3, 0])
+
+
+def test_num_pseudo_negatives_rounds_like_python():
+  num_positive = jnp.array([5, 3, 12, 0])
+  num_negative = jnp.array([5, 5, 100, 0])
+  got = np.asarray(select.num_pseudo_negatives(num_positive, num_negative, 100.0))
+  np.testing.assert_array_equal(got, [550, 350, 2200, 0])
+  got = np.asarray(select.num_pseudo_negatives(num_positive, num_negative, 1.0))
+  expected = [
+    round(1.0 * (p + 0.1 * n)) for p, n in zip([5, 3, 12, 0], [5, 5, 100, 0], strict=True)
+  ]
+  np.testing.assert_array_equal(got, expected)  # 5.5 -> 6, 3.5 -> 4 (half to even)
+
+
+def test_sortable_keys_preserve_order():
+  values = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf], np.float32)
+  keys = np.asarray(select.sortable_keys(jnp.asarray(values))).astype(np.int64)
+  assert np.all(np.diff(keys) > 0)
+
+
+def test_smallest_k_mask_exact_count_and_ties():
+  keys = jnp.array([5, 1, 3, 3, 3, 0, 9], jnp.uint32)
+  valid = jnp.array([True, True, True, True, True, False, True])
+  mask = np.asarray(select.smallest_k_mask(keys, valid, jnp.int32(3)))
+  # 1 and the first two tied 3s (lowest positions); position 5 is not valid.
+  np.testing.assert_array_equal(mask, [False, True, True, True, False, False, False])
+  assert np.asarray(select.smallest_k_mask(keys, valid, jnp.int32(0))).sum() == 0
+  assert np.asarray(select.smallest_k_mask(keys, valid, jnp.int32(100))).sum() == 6
+
+
+def test_bottom_half_matches_partition():
+  rng = np.random.default_rng(1)
+  scores = rng.normal(size=(3, 101)).astype(np.float32)
+  unlabeled = rng.random((3, 101)) > 0.2
+  mask = np.asarray(select.bottom_half(jnp.asarray(scores), jnp.asarray(unlabeled)))
+  for c in range(3):
+    candidates = np.flatnonzero(unlabeled[c])
+    order = candidates[np.argsort(scores[c, candidates], kind="stable")]
+    expected = np.zeros(101, bool)
+    expected[order[: len(candidates) // 2]] = True
+    np.testing.assert_array_equal(mask[c], expected)
+
+
+def test_pseudo_negatives_count_range_and_uniformity():
+  pool = 400
+  scores = jnp.tile(jnp.arange(pool, dtype=jnp.float32)[None], (2, 1))  # position = rank
+  labels_known = np.zeros((2, pool), bool)
+  labels_known[:, [3, 10, 50, 399]] = True
+  unlabeled = jnp.asarray(~labels_known)
+  num = jnp.array([30, 1000])
+  draw = jax.jit(
+    lambda r: select.pseudo_negatives(
+      jax.random.fold_in(jax.random.key(0), r), scores=scores, unlabeled=unlabeled, num=num
+    )
+  )
+  draws = []
+  for r in range(200):
+    mask = np.asarray(draw(r))
+    half = (pool - 4) // 2
+    bottom = np.flatnonzero(~labels_known[0])[:half]
+    assert mask[0].sum() == 30
+    assert mask[1].sum() == half  # asks for more than the bottom half holds: takes all of it
+    assert set(np.flatnonzero(mask[0])) <= set(bottom)  # only the bottom 50%...
+    assert not np.any(mask & labels_known)  # ...and never labeled images
+    draws.append(mask[0])
+  frequency = np.mean(draws, axis=0)[bottom]
+  # Uniform: every candidate drawn with probability 30/198 (about 0.15).
+  assert abs(frequency.mean() - 30 / 198) < 1e-6
+  assert frequency.min() > 0.05 and frequency.max() < 0.3
+  unjitted = select.pseudo_negatives(
+    jax.random.fold_in(jax.random.key(0), 7), scores=scores, unlabeled=unlabeled, num=num
+  )
+  np.testing.assert_array_equal(np.asarray(unjitted)[0], draws[7])  # jit == no jit
