@@ -1,12 +1,13 @@
 # The README's two commands: `make demo` (main job on the embedded default) and `make test`.
 # Each sets up everything it needs on a fresh machine: a virtual environment, the package,
-# and the embedded Fashion-MNIST dataset (Debian package dataset-fashion-mnist -> TFDS).
+# the embedded Fashion-MNIST dataset (Debian package dataset-fashion-mnist -> TFDS) and, for
+# the tests, Debian's chromium (as root; otherwise it says what to install).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test lint data clean-demo
+.PHONY: demo test lint data browser
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +18,25 @@ $(VENV)/.installed: setup.py
 data: $(VENV)/.installed
 	$(PY) -m rare_jax.data.prepare
 
+# The browser test drives Debian's chromium through chromedriver (no browser download).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  else \
+	    echo "tests/test_browser.py needs Debian's chromium and chromium-driver:" \
+	      "sudo apt-get install -y chromium chromium-driver" >&2; exit 1; \
+	  fi; \
+	fi
+
 demo: data
 	$(PY) -m rare_jax.run --config=experiments/configs/demo.py --workdir=$(WORKDIR)
 
-test: data
+test: data browser
 	$(PY) -m ruff check rare_jax experiments tests benchmarks
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m ruff format --check rare_jax experiments tests benchmarks
+	$(PY) -m pytest -n 2 --dist=loadfile --durations=15 tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check rare_jax experiments tests benchmarks
+	$(PY) -m ruff format --check rare_jax experiments tests benchmarks

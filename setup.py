@@ -25,14 +25,20 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "matplotlib>=3.7,<4",
         "importlib_resources>=6,<7",
+        "flask>=3.0,<4",
+        "pillow>=10,<14",
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1", "chex>=0.1.87,<0.2"],
-        "tf": ["tensorflow>=2.16,<3"],
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1", "chex>=0.1.87,<0.2",
+                "selenium>=4.20,<5"],
     },
+    package_data={"rare_jax.webapp": ["static/*"]},
     entry_points={
         "console_scripts": [
             "rare-jax-task=rare_jax.task_summary:run",
+            "rare-jax-run=rare_jax.run:run",
+            "rare-jax-label=rare_jax.label:run",
+            "rare-jax-predict=rare_jax.predict:run",
         ],
     },
 )

@@ -1,0 +1,156 @@
+r"""Find a rare category in a folder of your own images, answering yes/no in a browser.
+
+    python -m rare_jax.label --images=DIR --seeds=DIR_OR_PATHS --workdir=DIR \
+        [--host=127.0.0.1 --port=0 --budget=100 --batch_size=10 --name=NAME]
+
+`--images` is a folder of JPEG/PNG files (searched recursively; unreadable files are skipped
+and listed); `--seeds` a folder of a few example images of the category, or comma-separated
+image paths (inside the folder or not). The command computes stand-in features (pixel PCA
+of the folder's images, until a deep model exists), starts the active loop and serves the
+labeling page on `--host:--port` (127.0.0.1 and a free port by default). It prints the URL
+to open, with a random access token that every request needs.
+
+Each submitted batch is written to disk before the page is told it is saved, and the model
+is refitted at once (no deep-model update exists yet for folder runs). Stop the server
+(Ctrl-C, SIGTERM, or kill it) and start the same command again: the run resumes where it was,
+losing at most the answers of a batch not yet submitted. When the budget is used, score
+images with `python -m rare_jax.predict --workdir=DIR --images=DIR --out=scores.csv`.
+
+Other flags: `--eval_subfolder=NAME` (the sub-folder of --images holding the true positives,
+for metrics only), `--exit_when_done`, `--feature_dim`, `--image_size`, `--seed`. Compiled
+steps are cached in DIR/jax_cache (or $JAX_COMPILATION_CACHE_DIR) so a restart is quick.
+Layout of DIR: see rare_jax/webapp/folder_run.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+
+import jax
+from absl import app, flags, logging
+
+from rare_jax.webapp import folder_run, server
+from rare_jax.webapp.labeler import DONE, FAILED
+from rare_jax.webapp.session import LabelingSession
+
+_IMAGES = flags.DEFINE_string("images", None, "Folder of JPEG/PNG images to label (recursive).")
+_SEEDS = flags.DEFINE_string(
+  "seeds", None, "Seed positives: a folder, or comma-separated image paths."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created; reused to resume).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (keep the loopback).")
+_PORT = flags.DEFINE_integer("port", 0, "Port to serve on; 0 picks a free one.")
+_BUDGET = flags.DEFINE_integer("budget", 100, "Labels to give in all (a multiple of batch_size).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 10, "Images per batch (per category).")
+_FEATURE_DIM = flags.DEFINE_integer("feature_dim", 64, "Dimension of the pixel-PCA features.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side images are resized to for features.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed of the run.")
+_NAME = flags.DEFINE_string(
+  "name", None, "Name of the category shown on the page (default: the seed folder's name)."
+)
+_EVAL_SUBFOLDER = flags.DEFINE_string(
+  "eval_subfolder",
+  None,
+  "Optional: the top-level sub-folder of --images that holds the true positives; metrics.jsonl "
+  "then scores the model on the pool against it (evaluation only).",
+)
+_EXIT_WHEN_DONE = flags.DEFINE_bool(
+  "exit_when_done", False, "Exit once the budget is used instead of serving the final page."
+)
+flags.mark_flags_as_required(["images", "seeds", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    config = folder_run.make_config(
+      budget=_BUDGET.value,
+      batch_size=_BATCH_SIZE.value,
+      feature_dim=_FEATURE_DIM.value,
+      image_size=_IMAGE_SIZE.value,
+      seed=_SEED.value,
+    )
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  # A restarted session reuses the compiled round step instead of compiling it again (seconds
+  # on a CPU, while the person waits). $JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  try:
+    run = folder_run.prepare_folder_run(
+      _WORKDIR.value,
+      images=_IMAGES.value,
+      seeds=_SEEDS.value,
+      config=config,
+      category_name=_NAME.value,
+      eval_subfolder=_EVAL_SUBFOLDER.value,
+      log=lambda line: print(line, flush=True),
+    )
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  has_truth = _EVAL_SUBFOLDER.value is not None
+
+  def log(line: str) -> None:
+    if not has_truth:  # the runner's F1 is against an empty validation set: say so
+      line = re.sub(r"mean F1 \S+", "F1 n/a (no --eval_subfolder)", line)
+    print(line, flush=True)
+
+  session = LabelingSession(run, log=log)
+  token = secrets.token_urlsafe(24)
+  try:
+    http = server.Server(
+      server.create_app(session, token=token), host=_HOST.value, port=_PORT.value
+    )
+  except OSError as error:
+    print(f"error: cannot serve on {_HOST.value}:{_PORT.value}: {error}", file=sys.stderr)
+    sys.exit(2)
+  if not _is_loopback(_HOST.value):
+    print(
+      f"WARNING: serving on {_HOST.value}: reachable from other machines (token still required)",
+      flush=True,
+    )
+  signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
+  http.start()
+  session.start()
+  print(f"Labeling page (open in a browser): {http.url(token)}", flush=True)
+  try:
+    while True:
+      time.sleep(0.2)
+      phase = session.labeler.snapshot()["phase"]
+      if phase == FAILED and not session.running:
+        print("the run failed; see above. Start the same command again to resume.", flush=True)
+        sys.exit(1)
+      if phase == DONE and _EXIT_WHEN_DONE.value:
+        break
+  except KeyboardInterrupt:
+    print("stopping: submitted batches are saved; start the same command to resume", flush=True)
+  finally:
+    session.stop()
+    http.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

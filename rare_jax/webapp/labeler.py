@@ -1,0 +1,249 @@
+"""A person in a browser as a `Labeler`: the query is published, the answers come back by HTTP.
+
+`WebLabeler.answer(query_ids)` is called by the run loop (`runner.run_strategy`, in a worker
+thread): it publishes the `[C, B]` query and blocks until the person has answered every queried
+id of every category once and submitted the batch. Meanwhile HTTP handlers call `set_answer`,
+`undo` and `submit` (any thread). Each published query has a `serial`; a request for another
+serial (a stale page) is refused, so an answer can never land on the wrong batch.
+
+Durability: `submit` appends the batch to a journal (`submitted.jsonl`, fsynced) *before* it
+acknowledges. The runner writes the answers to its own `answers.jsonl` right after `answer`
+returns; if the process dies between the two, the restarted run asks the same query again and
+`answer` finds it in the journal and returns it without asking the person. So a batch the
+page was told is submitted is never lost; answers not yet submitted are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from rare_jax import labelers
+
+# Where the run is, as shown to the page.
+STARTING, LABELING, UPDATING, DONE, FAILED, STOPPED = (
+  "starting",
+  "labeling",
+  "updating",
+  "done",
+  "failed",
+  "stopped",
+)
+
+
+class AnswerRejected(ValueError):
+  """A request the labeler refuses; `status` is the HTTP status that says why."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+class LabelingStopped(RuntimeError):
+  """Raised in the loop thread by `answer` when the labeler is closed (server shutting down)."""
+
+
+def read_journal(path: str | None) -> list[dict]:
+  """The submitted batches, oldest first; a torn last line (killed mid-write) is dropped."""
+  if not path or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split("\n")
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      if number >= len(lines) - 1:
+        break
+      raise ValueError(f"{path}: line {number} is not a submitted batch: {error}") from error
+  return records
+
+
+class WebLabeler:
+  """Answers queries with what a person submits through the web app (see the module docstring).
+
+  Args:
+    num_categories: C, rows of every query.
+    journal_path: the submitted-batches journal (None: no journal, e.g. in unit tests).
+  """
+
+  def __init__(self, *, num_categories: int, journal_path: str | None = None):
+    if num_categories < 1:
+      raise ValueError(f"num_categories={num_categories}; expected >= 1")
+    self.num_categories = num_categories
+    self.journal_path = journal_path
+    self._condition = threading.Condition()
+    self._query: np.ndarray | None = None
+    self._serial = 0
+    self._draft: list[tuple[int, int, bool]] = []  # (category, id, answer), in answer order
+    self._result: np.ndarray | None = None
+    self._closed = False
+    self._phase = STARTING
+    self._message = ""
+    self._version = 0
+    self._journal = read_journal(journal_path)
+
+  # The loop thread's side.
+
+  def answer(self, query_ids: np.ndarray) -> np.ndarray:
+    """Publishes `query_ids` ([C, B] pool positions) and blocks until the batch is submitted.
+
+    Raises:
+      LabelingStopped: the labeler was closed while waiting.
+    """
+    query_ids = np.asarray(query_ids, np.int64)
+    if query_ids.ndim != 2 or query_ids.shape[0] != self.num_categories:
+      raise ValueError(
+        f"query_ids of shape {query_ids.shape}; expected [C={self.num_categories}, B]"
+      )
+    for record in self._journal:
+      if np.array_equal(np.asarray(record["query_ids"]), query_ids):
+        return labelers.check_answers(
+          query_ids, query_ids, np.asarray(record["answers"], bool)
+        )  # Submitted before a restart, not yet in the runner's log.
+    with self._condition:
+      if self._closed:
+        raise LabelingStopped("the labeler is closed")
+      self._query = query_ids
+      self._serial += 1
+      self._draft = []
+      self._result = None
+      self._set_phase(LABELING)
+      while self._result is None and not self._closed:
+        self._condition.wait()
+      if self._result is None:
+        raise LabelingStopped("the labeler was closed before the batch was submitted")
+      answers, self._result = self._result, None  # `submit` closed the batch already
+      return answers
+
+  def finish(self, message: str = "") -> None:
+    """The run has used its budget."""
+    with self._condition:
+      self._set_phase(DONE, message)
+
+  def fail(self, message: str) -> None:
+    """The loop thread died; the page shows `message`."""
+    with self._condition:
+      self._set_phase(FAILED, message)
+
+  def close(self) -> None:
+    """Wakes a waiting `answer` with `LabelingStopped`; later calls raise it at once."""
+    with self._condition:
+      self._closed = True
+      if self._phase in (STARTING, LABELING, UPDATING):
+        self._set_phase(STOPPED)
+      self._condition.notify_all()
+
+  def set_phase(self, phase: str, message: str = "") -> None:
+    with self._condition:
+      self._set_phase(phase, message)
+
+  def _set_phase(self, phase: str, message: str = "") -> None:
+    self._phase, self._message = phase, message
+    self._version += 1
+    self._condition.notify_all()
+
+  # The HTTP side (any thread).
+
+  def snapshot(self) -> dict[str, Any]:
+    """The published query, the answers given so far, the phase; plain JSON data."""
+    with self._condition:
+      draft = {(c, i): a for c, i, a in self._draft}
+      query = None
+      if self._query is not None:
+        query = [
+          [{"id": int(i), "answer": draft.get((c, int(i)))} for i in row]
+          for c, row in enumerate(self._query.tolist())
+        ]
+      last = self._draft[-1] if self._draft else None
+      return {
+        "version": self._version,
+        "phase": self._phase,
+        "message": self._message,
+        "serial": self._serial if self._query is not None else None,
+        "query": query,
+        "answered": len(self._draft),
+        "last_answer": None if last is None else {"category": last[0], "id": last[1]},
+      }
+
+  def set_answer(self, serial: int, category: int, image_id: int, answer: bool) -> None:
+    """Records one answer of the open batch.
+
+    Raises:
+      AnswerRejected: 409 no open batch / a stale serial / an id answered already (undo it
+        first); 422 a category or id that is not in the open query.
+    """
+    with self._condition:
+      self._check_serial(serial)
+      if not 0 <= category < self.num_categories:
+        raise AnswerRejected(
+          422, f"category {category} is not queried; expected 0 <= category < {self.num_categories}"
+        )
+      row = self._query[category].tolist()
+      if image_id not in row:
+        raise AnswerRejected(
+          422,
+          f"image {image_id} is not in the current query of category {category} "
+          f"(queried: {sorted(row)})",
+        )
+      if any(c == category and i == image_id for c, i, _ in self._draft):
+        raise AnswerRejected(
+          409, f"image {image_id} of category {category} is answered already; undo it first"
+        )
+      self._draft.append((category, image_id, bool(answer)))
+      self._version += 1
+
+  def undo(self, serial: int) -> dict[str, Any]:
+    """Takes back the last answer of the open batch; returns it ({category, id, answer})."""
+    with self._condition:
+      self._check_serial(serial)
+      if not self._draft:
+        raise AnswerRejected(409, "nothing to undo: no answer in this batch yet")
+      category, image_id, answer = self._draft.pop()
+      self._version += 1
+      return {"category": category, "id": image_id, "answer": answer}
+
+  def submit(self, serial: int) -> None:
+    """Hands the complete batch to the loop, after writing it to the journal.
+
+    Raises:
+      AnswerRejected: 409 no open batch / a stale serial / unanswered ids left.
+    """
+    with self._condition:
+      self._check_serial(serial)
+      missing = self._query.size - len(self._draft)
+      if missing:
+        raise AnswerRejected(
+          409, f"{missing} queried images have no answer yet; answer all before submitting"
+        )
+      categories = np.array([c for c, _, _ in self._draft])
+      order = np.argsort(categories, kind="stable")
+      ids = np.array([i for _, i, _ in self._draft])[order].reshape(self._query.shape)
+      given = np.array([a for _, _, a in self._draft], bool)[order].reshape(self._query.shape)
+      answers = labelers.check_answers(self._query, ids, given)
+      record = {"query_ids": self._query.tolist(), "answers": answers.tolist()}
+      if self.journal_path:
+        with open(self.journal_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
+          f.flush()
+          os.fsync(f.fileno())
+      self._journal.append(record)
+      self._result = answers
+      self._query = None
+      self._draft = []
+      self._set_phase(UPDATING)
+
+  def _check_serial(self, serial: int) -> None:
+    if self._query is None:
+      raise AnswerRejected(409, f"no batch is open for answers (the run is {self._phase})")
+    if serial != self._serial:
+      raise AnswerRejected(
+        409, f"batch {serial} is not the open batch {self._serial}; reload the page"
+      )

@@ -1,0 +1,195 @@
+"""The labeling app's HTTP server (Flask on Werkzeug's threaded server): the page and a JSON API.
+
+Every request must carry the run's access token, as `?token=` or the `X-Token` header
+(compared in constant time); without it: 401. Routes:
+
+    GET  /                  the page (static/index.html)
+    GET  /app.js, /app.css  its script and style
+    GET  /image/<id>        pool image <id> (an int), re-encoded; 404 for any other id
+    GET  /api/state         {version, phase, serial, round, rounds, budget, categories: [{name,
+                             labels_used, positives_found, query: [{id, path, answer}], top}]}
+    POST /api/answer        {"serial", "category", "id", "answer": true|false}
+    POST /api/undo          {"serial"}: takes back the last answer of the open batch
+    POST /api/submit        {"serial"}: hands the complete batch to the loop
+
+POST bodies are JSON objects of at most `max_request_bytes` (413 beyond). Refusals are JSON
+`{"error": ...}` with a status that says why: 400 malformed, 401 token, 404 unknown image or
+route, 405 method, 409 conflict (stale batch, answered already, nothing to undo, incomplete
+batch, no open batch), 413 too large, 422 an id or category that is not queried. Files are
+only ever reached through an image id of the run's pool: no request names a path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import pathlib
+import string
+import threading
+from typing import Any
+
+import flask
+from werkzeug import exceptions, serving
+
+from rare_jax.webapp.labeler import AnswerRejected
+from rare_jax.webapp.session import LabelingSession
+
+STATIC = pathlib.Path(__file__).parent / "static"
+MAX_REQUEST_BYTES = 16 * 1024
+_URLSAFE = set(string.ascii_letters + string.digits + "-_")
+_ASSETS = {
+  "app.js": "text/javascript; charset=utf-8",
+  "app.css": "text/css; charset=utf-8",
+}
+_SECURITY_HEADERS = {
+  "Content-Security-Policy": (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+  ),
+  "Referrer-Policy": "no-referrer",  # the token is in the URL: never send it elsewhere
+  "X-Content-Type-Options": "nosniff",
+  "X-Frame-Options": "DENY",
+  "Cache-Control": "no-store",
+}
+
+
+def create_app(
+  session: LabelingSession, *, token: str, max_request_bytes: int = MAX_REQUEST_BYTES
+) -> flask.Flask:
+  """The Flask app serving `session` to whoever holds `token`."""
+  if len(token) < 16 or not set(token) <= _URLSAFE:
+    raise ValueError("token must be at least 16 URL-safe characters (secrets.token_urlsafe)")
+  app = flask.Flask(__name__, static_folder=None)
+  app.config["MAX_CONTENT_LENGTH"] = max_request_bytes
+  app.config["MAX_FORM_MEMORY_SIZE"] = max_request_bytes
+  expected = token.encode()
+  page = (STATIC / "index.html").read_text().replace("__TOKEN__", token)
+  assets = {name: (STATIC / name).read_bytes() for name in _ASSETS}
+
+  @app.before_request
+  def _authenticate():
+    given = flask.request.args.get("token") or flask.request.headers.get("X-Token") or ""
+    if not hmac.compare_digest(given.encode(), expected):
+      return _error(401, "missing or wrong access token: open the URL the server printed")
+    return None
+
+  @app.after_request
+  def _headers(response):
+    for name, value in _SECURITY_HEADERS.items():
+      response.headers.setdefault(name, value)
+    return response
+
+  @app.errorhandler(exceptions.HTTPException)
+  def _http_error(error):
+    return _error(error.code or 500, error.description or error.name)
+
+  @app.get("/")
+  def index():
+    return flask.Response(page, mimetype="text/html")
+
+  @app.get("/<any('app.js', 'app.css'):name>")
+  def asset(name):
+    return flask.Response(assets[name], content_type=_ASSETS[name])
+
+  @app.get("/image/<int:image_id>")
+  def image(image_id):
+    try:
+      data, mimetype = session.image(image_id)
+    except IndexError:
+      return _error(404, f"no image {image_id} in this run")
+    except ValueError as error:
+      return _error(410, str(error))
+    response = flask.Response(data, mimetype=mimetype)
+    response.headers["Cache-Control"] = "private, max-age=86400"  # an id's image never changes
+    return response
+
+  @app.get("/api/state")
+  def state():
+    return flask.jsonify(session.state())
+
+  @app.post("/api/answer")
+  def answer():
+    body = _json_body()
+    category = _int(body, "category")
+    image_id = _int(body, "id")
+    value = body.get("answer")
+    if not isinstance(value, bool):
+      return _error(400, f"answer={value!r}; expected true or false")
+    session.labeler.set_answer(_int(body, "serial"), category, image_id, value)
+    return flask.jsonify(session.state())
+
+  @app.post("/api/undo")
+  def undo():
+    undone = session.labeler.undo(_int(_json_body(), "serial"))
+    return flask.jsonify(dict(session.state(), undone=undone))
+
+  @app.post("/api/submit")
+  def submit():
+    session.labeler.submit(_int(_json_body(), "serial"))
+    return flask.jsonify(session.state())
+
+  @app.errorhandler(AnswerRejected)
+  def _rejected(error):
+    return _error(error.status, str(error))
+
+  return app
+
+
+class _BadRequest(AnswerRejected):
+  def __init__(self, message: str):
+    super().__init__(400, message)
+
+
+def _json_body() -> dict[str, Any]:
+  # Werkzeug stops reading at MAX_CONTENT_LENGTH (declared or chunked) with a 413.
+  body = flask.request.get_json(silent=True)
+  if not isinstance(body, dict):
+    raise _BadRequest("expected a JSON object body (Content-Type: application/json)")
+  return body
+
+
+def _int(body: dict[str, Any], key: str) -> int:
+  value = body.get(key)
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise _BadRequest(f"{key}={value!r}; expected an integer")
+  return value
+
+
+def _error(status: int, message: str) -> flask.Response:
+  response = flask.jsonify({"error": message, "status": status})
+  response.status_code = status
+  return response
+
+
+class _QuietHandler(serving.WSGIRequestHandler):
+  """Logs no requests: their URLs carry the access token."""
+
+  def log_request(self, *args, **kwargs) -> None:
+    pass
+
+
+class Server:
+  """A threaded Werkzeug server for `app` on (host, port) in a background thread.
+
+  Port 0 picks a free port; `url(token)` gives the address to open.
+  """
+
+  def __init__(self, app: flask.Flask, *, host: str = "127.0.0.1", port: int = 0):
+    self._server = serving.make_server(
+      host, port, app, threaded=True, request_handler=_QuietHandler
+    )
+    self.host = host
+    self.port = self._server.server_port
+    self._thread = threading.Thread(
+      target=self._server.serve_forever, name="rare_jax-http", daemon=True
+    )
+
+  def url(self, token: str) -> str:
+    host = f"[{self.host}]" if ":" in self.host else self.host
+    return f"http://{host}:{self.port}/?token={token}"
+
+  def start(self) -> None:
+    self._thread.start()
+
+  def shutdown(self) -> None:
+    self._server.shutdown()
+    self._thread.join(10)

@@ -1,0 +1,261 @@
+// The labeling page: renders /api/state, sends answers, undo and submit; polls for changes.
+// Plain JavaScript, no build step. Every request carries the access token (X-Token header,
+// or ?token= on image URLs, which cannot set headers).
+"use strict";
+
+(() => {
+  const token = new URLSearchParams(window.location.search).get("token") || "";
+  const $ = (id) => document.getElementById(id);
+  let state = null; // the last state from the server, with local answers not yet confirmed
+  let inFlight = 0; // requests queued or running
+  let actions = 0; // the person's actions so far: a poll that started before one is stale
+  let chain = Promise.resolve();
+  const PHASE_TEXT = {
+    starting: "Preparing the first batch…",
+    labeling: "Answer every image of this batch, then submit it.",
+    updating: "Batch saved. Updating the model…",
+    done: "Done: the labeling budget is used.",
+    failed: "The run stopped.",
+    stopped: "The server stopped. Start the same command again to resume.",
+  };
+
+  async function api(path, body) {
+    const options = { method: "GET", headers: { "X-Token": token } };
+    if (body !== undefined) {
+      options.method = "POST";
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, options);
+    let data;
+    try {
+      data = await response.json();
+    } catch (error) {
+      data = { error: `HTTP ${response.status}` };
+    }
+    if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+    return data;
+  }
+
+  function imageUrl(id) {
+    return `image/${id}?token=${encodeURIComponent(token)}`;
+  }
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function setStatus(text, isError) {
+    const status = $("status");
+    status.textContent = text;
+    status.classList.toggle("error", Boolean(isError));
+  }
+
+  // Requests run one after another, in the order the person acted.
+  function enqueue(task) {
+    actions += 1;
+    inFlight += 1;
+    chain = chain
+      .then(task)
+      .catch((error) => {
+        setStatus(error.message, true);
+        return refresh(true);
+      })
+      .finally(() => {
+        inFlight -= 1;
+      });
+    return chain;
+  }
+
+  function accept(data) {
+    if (inFlight > 1) return; // a later request will bring a newer state
+    state = data;
+    render();
+  }
+
+  async function refresh(force) {
+    if (inFlight > 0 && !force) return;
+    const before = actions;
+    try {
+      const data = await api("api/state");
+      if (!force && (actions !== before || inFlight > 0)) return; // overtaken by an action
+      if (force || !state || data.version !== state.version || data.phase !== state.phase) {
+        state = data;
+        render();
+      }
+    } catch (error) {
+      setStatus(`Lost the server: ${error.message}`, true);
+    }
+  }
+
+  function items() {
+    const out = [];
+    if (!state) return out;
+    for (const category of state.categories) {
+      for (const item of category.query) out.push({ category: category.index, item });
+    }
+    return out;
+  }
+
+  function focused() {
+    return items().find(({ item }) => item.answer === null) || null;
+  }
+
+  function complete() {
+    const all = items();
+    return all.length > 0 && all.every(({ item }) => item.answer !== null);
+  }
+
+  function labeling() {
+    return state && state.phase === "labeling" && state.serial !== null;
+  }
+
+  function answer(category, item, value) {
+    if (!labeling()) return;
+    if (item.answer !== null) {
+      setStatus("This image is answered already: undo the last answer to change it.", true);
+      return;
+    }
+    item.answer = value; // shown at once; the server's reply confirms it
+    state.answered += 1;
+    render();
+    const serial = state.serial;
+    enqueue(() => api("api/answer", { serial, category, id: item.id, answer: value }).then(accept));
+  }
+
+  function undo() {
+    if (!labeling()) return;
+    const serial = state.serial;
+    enqueue(() => api("api/undo", { serial }).then(accept));
+  }
+
+  function submit() {
+    if (!labeling()) return;
+    if (!complete()) {
+      setStatus("Answer every image of the batch before submitting.", true);
+      return;
+    }
+    const serial = state.serial;
+    enqueue(() => api("api/submit", { serial }).then(accept));
+  }
+
+  function renderCard(category, item, isFocus) {
+    const card = element("div", "card");
+    card.dataset.id = String(item.id);
+    card.dataset.category = String(category);
+    if (item.answer === true) card.classList.add("yes");
+    if (item.answer === false) card.classList.add("no");
+    if (isFocus) card.classList.add("focus");
+    const image = element("img");
+    image.src = imageUrl(item.id);
+    image.alt = item.path;
+    image.title = item.path;
+    card.append(image, element("div", "path", item.path));
+    const buttons = element("div", "buttons");
+    const yes = element("button", "yes-button", "Yes");
+    const no = element("button", "no-button", "No");
+    yes.type = "button";
+    no.type = "button";
+    yes.addEventListener("click", () => answer(category, item, true));
+    no.addEventListener("click", () => answer(category, item, false));
+    buttons.append(yes, no);
+    card.append(buttons);
+    return card;
+  }
+
+  function renderCategory(category, focus) {
+    const section = element("section", "category");
+    section.id = `category-${category.index}`;
+    const heading = element("h2", "", "Is it ");
+    heading.append(element("span", "name", category.name), document.createTextNode("?"));
+    const pending = category.query.filter((item) => item.answer === true).length;
+    const counters = element("div", "counters");
+    const number = (className, value) => element("b", className, String(value));
+    counters.append(
+      "Labels used ",
+      number("labels-used", category.labels_used),
+      " / ",
+      number("budget", state.budget),
+      " · positives found ",
+      number("positives-found", category.positives_found),
+      pending ? ` (+${pending} in this batch)` : "",
+      ` · ${category.seeds} seeds`,
+    );
+    section.append(heading, counters);
+    const grid = element("div", "grid query");
+    if (category.query.length === 0) {
+      grid.append(element("div", "idle", "No batch open."));
+    }
+    for (const item of category.query) {
+      const isFocus = focus !== null && focus.item === item && focus.category === category.index;
+      grid.append(renderCard(category.index, item, isFocus));
+    }
+    section.append(grid);
+    return section;
+  }
+
+  function renderTop() {
+    const top = $("top");
+    top.replaceChildren();
+    for (const category of state.categories) {
+      if (state.categories.length > 1) top.append(element("h3", "", category.name));
+      const grid = element("div", "grid top");
+      for (const entry of category.top) {
+        const thumb = element("div", "thumb");
+        const image = element("img");
+        image.src = imageUrl(entry.id);
+        image.alt = entry.path;
+        image.title = entry.path;
+        const caption = element("div", "caption", `${entry.score.toFixed(3)} `);
+        if (entry.label) caption.append(element("span", `badge ${entry.label}`, entry.label));
+        thumb.append(image, caption);
+        grid.append(thumb);
+      }
+      if (category.top.length === 0) grid.append(element("div", "idle", "No ranking yet."));
+      top.append(grid);
+    }
+  }
+
+  function render() {
+    if (!state) return;
+    $("round").textContent = String(state.round);
+    $("rounds").textContent = String(state.rounds);
+    let text = PHASE_TEXT[state.phase] || state.phase;
+    if (state.message) text += ` ${state.message}`;
+    setStatus(text, state.phase === "failed");
+    const focus = labeling() ? focused() : null;
+    $("categories").replaceChildren(...state.categories.map((c) => renderCategory(c, focus)));
+    const total = items().length;
+    const answered = items().filter(({ item }) => item.answer !== null).length;
+    $("answered").textContent = labeling() ? `${answered} of ${total} answered` : "";
+    $("undo").disabled = !labeling() || answered === 0;
+    $("submit").disabled = !labeling() || !complete();
+    $("submit").classList.toggle("ready", labeling() && complete());
+    renderTop();
+    const model = state.model;
+    $("model").textContent =
+      `Model: ${model.kind}. Features: ${model.features}. Deep update: ${model.deep_update}.`;
+  }
+
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const key = event.key.toLowerCase();
+    const focus = labeling() ? focused() : null;
+    if (key === "y" && focus) answer(focus.category, focus.item, true);
+    else if (key === "n" && focus) answer(focus.category, focus.item, false);
+    else if (key === "u" || key === "backspace") undo();
+    else if (key === "enter") submit();
+    else return;
+    event.preventDefault();
+  });
+
+  window.addEventListener("DOMContentLoaded", () => {
+    $("undo").addEventListener("click", undo);
+    $("submit").addEventListener("click", submit);
+    refresh(true);
+    window.setInterval(() => refresh(false), 700);
+  });
+})();

@@ -1,0 +1,212 @@
+"""End to end in a real headless browser: Debian's chromium, driven by Selenium through Debian's
+chromedriver (no browser download). The test starts `python -m rare_jax.label` on a folder of
+Fashion-MNIST PNGs, opens the printed URL, labels a round by clicking and by keys (with an
+undo), submits it with Enter, sees the next round's images and the updated counts, and saves a
+screenshot of the app to docs/labeling_app.png (shown in the README).
+
+Needs `apt-get install -y chromium chromium-driver` (CI's set-up does it); without them this
+test fails, saying so.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rare_jax.data import folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCREENSHOT = os.path.join(REPO, "docs", "labeling_app.png")
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+INSTALL = "run `apt-get install -y chromium chromium-driver` as root (CI's set-up does it)"
+
+
+def _require_browser():
+  """Fails (never skips) when the browser, its driver or Selenium is missing."""
+  missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+  if missing:
+    pytest.fail(f"{' and '.join(missing)} not found: {INSTALL}", pytrace=False)
+  try:
+    import selenium  # noqa: F401
+  except ImportError:
+    pytest.fail("selenium is not installed: pip install -e '.[dev]'", pytrace=False)
+
+
+def _browser(profile_dir):
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for flag in (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1000",
+    f"--user-data-dir={profile_dir}",
+  ):
+    options.add_argument(flag)
+  return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+
+
+def _wait(predicate, what, timeout=120.0):
+  deadline = time.monotonic() + timeout
+  last_error = None
+  while time.monotonic() < deadline:
+    try:
+      value = predicate()
+      if value:
+        return value
+    except Exception as error:  # stale elements while the page re-renders
+      last_error = error
+    time.sleep(0.1)
+  raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
+
+
+def _truth(path):
+  return path.startswith("Sandal/") or path.startswith("/")
+
+
+@pytest.mark.slow
+def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
+  _require_browser()
+  from selenium.webdriver.common.by import By
+
+  images, seed_files = folder.write_example_folder(
+    tmp_path, per_class=28, rare_count=20, num_seeds=5
+  )
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  # Compilations shared with tests/test_webapp.py's servers (same shapes), across xdist workers.
+  base = tmp_path_factory.getbasetemp()
+  env["JAX_COMPILATION_CACHE_DIR"] = str(
+    (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+  )
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.label",
+      f"--images={images}",
+      f"--seeds={os.path.dirname(seed_files[0])}",
+      f"--workdir={tmp_path / 'run'}",
+      "--name=Sandal",
+      "--budget=10",
+      "--batch_size=5",
+      "--feature_dim=16",
+      "--image_size=16",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  lines, url = [], None
+  for line in process.stdout:
+    lines.append(line)
+    match = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", line)
+    if match:
+      url = match.group(0)
+      break
+  assert url, "no URL printed:\n" + "".join(lines)
+  threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+  driver = None
+  try:
+    driver = _browser(tmp_path / "profile")
+    driver.get(url)
+
+    def cards():
+      return driver.find_elements(By.CSS_SELECTOR, "#categories .card")
+
+    def card_state():
+      return [
+        (
+          int(c.get_attribute("data-id")),
+          c.find_element(By.TAG_NAME, "img").get_attribute("alt"),
+          c.get_attribute("class"),
+        )
+        for c in cards()
+      ]
+
+    def text(selector):
+      return driver.find_element(By.CSS_SELECTOR, selector).text
+
+    _wait(lambda: len(cards()) == 5, "the first batch in the page")
+    assert text("#round") == "1" and text(".labels-used") == "0" and text(".budget") == "10"
+    assert "Sandal" in text("#category-0 h2")
+    first_round = card_state()
+    answers = {image_id: _truth(path) for image_id, path, _ in first_round}
+    body = driver.find_element(By.TAG_NAME, "body")
+
+    # Click the first two, then keys on the highlighted (first unanswered) one.
+    for index in (0, 1):
+      card = cards()[index]
+      button = "yes-button" if answers[first_round[index][0]] else "no-button"
+      card.find_element(By.CLASS_NAME, button).click()
+      _wait(
+        lambda i=index: ("yes" in card_state()[i][2]) or ("no" in card_state()[i][2].split()),
+        f"card {index} answered",
+      )
+    for index in (2, 3):
+      _wait(lambda i=index: "focus" in card_state()[i][2], f"card {index} highlighted")
+      body.send_keys("y" if answers[first_round[index][0]] else "n")
+      _wait(lambda i=index: "focus" not in card_state()[i][2], f"card {index} answered by key")
+    # Undo the last answer (U) and give it again.
+    body.send_keys("u")
+    _wait(
+      lambda: "focus" in card_state()[3][2] and text("#answered") == "3 of 5 answered", "the undo"
+    )
+    for index in (3, 4):
+      body.send_keys("y" if answers[first_round[index][0]] else "n")
+      _wait(lambda i=index: "focus" not in card_state()[i][2], f"card {index} answered by key")
+    _wait(lambda: text("#answered") == "5 of 5 answered", "all five answered")
+    for image_id, _, classes in card_state():
+      assert ("yes" if answers[image_id] else "no") in classes.split()
+    body.send_keys("\n")  # Enter submits
+
+    _wait(lambda: text("#round") == "2" and len(cards()) == 5, "the second round", timeout=180)
+    second_round = card_state()
+    assert not {i for i, _, _ in second_round} & set(answers)  # new images
+    assert text(".labels-used") == "5"
+    assert text(".positives-found") == str(sum(answers.values()))
+    top = driver.find_elements(By.CSS_SELECTOR, "#top .thumb")
+    assert len(top) == 24
+    assert all(
+      img.get_property("naturalWidth") > 0 for img in driver.find_elements(By.CSS_SELECTOR, "img")
+    )
+    # Two right answers of round 2 for the picture, then the screenshot of the whole page.
+    for index in (0, 1):
+      value = _truth(second_round[index][1])
+      body.send_keys("y" if value else "n")
+      _wait(
+        lambda i=index, v=value: ("yes" if v else "no") in card_state()[i][2].split(),
+        f"card {index} of round 2 answered",
+      )
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    inner = driver.execute_script("return window.innerHeight")
+    driver.set_window_size(1280, 1000 - int(inner) + min(int(height), 2000))
+    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+    assert driver.save_screenshot(SCREENSHOT)
+    assert os.path.getsize(SCREENSHOT) > 10_000
+  finally:
+    if driver is not None:
+      driver.quit()
+    process.send_signal(signal.SIGTERM)
+    try:
+      process.wait(60)
+    except subprocess.TimeoutExpired:
+      process.kill()
+  assert process.returncode == 0, "".join(lines)

@@ -1,0 +1,204 @@
+"""A folder of images as a source: stable ids, broken files skipped and reported, seeds, and a
+folder run's workdir (manifest, stand-in features equal to `stand_in.pixel_pca_features`)."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rare_jax import stand_in
+from rare_jax.data import folder, pipeline, sources
+from rare_jax.webapp import folder_run
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+  """A small Fashion-MNIST folder plus files that must be skipped or ignored."""
+  out = tmp_path_factory.mktemp("example")
+  images, seeds = folder.write_example_folder(out, per_class=3, rare_count=4, num_seeds=2)
+  root = os.path.join(images)
+  with open(os.path.join(root, "Bag", "broken.png"), "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(buffer, format="JPEG")
+  with open(os.path.join(root, "Coat", "truncated.JPG"), "wb") as f:
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+  open(os.path.join(root, "empty.png"), "wb").close()
+  with open(os.path.join(root, "notes.txt"), "w") as f:
+    f.write("not an image")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(root, ".hidden.png"))
+  rgba = np.zeros((6, 6, 4), np.uint8)
+  rgba[..., 0] = 255  # red, half of it transparent
+  rgba[:3, :, 3] = 255
+  Image.fromarray(rgba, "RGBA").save(os.path.join(root, "rgba.png"))
+  Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(os.path.join(root, "Bag", "p.jpeg"))
+  outside = out / "outside.png"
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside)
+  os.symlink(outside, os.path.join(root, "Bag", "link.png"))
+  return root, seeds
+
+
+def test_ids_are_sorted_readable_paths_and_broken_files_are_reported(example):
+  root, _ = example
+  source = folder.open_folder(root, labels_from_subfolders=True)
+  assert list(source.paths) == sorted(source.paths)
+  assert len(source) == 9 * 3 + 4 + 2  # 3 per class, 4 Sandals, p.jpeg, rgba.png
+  assert "rgba.png" in source.paths and "Bag/p.jpeg" in source.paths
+  skipped = dict(source.skipped)
+  assert set(skipped) == {"Bag/broken.png", "Coat/truncated.JPG", "empty.png", "Bag/link.png"}
+  assert "outside" in skipped["Bag/link.png"]
+  assert all(".hidden" not in p and not p.endswith(".txt") for p in source.paths)
+  report = source.report()
+  assert "4 skipped" in report and "Coat/truncated.JPG" in report
+  again = folder.open_folder(root)
+  assert again.paths == source.paths  # stable ids
+  assert again.num_classes == 0 and (again.labels() == folder.UNLABELED).all()
+
+
+def test_images_and_labels_match_the_dataset(example):
+  root, _ = example
+  source = folder.open_folder(root, labels_from_subfolders=True)
+  assert source.class_names[:2] == ("Ankle_boot", "Bag")
+  labels = source.labels()
+  assert labels[source.paths.index("rgba.png")] == folder.UNLABELED
+  train = sources.open_source("rare_fashion_mnist", "train")
+  for index in (0, 7, 20):
+    path = source.paths[index]
+    assert source.class_names[labels[index]] == path.split("/")[0]
+    dataset_id = int(path.split("/")[1].split(".")[0])
+    expected = train[dataset_id]["image"]
+    image = source[index]["image"]
+    assert image.shape == (28, 28, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, np.repeat(expected, 3, axis=-1))
+  red = source[source.paths.index("rgba.png")]["image"]
+  np.testing.assert_array_equal(red[0, 0], [255, 0, 0])
+  np.testing.assert_array_equal(red[5, 0], [255, 255, 255])  # transparent: white
+  with pytest.raises(IndexError, match="out of range"):
+    source.file_path(len(source))
+
+
+def test_resized_images_and_batching(example):
+  root, _ = example
+  source = folder.open_folder(root, image_size=12)
+  assert source.resized.shape == (len(source), 12, 12, 3)
+  expected = folder.resize_image(folder.decode_image(source.file_path(3)), 12)
+  np.testing.assert_array_equal(source.resized[3], expected)
+  batch = next(pipeline.iterate_batches(source, [0, 5, 30], batch_size=4, image_size=16))
+  assert batch["image"].shape == (4, 16, 16, 3)
+  assert batch["mask"].tolist() == [True, True, True, False]
+
+
+def test_seeds_from_folder_paths_and_outside(example, tmp_path):
+  root, seed_files = example
+  source = folder.open_folder(root)
+  seeds_dir = os.path.dirname(seed_files[0])
+  ids, outside = folder.resolve_seeds(source, seeds_dir)
+  assert ids == [] and outside == sorted(seed_files)
+  inside = [source.file_path(i) for i in (2, 4)]
+  ids, outside = folder.resolve_seeds(source, ",".join(inside + seed_files[:1]))
+  assert ids == [2, 4] and outside == seed_files[:1]
+  with pytest.raises(ValueError, match="does not exist"):
+    folder.resolve_seeds(source, [os.path.join(root, "nope.png")])
+  with pytest.raises(ValueError, match="not one of its readable images"):
+    folder.resolve_seeds(source, [os.path.join(root, "Bag", "broken.png")])
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="does not decode"):
+    folder.resolve_seeds(source, [str(bad)])
+  with pytest.raises(ValueError, match="no image found"):
+    folder.resolve_seeds(source, " , ")
+  with pytest.raises(ValueError, match="not a directory"):
+    folder.open_folder(tmp_path / "missing")
+
+
+def test_projection_equals_the_stand_in_bit_for_bit():
+  rng = np.random.default_rng(0)
+  fit = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+  other = rng.integers(0, 256, (7, 6, 6, 3), dtype=np.uint8)
+  expected_fit, expected_other = stand_in.pixel_pca_features(fit, fit, other, dim=5)
+  projection = folder_run.PixelProjection.fit(fit, 5)
+  assert projection.project(fit).tobytes() == expected_fit.tobytes()
+  assert projection.project(other).tobytes() == expected_other.tobytes()
+  with pytest.raises(ValueError, match="expected"):
+    projection.project(other[:, :5])
+
+
+def test_folder_run_workdir(example, tmp_path):
+  root, seed_files = example
+  config = folder_run.make_config(budget=6, batch_size=3, feature_dim=8, image_size=10)
+  lines = []
+  run = folder_run.prepare_folder_run(
+    str(tmp_path / "run"),
+    images=root,
+    seeds=os.path.dirname(seed_files[0]),
+    config=config,
+    eval_subfolder="Sandal",
+    log=lines.append,
+  )
+  assert any("4 files skipped" in line for line in lines)
+  pool = run.pool_size
+  assert pool == 33 + 2 and run.features.shape == (pool, 8)
+  assert run.seed_ids.tolist() == [[33, 34]]  # the seeds from outside the folder come last
+  assert run.category_names == ["seeds"]
+  assert run.file_path(34) == seed_files[1]
+  assert run.val_ground_truth.shape == (1, pool) and run.val_ground_truth.sum() == 4 + 2
+  saved = folder_run.PixelProjection.load(str(tmp_path / "run" / "features" / "projection.npz"))
+  resized = folder_run.read_resized([run.file_path(i) for i in range(pool)], 10)
+  np.testing.assert_array_equal(saved.project(resized), np.asarray(run.features))
+  manifest = json.loads((tmp_path / "run" / folder_run.MANIFEST).read_text())
+  assert manifest["paths"][:2] == [
+    "Ankle_boot/" + p for p in sorted(os.listdir(os.path.join(root, "Ankle_boot")))[:2]
+  ]
+  # The same command reopens it; another folder, seeds or config is refused.
+  again = folder_run.prepare_folder_run(
+    str(tmp_path / "run"),
+    images=root,
+    seeds=os.path.dirname(seed_files[0]),
+    config=config,
+    eval_subfolder="Sandal",
+    log=lines.append,
+  )
+  np.testing.assert_array_equal(np.asarray(again.features), np.asarray(run.features))
+  with pytest.raises(ValueError, match="other seeds"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "run"),
+      images=root,
+      seeds=seed_files[0],
+      config=config,
+      eval_subfolder="Sandal",
+    )
+  with pytest.raises(ValueError, match="another config"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "run"),
+      images=root,
+      seeds=seed_files[0],
+      config=folder_run.make_config(budget=9, batch_size=3, feature_dim=8, image_size=10),
+    )
+
+
+def test_bad_settings_are_refused(example, tmp_path):
+  root, seed_files = example
+  with pytest.raises(ValueError, match="not a multiple of batch_size"):
+    folder_run.make_config(budget=25, batch_size=10)
+  with pytest.raises(ValueError, match="expected a positive int"):
+    folder_run.make_config(batch_size=0)
+  with pytest.raises(ValueError, match="needs a pool of at least"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "big"),
+      images=root,
+      seeds=seed_files[0],
+      config=folder_run.make_config(budget=30, batch_size=10),
+      log=lambda _: None,
+    )
+  with pytest.raises(ValueError, match="not a top-level sub-folder"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "eval"),
+      images=root,
+      seeds=seed_files[0],
+      config=folder_run.make_config(budget=4, batch_size=2),
+      eval_subfolder="Zebra",
+      log=lambda _: None,
+    )

@@ -1,0 +1,205 @@
+"""`python -m rare_jax.predict`: a run's model scores new images exactly as it scored its pool.
+
+A folder run and a small dataset run (its task cut from slices of the embedded Fashion-MNIST),
+each with a linear model written as a round's checkpoint (no loop needed: predict reads only the
+newest checkpoint's model), are scored; the scores must equal the model's probabilities on the
+features the run itself computed for its pool and validation images.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rare_jax import linear, loop, predict, runner, stand_in, workdirs
+from rare_jax.checkpoint import CheckpointStore
+from rare_jax.data import folder, sources, tasks
+from rare_jax.webapp import folder_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _save_model(workdir, features, seed_ids, weights, bias, *, seed=0):
+  """Writes checkpoint 1 of `ours_linear` holding this linear model (as a round would)."""
+  state = loop.init(jax.numpy.asarray(features), np.asarray(seed_ids), seed=seed)
+  state = state.replace(
+    round=jax.numpy.ones((), jax.numpy.int32),
+    has_model=jax.numpy.ones((), bool),
+    linear=linear.LinearModel(
+      weights=jax.numpy.asarray(weights, jax.numpy.float32),
+      bias=jax.numpy.asarray(bias, jax.numpy.float32),
+    ),
+  )
+  with CheckpointStore(os.path.join(workdir, "ours_linear", "checkpoints")) as store:
+    store.save(1, state, {"round": 1})
+  return state
+
+
+def _read_csv(path):
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  return rows[0], rows[1:]
+
+
+@pytest.fixture(scope="module")
+def folder_workdir(tmp_path_factory):
+  """A folder run whose model points from the other images' mean to the Sandals' mean."""
+  out = tmp_path_factory.mktemp("example")
+  images, seed_files = folder.write_example_folder(out, per_class=10, rare_count=12, num_seeds=3)
+  workdir = str(out / "run")
+  config = folder_run.make_config(budget=10, batch_size=5, feature_dim=12, image_size=16)
+  run = folder_run.prepare_folder_run(
+    workdir,
+    images=images,
+    seeds=",".join(seed_files),
+    config=config,
+    eval_subfolder="Sandal",
+    log=lambda _: None,
+  )
+  features = np.asarray(run.features)
+  positive = run.val_ground_truth[0]
+  direction = features[positive].mean(0) - features[~positive].mean(0)
+  weights = direction[None] / np.linalg.norm(direction) * 0.5
+  bias = -(features @ weights[0]).mean(keepdims=True)
+  _save_model(workdir, features, run.seed_ids, weights, bias)
+  probabilities = 1 / (1 + np.exp(-(features.astype(np.float64) @ weights[0] + bias[0])))
+  return images, workdir, run, probabilities
+
+
+def test_folder_csv_equals_the_runs_scores(folder_workdir, tmp_path):
+  images, workdir, run, probabilities = folder_workdir
+  out = tmp_path / "scores.csv"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.predict",
+      f"--workdir={workdir}",
+      f"--images={images}",
+      f"--out={out}",
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "scored 102/102 images" in result.stderr and "round 1" in result.stderr
+  header, rows = _read_csv(out)
+  assert header == ["id", "path", "score"]
+  assert len(rows) == run.manifest["num_folder_images"] == 102
+  scores = [float(r[2]) for r in rows]
+  assert scores == sorted(scores, reverse=True)
+  for id_, path, score in rows:
+    assert path == run.display_path(int(id_))
+    assert abs(float(score) - probabilities[int(id_)]) < 2e-6, (id_, score)
+  assert sum(r[1].startswith("Sandal/") for r in rows[:12]) >= 6  # the ranking finds them
+
+
+def test_top_k_threshold_and_dataset_images(folder_workdir):
+  images, workdir, run, probabilities = folder_workdir
+  scorer = predict.load_scorer(workdir, log=lambda _: None)
+  assert scorer.category == "positive" and scorer.round == 1
+  rows = predict.score_folder(scorer, images, log=lambda _: None)
+  top = predict.select_rows(rows, top_k=3, threshold=None)
+  assert len(top) == 3 and top[0][2] >= top[1][2] >= top[2][2]
+  np.testing.assert_allclose([r[2] for r in top], np.sort(probabilities[:102])[::-1][:3], atol=2e-6)
+  kept = predict.select_rows(rows, top_k=None, threshold=0.5)
+  assert all(r[2] >= 0.5 for r in kept) and len(kept) == int((probabilities[:102] >= 0.5).sum())
+  with pytest.raises(ValueError, match="not both"):
+    predict.select_rows(rows, top_k=2, threshold=0.5)
+  with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+    predict.select_rows(rows, top_k=None, threshold=2.0)
+  # The same image from the TFDS dataset gets the score of its PNG in the folder.
+  train = sources.open_source("rare_fashion_mnist", "train")
+  id_, path, score = rows[5]
+  image = train[int(path.split("/")[1].split(".")[0])]["image"]
+  assert abs(scorer.score(scorer.to_model_input(image)[None])[0] - score) < 1e-6
+
+
+def test_errors_are_clear(folder_workdir, tmp_path):
+  _, workdir, _, _ = folder_workdir
+  with pytest.raises(ValueError, match="holds no run"):
+    predict.load_scorer(str(tmp_path), log=lambda _: None)
+  with pytest.raises(ValueError, match="category='dog'"):
+    predict.load_scorer(workdir, category="dog", log=lambda _: None)
+  with pytest.raises(ValueError, match="strategy='tropel'"):
+    predict.load_scorer(workdir, strategy="tropel", log=lambda _: None)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.predict",
+      f"--workdir={tmp_path}",
+      f"--images={tmp_path}",
+      f"--out={tmp_path / 'x.csv'}",
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2 and "error:" in result.stderr and "holds no run" in result.stderr
+  assert not (tmp_path / "x.csv").exists()
+
+
+def test_dataset_run_refits_the_same_projection(tmp_path):
+  """A `rare_jax.run`-style workdir (pixel_pca): predict refits the PCA on the related-domain
+  split and reproduces the run's validation scores."""
+  from experiments.configs import tiny
+
+  config = tiny.get_config()
+  config.categories = (5,)
+  config.strategies = ("ours_linear",)
+  config.feature_dim = 8
+  config.num_feature_updates, config.rounds_per_update = 1, 1
+  workdir = str(tmp_path)
+  task = tasks.task_from_dataset(
+    "rare_fashion_mnist",
+    (5,),
+    0,
+    train_split="train[:1200]",
+    eval_split="test[:300]",
+    pool_fraction=0.01,
+    num_seed_positives=3,
+    pretrain_fraction=0.25,
+  )
+  task.save(workdir)
+  runner.write_config(workdir, workdirs.config_to_dict(config))
+  train = sources.open_source("rare_fashion_mnist", "train[:1200]")
+  evaluation = sources.open_source("rare_fashion_mnist", "test[:300]")
+  pool, val = stand_in.pixel_pca_features(
+    sources.load_arrays(train, task.pretrain_ids)[0],
+    sources.load_arrays(train, task.pool_ids)[0],
+    sources.load_arrays(evaluation, task.val_ids)[0],
+    dim=8,
+  )
+  os.makedirs(os.path.join(workdir, "features"))
+  np.save(os.path.join(workdir, "features", "pool.npy"), pool)
+  rng = np.random.default_rng(0)
+  state = _save_model(workdir, pool, task.seed_positives, rng.normal(size=(1, 8)), [0.3])
+  # The task records split "train[:1200]": predict opens it like the run did.
+  assert (
+    json.loads(open(os.path.join(workdir, "task.json")).read())["train_split"] == "train[:1200]"
+  )
+  scorer = predict.load_scorer(workdir, log=lambda _: None)
+  rows = predict.score_dataset(
+    scorer, "rare_fashion_mnist", "test[:300]", data_dir=None, log=lambda _: None
+  )
+  expected = np.asarray(linear.predict_proba(jax.numpy.asarray(val), state.linear))[:, 0]
+  got = np.array([rows[i][2] for i in task.val_ids])
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+  assert rows[int(task.val_ids[0])][1] == evaluation.class_names[task.val_labels[0]]
