@@ -37,6 +37,8 @@ setuptools.setup(
         "console_scripts": [
             "rare-jax-task=rare_jax.task_summary:run",
             "rare-jax-run=rare_jax.run:run",
+            "rare-jax-pretrain=rare_jax.pretrain:run",
+            "rare-jax-replay=rare_jax.replay:run",
             "rare-jax-label=rare_jax.label:run",
             "rare-jax-predict=rare_jax.predict:run",
         ],

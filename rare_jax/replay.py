@@ -53,5 +53,9 @@ def main(argv):
   sys.exit(0 if all(results.values()) else 1)
 
 
-if __name__ == "__main__":
+def run():
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

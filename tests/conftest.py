@@ -1,12 +1,17 @@
 """Test set-up: 8 fake CPU devices, set before JAX starts (see WORKSPACE.md)."""
 
 import os
+import tempfile
 
 # Must run before jax is imported anywhere in the test process.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A compilation cache private to this test process: tests that compile the same program again
+# (a resumed run, a replay) load it instead of recompiling (minutes on this CPU otherwise).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="rare_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

@@ -1,0 +1,48 @@
+r"""Pretrains M_pre and caches its features: `python -m rare_jax.pretrain`.
+
+    python -m rare_jax.pretrain --config=experiments/configs/demo.py --workdir=runs/demo
+
+Algorithm 1 lines 1-2 on their own: builds (or reloads) the task, trains M_pre on the task's
+related-domain split (config.deep), and embeds the pool (with M_pre's hard predictions, the
+auxiliary labels) and the validation set into WORKDIR/features. `rare_jax.run` with the same
+config and workdir then starts from these files instead of training again. Interrupted, it
+resumes from the last epoch's checkpoint and the feature stores' recorded progress.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rare_jax import workdirs
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Run config file (ml_collections).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  config = _CONFIG.value
+  if config.features != "m_pre":
+    raise app.UsageError(f"config.features is {config.features!r}; pretraining needs 'm_pre'")
+  context = workdirs.prepare(_WORKDIR.value, config, log=print)
+  print(context.task.summary())
+  print(
+    f"M_pre features: pool {tuple(context.features.shape)}, validation "
+    f"{tuple(context.val_features.shape)}, {len(set(context.aux_labels.tolist()))} distinct "
+    f"auxiliary labels on the pool -> {_WORKDIR.value}/features"
+  )
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
