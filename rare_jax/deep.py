@@ -169,9 +169,13 @@ def _train(
     mesh=mesh,
   )
   if initial_variables is not None:
+    # Copies: the step donates its state, and device_put may alias the caller's buffers
+    # (M_pre's variables, which every update and replay starts from again).
     state = state.replace(
-      params=jax.device_put(initial_variables["params"], shardings.params),
-      batch_stats=jax.device_put(initial_variables["batch_stats"], shardings.batch_stats),
+      params=jax.device_put(jax.tree.map(jnp.copy, initial_variables["params"]), shardings.params),
+      batch_stats=jax.device_put(
+        jax.tree.map(jnp.copy, initial_variables["batch_stats"]), shardings.batch_stats
+      ),
     )
   step = train.jit_step(step_fn, mesh=mesh, state_shardings=shardings, model=model, tx=tx)
 
