@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from rare_jax import linear, runner
+from rare_jax import linear, runner, stand_in
 from rare_jax.checkpoint import CheckpointStore
 from rare_jax.data import folder, sources, tasks
 from rare_jax.webapp import folder_run
@@ -127,7 +127,7 @@ def load_scorer(
     log(f"refitting the run's pixel PCA on {len(task.pretrain_ids)} related-domain images")
     train = sources.open_source(task.dataset, task.train_split, data_dir or config.data_dir or None)
     pretrain_images, _ = sources.load_arrays(train, task.pretrain_ids)
-    projection = folder_run.PixelProjection.fit(pretrain_images, int(config.feature_dim))
+    projection = stand_in.PixelProjection.fit(pretrain_images, int(config.feature_dim))
     to_model_input = _resizer(projection.image_shape)
     kind = f"dataset run ({task.dataset})"
   else:

@@ -114,14 +114,24 @@ def test_seeds_from_folder_paths_and_outside(example, tmp_path):
     folder.open_folder(tmp_path / "missing")
 
 
-def test_projection_equals_the_stand_in_bit_for_bit():
+def test_pixel_projection_is_pca_and_round_trips(tmp_path):
   rng = np.random.default_rng(0)
   fit = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
   other = rng.integers(0, 256, (7, 6, 6, 3), dtype=np.uint8)
-  expected_fit, expected_other = stand_in.pixel_pca_features(fit, fit, other, dim=5)
-  projection = folder_run.PixelProjection.fit(fit, 5)
-  assert projection.project(fit).tobytes() == expected_fit.tobytes()
-  assert projection.project(other).tobytes() == expected_other.tobytes()
+  projection = stand_in.PixelProjection.fit(fit, 5)
+  # Same subspace and variances as sklearn's PCA (signs may differ per component).
+  from sklearn.decomposition import PCA
+
+  reference = PCA(n_components=5, svd_solver="full").fit(fit.reshape(40, -1) / 255.0)
+  expected = reference.transform(other.reshape(7, -1) / 255.0)
+  got = projection.project(other)
+  np.testing.assert_allclose(np.abs(got), np.abs(expected), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    projection.project(fit).var(0, ddof=1), reference.explained_variance_, rtol=1e-4
+  )
+  projection.save(str(tmp_path / "p.npz"))
+  loaded = stand_in.PixelProjection.load(str(tmp_path / "p.npz"))
+  assert loaded.project(other).tobytes() == got.tobytes()
   with pytest.raises(ValueError, match="expected"):
     projection.project(other[:, :5])
 
@@ -145,7 +155,7 @@ def test_folder_run_workdir(example, tmp_path):
   assert run.category_names == ["seeds"]
   assert run.file_path(34) == seed_files[1]
   assert run.val_ground_truth.shape == (1, pool) and run.val_ground_truth.sum() == 4 + 2
-  saved = folder_run.PixelProjection.load(str(tmp_path / "run" / "features" / "projection.npz"))
+  saved = stand_in.PixelProjection.load(str(tmp_path / "run" / "features" / "projection.npz"))
   resized = folder_run.read_resized([run.file_path(i) for i in range(pool)], 10)
   np.testing.assert_array_equal(saved.project(resized), np.asarray(run.features))
   manifest = json.loads((tmp_path / "run" / folder_run.MANIFEST).read_text())

@@ -33,6 +33,7 @@ import numpy as np
 from rare_jax import runner, workdirs
 from rare_jax.checkpoint import write_json_atomic
 from rare_jax.data import folder
+from rare_jax.stand_in import PixelProjection
 
 MANIFEST = "folder_run.json"
 MANIFEST_FORMAT = "rare_jax.FolderRun/1"
@@ -83,68 +84,9 @@ def make_config(
   config.batch_size = int(batch_size)
   config.pseudo_negative_factor = float(pseudo_negative_factor)
   config.l2 = float(l2)
-  config.solver_max_iters = 100
-  config.solver_tol = 1e-5
+  config.solver_max_iters = 200
+  config.solver_tol = 1e-6
   return config
-
-
-@dataclasses.dataclass(frozen=True)
-class PixelProjection:
-  """The pixel-PCA stand-in as a saved projection: `(pixels / 255 - mean) @ components.T`.
-
-  `fit` computes exactly what `stand_in.pixel_pca_features` computes (same SVD, same sign
-  rule; tests/test_folder.py checks the two agree bit for bit) but keeps the projection, so
-  new images can be projected later without the images it was fitted on.
-  """
-
-  mean: np.ndarray  # float64 [H * W * C]
-  components: np.ndarray  # float64 [D, H * W * C]
-  image_shape: tuple[int, int, int]
-
-  @classmethod
-  def fit(cls, images: np.ndarray, dim: int) -> PixelProjection:
-    if images.ndim != 4 or images.dtype != np.uint8:
-      raise ValueError(f"images of {images.dtype} {images.shape}; expected uint8 [N, H, W, C]")
-    pixels = int(np.prod(images.shape[1:]))
-    if not 1 <= dim <= min(pixels, len(images)):
-      raise ValueError(f"dim must be in [1, {min(pixels, len(images))}], got {dim}")
-    flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    mean = flat.mean(axis=0)
-    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    components = vt[:dim]
-    components *= np.where(components[np.arange(dim), np.abs(components).argmax(1)] < 0, -1, 1)[
-      :, None
-    ]
-    return cls(mean=mean, components=components, image_shape=tuple(images.shape[1:]))
-
-  @property
-  def dim(self) -> int:
-    return self.components.shape[0]
-
-  def project(self, images: np.ndarray) -> np.ndarray:
-    """float32 [n, D] features of uint8 images [n, H, W, C] of `image_shape`."""
-    if tuple(images.shape[1:]) != self.image_shape:
-      raise ValueError(
-        f"images to project of shape {images.shape}; expected [n, {self.image_shape}]"
-      )
-    flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    return ((flat - self.mean) @ self.components.T).astype(np.float32)
-
-  def save(self, path: str) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(
-      tmp, mean=self.mean, components=self.components, image_shape=np.array(self.image_shape)
-    )
-    os.replace(tmp, path)
-
-  @classmethod
-  def load(cls, path: str) -> PixelProjection:
-    with np.load(path) as data:
-      return cls(
-        mean=data["mean"],
-        components=data["components"],
-        image_shape=tuple(int(x) for x in data["image_shape"]),
-      )
 
 
 @dataclasses.dataclass(frozen=True)
