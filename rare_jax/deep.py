@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -27,7 +28,7 @@ import numpy as np
 
 from rare_jax import embed as embed_lib
 from rare_jax import metrics, models, sharding, train
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.data import pipeline, tasks
 
 
@@ -103,24 +104,53 @@ class TrainingSet:
     labels: `[n, C]` float: 1 for L_p, 0 for L_n and W_n.
     label_mask: `[n, C]` bool: where image n has a (human or pseudo) label for category c.
     aux_labels: `[n]` int, A_l of each image.
+    label_weights: optional `[n, C]` float BCE weight of each label (None: all 1); set for
+      strategies whose pseudo-labels carry a certainty (DeepProp).
   """
 
   pool_positions: np.ndarray
   labels: np.ndarray
   label_mask: np.ndarray
   aux_labels: np.ndarray
+  label_weights: np.ndarray | None = None
 
 
-def training_set(labels: np.ndarray, pseudo_negative: np.ndarray, aux_labels: np.ndarray):
-  """`TrainingSet` from a LoopState's `[C, P]` labels and pseudo-negatives."""
+def training_set(
+  labels: np.ndarray,
+  pseudo_negative: np.ndarray,
+  aux_labels: np.ndarray,
+  *,
+  pseudo_positive: np.ndarray | None = None,
+  pseudo_weights: np.ndarray | None = None,
+):
+  """`TrainingSet` from a LoopState's `[C, P]` labels and pseudo-labels.
+
+  Args:
+    labels: `[C, P]` int: 1 positive, 0 negative, -1 unknown (human labels).
+    pseudo_negative: `[C, P]` bool (W_n); ignored on labeled images.
+    aux_labels: `[P]` A_l.
+    pseudo_positive: optional `[C, P]` bool pseudo-positives (KD-Semi, DeepProp); ignored on
+      labeled images, and they win over a pseudo-negative of the same (image, category).
+    pseudo_weights: optional `[C, P]` float weights of the pseudo-labels (human labels always
+      weigh 1); None weighs every label 1 and leaves `label_weights` None.
+  """
   labels = np.asarray(labels)
-  member = (labels >= 0) | np.asarray(pseudo_negative)
+  unlabeled = labels < 0
+  positive = np.zeros_like(unlabeled) if pseudo_positive is None else np.asarray(pseudo_positive)
+  positive = positive.astype(bool) & unlabeled
+  negative = np.asarray(pseudo_negative).astype(bool) & unlabeled & ~positive
+  member = ~unlabeled | positive | negative
   positions = np.flatnonzero(member.any(axis=0))
+  weights = None
+  if pseudo_weights is not None:
+    weights = np.where(unlabeled, np.asarray(pseudo_weights, np.float32), 1.0)
+    weights = np.where(member, weights, 0.0)[:, positions].T.astype(np.float32)
   return TrainingSet(
     pool_positions=positions,
-    labels=(labels[:, positions] == 1).T.astype(np.float32),
+    labels=((labels == 1) | positive)[:, positions].T.astype(np.float32),
     label_mask=member[:, positions].T.copy(),
     aux_labels=np.asarray(aux_labels)[positions].astype(np.int32),
+    label_weights=weights,
   )
 
 
@@ -286,13 +316,16 @@ def bgsplit_update(
     batch = pipeline.make_batch(
       data.train, image_ids[indices], batch_size=settings.batch_size, **settings.preprocess
     )
-    return {
+    batch = {
       "image": batch["image"],
       "labels": examples.labels[indices],
       "label_mask": examples.label_mask[indices] & mask[:, None],
       "aux_labels": examples.aux_labels[indices],
       "mask": mask,
     }
+    if examples.label_weights is not None:
+      batch["label_weights"] = examples.label_weights[indices]
+    return batch
 
   return _train(
     model=model,
@@ -370,6 +403,8 @@ class DeepUpdater:
     seed: int,
     normalize: Callable = lambda pool, val: (pool, val),
     log: Callable[[str], None] = print,
+    pseudo_labeler: Callable | None = None,
+    pool_outputs: tuple[str, ...] = ("embedding",),
   ):
     self.run_dir = run_dir
     self.settings = settings
@@ -381,6 +416,10 @@ class DeepUpdater:
     self.seed = seed
     self.normalize = normalize
     self.log = log
+    # pseudo_labeler(updater, state, version) -> PseudoLabels (rare_jax.strategies) for the
+    # baselines that add pseudo-positives; None trains on L_p, L_n and W_n (ours).
+    self.pseudo_labeler = pseudo_labeler
+    self.pool_outputs = tuple(pool_outputs)
     self.model = bgsplit_model(settings, len(task.categories), num_aux_classes)
 
   def _paths(self, version: int) -> tuple[str, str, str]:
@@ -405,6 +444,16 @@ class DeepUpdater:
     )
     return state
 
+  def _pseudo_label_path(self, version: int) -> str:
+    return os.path.join(self.run_dir, "deep", f"v{version}_pseudo_labels.json")
+
+  def pool_store(self, version: int) -> embed_lib.FeatureStore:
+    """The pool's feature store of update `version` >= 1 (with `pool_outputs`)."""
+    store = embed_lib.FeatureStore.open(self._paths(version)[1])
+    if not store.complete:
+      raise ValueError(f"pool features of update {version} in {self.run_dir} are incomplete")
+    return store
+
   def features(self, version: int):
     """(pool `[P, D]`, validation `[V, D]`) features of a version, as device arrays."""
     if version == 0:
@@ -428,9 +477,30 @@ class DeepUpdater:
       start = models.init_from_pretrained(like.variables, self.m_pre_variables)
     else:
       start = load_variables(self._paths(version - 1)[0], like)
+    labels = np.asarray(jax.device_get(state.labels))
+    pseudo_negative = np.asarray(jax.device_get(state.pseudo_negative))
+    pseudo_positive = pseudo_weights = None
+    if self.pseudo_labeler is not None:
+      extra = self.pseudo_labeler(self, state, version)
+      pseudo_positive, pseudo_negative = extra.positive, extra.negative
+      pseudo_weights = extra.weights
     examples = training_set(
-      jax.device_get(state.labels), jax.device_get(state.pseudo_negative), self.aux_labels
+      labels,
+      pseudo_negative,
+      self.aux_labels,
+      pseudo_positive=pseudo_positive,
+      pseudo_weights=pseudo_weights,
     )
+    unlabeled = labels < 0
+    # How wrong the pseudo-labels are (the paper's Figure 4): ground truth used for the record
+    # only, never for training.
+    error_rates = metrics.pseudo_label_error_rates(
+      np.zeros_like(unlabeled) if pseudo_positive is None else pseudo_positive & unlabeled,
+      pseudo_negative & unlabeled,
+      self.task.ground_truth(),
+    )
+    os.makedirs(os.path.dirname(self._pseudo_label_path(version)), exist_ok=True)
+    write_json_atomic(self._pseudo_label_path(version), error_rates)
     self.log(
       f"deep update {version}: trainBGSplit on {len(examples.pool_positions)} images "
       f"({int(examples.label_mask.sum())} (image, category) labels), "
@@ -450,7 +520,13 @@ class DeepUpdater:
     )
     start_time = time.perf_counter()
     pool = embed(
-      self.model, deep_state, self.data.train, self.task.pool_ids, pool_dir, self.settings
+      self.model,
+      deep_state,
+      self.data.train,
+      self.task.pool_ids,
+      pool_dir,
+      self.settings,
+      outputs=self.pool_outputs,
     )
     val = embed(
       self.model,
@@ -471,4 +547,8 @@ class DeepUpdater:
   def evaluate(self, version: int) -> dict:
     """The deep main head's validation metrics after update `version` (F1 at 0.5, AP, ...)."""
     val = embed_lib.FeatureStore.open(self._paths(version)[2])
-    return metrics.category_metrics(np.asarray(val["main_probs"]).T, self.task.val_ground_truth())
+    result = metrics.category_metrics(np.asarray(val["main_probs"]).T, self.task.val_ground_truth())
+    if os.path.exists(self._pseudo_label_path(version)):
+      with open(self._pseudo_label_path(version)) as f:
+        result["pseudo_labels"] = json.load(f)
+    return result

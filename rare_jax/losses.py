@@ -19,16 +19,20 @@ import optax
 from jax.typing import ArrayLike
 
 
-def masked_sigmoid_bce(logits: ArrayLike, labels: ArrayLike, mask: ArrayLike) -> jax.Array:
+def masked_sigmoid_bce(
+  logits: ArrayLike, labels: ArrayLike, mask: ArrayLike, weights: ArrayLike | None = None
+) -> jax.Array:
   """Sigmoid binary cross-entropy per entry, zero where `mask` is false.
 
   Args:
     logits: [B, C] main-head logits.
     labels: [B, C] targets in [0, 1] (1 positive, 0 negative or pseudo-negative).
     mask: [B, C] true (or 1) where the entry has a label.
+    weights: optional [B, C] per-label weights >= 0 (DeepProp's certainty of a propagated
+      pseudo-label); None weighs every label 1.
 
   Returns:
-    [B, C] float32 losses.
+    [B, C] float32 losses (times `weights` when given).
   """
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels, jnp.float32)
@@ -41,6 +45,11 @@ def masked_sigmoid_bce(logits: ArrayLike, labels: ArrayLike, mask: ArrayLike) ->
   safe_logits = jnp.where(mask, logits, 0.0)
   safe_labels = jnp.where(mask, labels, 0.0)
   losses = optax.sigmoid_binary_cross_entropy(safe_logits, safe_labels)
+  if weights is not None:
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.shape != logits.shape:
+      raise ValueError(f"expected weights of shape {logits.shape}, got {weights.shape}")
+    losses = losses * jnp.where(mask, weights, 0.0)
   return jnp.where(mask, losses, 0.0)
 
 
@@ -87,6 +96,7 @@ def bgsplit_loss(
   example_mask: ArrayLike,
   *,
   aux_weight: float = 0.1,
+  label_weights: ArrayLike | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Background-splitting loss: mean masked BCE + `aux_weight` x mean auxiliary CE.
 
@@ -99,6 +109,9 @@ def bgsplit_loss(
     aux_labels: [B] `M_pre`'s hard labels.
     example_mask: [B] true for real (non-padding) examples.
     aux_weight: weight of the auxiliary term (0 turns background splitting off).
+    label_weights: optional [B, C] per-label weights of the BCE terms; the mean stays over
+      the number of labeled entries (as in Iscen et al.'s weighted loss), so weights of 1
+      give the unweighted loss.
 
   Returns:
     (scalar loss, metrics) with metrics `loss`, `bce`, `aux_ce`, `num_labels`,
@@ -112,7 +125,7 @@ def bgsplit_loss(
       f"{example_mask.shape}"
     )
   entry_mask = label_mask & example_mask[:, None]
-  bce = masked_mean(masked_sigmoid_bce(main_logits, labels, entry_mask), entry_mask)
+  bce = masked_mean(masked_sigmoid_bce(main_logits, labels, entry_mask, label_weights), entry_mask)
   aux_ce = masked_mean(aux_cross_entropy(aux_logits, aux_labels, example_mask), example_mask)
   loss = bce + aux_weight * aux_ce
   main_correct = (jnp.asarray(main_logits) > 0) == (jnp.asarray(labels) > 0.5)

@@ -18,7 +18,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rare_jax import labelers, metrics, runner, workdirs
+from rare_jax import labelers, metrics, runner, strategies, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (ml_collections).", lock_config=True
@@ -39,6 +39,12 @@ def main(argv):
   print(context.task.summary())
   records_by_strategy = {}
   for strategy in config.strategies:
+    if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
+      # One model on every pool label: a level, not a curve (printed, not plotted).
+      strategies.run_fully_supervised(
+        run_dir=os.path.join(workdir, strategy), context=context, log=print
+      )
+      continue
     records_by_strategy[strategy] = runner.run_strategy(
       run_dir=os.path.join(workdir, strategy),
       config=config,

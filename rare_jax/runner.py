@@ -31,18 +31,85 @@ from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
 # querying: the query rule; pseudo_negatives: whether W_n is drawn; deep_updates: whether the
 # deep model is retrained every Q rounds (frozen-feature strategies keep M_pre's features).
+# Optional keys (defaults in `_SPEC_DEFAULTS`):
+#   pseudo_positives: None, "kd_semi" or "deep_prop" (rare_jax.strategies adds them to the
+#     deep update's training set); threshold: KD-Semi's probability threshold;
+#   aux_weight: None (config.deep.aux_weight) or a value (0 turns background splitting off);
+#   config: overrides of the run config (f_a sweep), applied by `strategy_config`;
+#   one_round_per_update: No-Linear-Updates: Q=1 and B=Q*B, the same labels per update;
+#   kind: "loop", or "fully_supervised" (one deep model on every pool label, no loop:
+#     `rare_jax.strategies.run_fully_supervised`).
+_SPEC_DEFAULTS = dict(
+  pseudo_positives=None,
+  threshold=None,
+  aux_weight=None,
+  config={},
+  one_round_per_update=False,
+  kind="loop",
+)
+KD_SEMI_THRESHOLDS = (0.9, 0.95, 0.98)  # the paper's; "kd_semi" is 0.98
+F_A_SWEEP = (10.0, 30.0, 300.0, 1000.0)  # ours with other f_a (paper: 100)
+
+
+def _spec(**values) -> dict:
+  return dict(_SPEC_DEFAULTS, **values)
+
+
+_OURS = dict(querying="adaptive", pseudo_negatives=True, deep_updates=True)
+_TROPEL = dict(querying="most_likely_positive", pseudo_negatives=False)
 STRATEGIES = {
-  "ours": dict(querying="adaptive", pseudo_negatives=True, deep_updates=True),
-  "ours_linear": dict(querying="adaptive", pseudo_negatives=True, deep_updates=False),
-  "tropel": dict(querying="most_likely_positive", pseudo_negatives=False, deep_updates=False),
+  "ours": _spec(**_OURS),
+  "ours_linear": _spec(querying="adaptive", pseudo_negatives=True, deep_updates=False),
+  "tropel": _spec(**_TROPEL, deep_updates=False),
+  # Baselines (paper Sec. 4.2).
+  "tropel_deep": _spec(**_TROPEL, deep_updates=True, aux_weight=0.0),
+  "kd_semi": _spec(**_OURS, pseudo_positives="kd_semi", threshold=0.98),
+  **{
+    f"kd_semi_{threshold:g}": _spec(**_OURS, pseudo_positives="kd_semi", threshold=threshold)
+    for threshold in KD_SEMI_THRESHOLDS
+    if threshold != 0.98
+  },
+  "deep_prop": _spec(**_OURS, pseudo_positives="deep_prop"),
+  "fully_supervised": _spec(**_OURS, kind="fully_supervised"),
+  # Ablations (paper Sec. 4.3).
+  "no_pseudo_neg": _spec(querying="adaptive", pseudo_negatives=False, deep_updates=True),
+  "no_bg_split": _spec(**_OURS, aux_weight=0.0),
+  "no_linear_updates": _spec(**_OURS, one_round_per_update=True),
+  **{f"f_a_{f_a:g}": _spec(**_OURS, config={"pseudo_negative_factor": f_a}) for f_a in F_A_SWEEP},
 }
+
+
+def strategy_spec(strategy: str) -> dict:
+  """`STRATEGIES[strategy]`; ValueError naming the known strategies."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+  return STRATEGIES[strategy]
+
+
+def strategy_config(config, strategy: str):
+  """The run config as `strategy` sees it: a copy with the strategy's overrides applied.
+
+  Idempotent (applying it to its own output changes nothing), so callers need not track
+  whether a config was already specialised.
+  """
+  spec = strategy_spec(strategy)
+  if not spec["config"] and not spec["one_round_per_update"]:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in spec["config"].items():
+      setattr(config, key, type(getattr(config, key))(value))
+    if spec["one_round_per_update"]:
+      # N updates of one round of Q*B queries: the same labels per update as the Q rounds.
+      config.batch_size = int(config.batch_size) * int(config.rounds_per_update)
+      config.rounds_per_update = 1
+  return config
 
 
 def loop_config(config, strategy: str) -> loop.LoopConfig:
   """The static `LoopConfig` of `strategy` under a run `config` (an ml_collections config)."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
-  spec = STRATEGIES[strategy]
+  spec = strategy_spec(strategy)
+  config = strategy_config(config, strategy)
   return loop.LoopConfig(
     batch_size=int(config.batch_size),
     querying=spec["querying"],
@@ -153,10 +220,15 @@ def run_strategy(
     log: receives progress lines.
     stop_after: stop after this many rounds in total (tests; None runs all).
   """
+  if strategy_spec(strategy)["kind"] != "loop":
+    raise ValueError(
+      f"strategy {strategy!r} runs no loop: use rare_jax.strategies.run_fully_supervised"
+    )
   if STRATEGIES[strategy]["deep_updates"] != (updater is not None):
     raise ValueError(
       f"strategy {strategy!r} {'needs' if updater is None else 'takes no'} deep updater"
     )
+  config = strategy_config(config, strategy)
   engine = Engine(loop_config(config, strategy))
   total = num_rounds(config)
   per_update = int(config.rounds_per_update)
@@ -299,6 +371,7 @@ def replay_strategy(
   Returns:
     True when every round's query, state (bit for bit) and features match the records.
   """
+  config = strategy_config(config, strategy)
   engine = Engine(loop_config(config, strategy))
   per_update = int(config.rounds_per_update)
   like = abstract_state(features, seed_ids, int(config.seed))

@@ -7,7 +7,8 @@ arguments and never jit themselves. Drivers bind them with `functools.partial` a
 
 Batches (fixed shapes, global arrays under jit):
   train_step:    image [B,H,W,C] float, labels [B,C] float, label_mask [B,C] bool,
-                 aux_labels [B] int, mask [B] bool (false = padding)
+                 aux_labels [B] int, mask [B] bool (false = padding),
+                 optional label_weights [B,C] float (per-label BCE weights)
   pretrain_step: image, label [B] int, mask [B]
   predict:       image, (mask)
 
@@ -209,6 +210,7 @@ def train_step(
       batch["aux_labels"],
       batch["mask"],
       aux_weight=aux_weight,
+      label_weights=batch.get("label_weights"),  # optional: weighted pseudo-labels
     )
 
   return _gradient_step(state, batch, model=model, tx=tx, loss_from_outputs=loss_from_outputs)

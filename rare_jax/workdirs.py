@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import deep, runner, stand_in
+from rare_jax import deep, runner, stand_in, strategies
 from rare_jax.data import sources, tasks
 
 FEATURE_KINDS = ("pixel_pca", "m_pre")
@@ -48,17 +48,30 @@ class RunContext:
   deep_parts: dict[str, Any] | None = None
 
   def updater(self, strategy: str, run_dir: str | None = None, *, log=print):
-    """A `DeepUpdater` for strategies with deep updates, else None."""
-    if not runner.STRATEGIES[strategy]["deep_updates"]:
+    """A `DeepUpdater` for strategies with deep updates, else None.
+
+    The strategy's deep settings (`aux_weight` 0 for No-BG-Splitting and Tropel-Deep) and
+    pseudo-labeler (KD-Semi, DeepProp) come from `runner.STRATEGIES`.
+    """
+    spec = runner.strategy_spec(strategy)
+    if not spec["deep_updates"]:
       return None
     if self.deep_parts is None:
       raise ValueError(
         f"strategy {strategy!r} trains the deep model: it needs config.features='m_pre', "
         f"got {self.config.features!r}"
       )
+    settings = self.deep_parts["settings"]
+    if spec["aux_weight"] is not None:
+      settings = dataclasses.replace(settings, aux_weight=float(spec["aux_weight"]))
+    if spec["kind"] == "fully_supervised":
+      settings = dataclasses.replace(
+        settings, epochs=strategies.fully_supervised_epochs(self.config)
+      )
+    config = runner.strategy_config(self.config, strategy)
     return deep.DeepUpdater(
       run_dir=run_dir or os.path.join(self.workdir, strategy),
-      settings=self.deep_parts["settings"],
+      settings=settings,
       task=self.task,
       data=self.deep_parts["data"],
       m_pre_variables=self.deep_parts["m_pre_variables"],
@@ -70,6 +83,8 @@ class RunContext:
       ),
       seed=int(self.config.seed),
       log=log,
+      pseudo_labeler=strategies.pseudo_labeler(spec, config),
+      pool_outputs=strategies.pool_outputs(spec),
     )
 
 
