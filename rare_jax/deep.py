@@ -218,7 +218,16 @@ def _train(
     return {k: v[local] for k, v in batch.items()}
 
   with CheckpointStore(directory) as store:
-    for epoch in range(epochs):
+    latest = store.latest_step()
+    if latest is not None:
+      if latest > total:
+        raise ValueError(
+          f"{directory} holds training step {latest}, beyond this run's {total} steps "
+          f"({epochs} epochs of {steps_per_epoch}); it belongs to other settings"
+        )
+      state, _ = train.restore_train_state(store, state, step=latest)
+    # Epochs already done (a finished or interrupted earlier run) are not trained again.
+    for epoch in range(int(jax.device_get(state.step)) // steps_per_epoch, epochs):
       start = time.perf_counter()
       done_before = int(jax.device_get(state.step))
       state, history = train.fit(

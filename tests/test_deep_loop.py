@@ -44,7 +44,7 @@ def setting(tmp_path_factory):
     eval=(synthetic_images(eval_labels, 2), eval_labels),
   )
   settings = deep.DeepSettings(
-    model="resnet_tiny", batch_size=32, embed_batch_size=64, pretrain_epochs=1, epochs=1
+    model="resnet_tiny", batch_size=32, embed_batch_size=64, pretrain_epochs=2, epochs=1
   )
   model, state = deep.pretrain(task, data, settings, str(root / "m_pre"), seed=0, log=quiet)
   pool = deep.embed(
@@ -122,6 +122,8 @@ def setting(tmp_path_factory):
     updater=updater,
     records=records,
     features=features,
+    pretrain=functools.partial(deep.pretrain, task, data, settings, str(root / "m_pre"), seed=0),
+    m_pre=state,
     like=runner.abstract_state(features, task.seed_positives, 0),
   )
 
@@ -131,6 +133,13 @@ def final_state(setting, run_dir):
 
   with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
     return store.restore(store.latest_step(), setting["like"])[0]
+
+
+def test_pretraining_again_restores_the_finished_model(setting):
+  calls = []
+  _, again = setting["pretrain"](log=calls.append)
+  assert calls == []  # no epoch trained again
+  assert runner.differing_leaves(again.variables, setting["m_pre"].variables) == []
 
 
 def test_deep_updates_every_q_rounds_change_features(setting):
