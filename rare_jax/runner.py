@@ -204,6 +204,7 @@ def run_strategy(
   updater=None,
   log: Callable[[str], None] = print,
   stop_after: int | None = None,
+  engine: Engine | None = None,
 ) -> list[dict]:
   """Runs (or resumes) all rounds of one strategy; returns the metrics records.
 
@@ -219,6 +220,8 @@ def run_strategy(
       the deep model is retrained, the pool re-embedded and the linear models refitted).
     log: receives progress lines.
     stop_after: stop after this many rounds in total (tests; None runs all).
+    engine: an `Engine` of this strategy's `loop_config` to reuse (its compiled functions
+      serve every strategy with the same `LoopConfig`); None makes one.
   """
   if strategy_spec(strategy)["kind"] != "loop":
     raise ValueError(
@@ -229,7 +232,13 @@ def run_strategy(
       f"strategy {strategy!r} {'needs' if updater is None else 'takes no'} deep updater"
     )
   config = strategy_config(config, strategy)
-  engine = Engine(loop_config(config, strategy))
+  if engine is None:
+    engine = Engine(loop_config(config, strategy))
+  elif engine.config != loop_config(config, strategy):
+    raise ValueError(
+      f"engine of {engine.config} given for strategy {strategy!r}, expected "
+      f"{loop_config(config, strategy)}"
+    )
   total = num_rounds(config)
   per_update = int(config.rounds_per_update)
   os.makedirs(run_dir, exist_ok=True)

@@ -121,6 +121,9 @@ def prepare(
       data_dir=data_dir,
       pool_fraction=float(config.pool_fraction),
       num_seed_positives=int(config.num_seed_positives),
+      # Datasets whose test split is unlabeled (iNaturalist, Places) evaluate on "validation".
+      train_split=config.get("train_split", "train"),
+      eval_split=config.get("eval_split", "test"),
     )
     task.save(workdir)
   if config.features == "pixel_pca":

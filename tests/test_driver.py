@@ -1,0 +1,206 @@
+"""The comparison driver (rare_jax.compare): runs, skips, resumes, aggregates, reports.
+
+The end-to-end test runs experiments/configs/compare_tiny.py (frozen pixel-PCA features, no
+deep model) in process on the embedded dataset, prepared by `make test` before pytest starts.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.configs import compare_tiny
+from rare_jax import compare, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def record(round_index, labels, f1, deep_f1=None, fpr=None, num=None):
+  out = {"round": round_index, "labels_per_category": labels, "f1": f1, "mean_f1": np.mean(f1)}
+  if deep_f1 is not None:
+    out["deep"] = {"f1": deep_f1, "mean_f1": np.mean(deep_f1)}
+    if fpr is not None:
+      out["deep"]["pseudo_labels"] = {"pseudo_positive_fpr": fpr, "num_pseudo_positives": num}
+  return out
+
+
+def test_evaluation_points_take_the_deep_head_after_each_update():
+  config = compare_tiny.get_config()  # Q = 2, B = 5
+  linear = [record(r, 5 * r, [0.1 * r]) for r in (1, 2, 3, 4)]
+  points = compare.evaluation_points(linear, config, "tropel")
+  assert sorted(points) == [10, 20] and points[20]["f1"] == [0.4]
+  deep = [
+    record(1, 5, [0.1]),
+    record(2, 10, [0.2], deep_f1=[0.5], fpr=[0.25], num=[4]),
+    record(3, 15, [0.3]),
+    record(4, 20, [0.4], deep_f1=[0.7], fpr=[None], num=[0]),
+  ]
+  points = compare.evaluation_points(deep, config, "kd_semi")
+  assert points[10]["f1"] == [0.5] and points[10]["linear_f1"] == [0.2]
+  assert points[10]["pseudo_positive_fpr"] == [0.25] and points[20]["f1"] == [0.7]
+  # No-Linear-Updates (Q=1, B=Q*B): one update per round, at the same budgets.
+  ablation = [record(1, 10, [0.3], deep_f1=[0.6]), record(2, 20, [0.4], deep_f1=[0.8])]
+  assert sorted(compare.evaluation_points(ablation, config, "no_linear_updates")) == [10, 20]
+
+
+def test_aggregate_means_over_categories_then_seeds():
+  collected = {
+    "ours": {
+      0: {50: [{"f1": [0.2, 0.4], "linear_f1": [0.0, 0.0]}, {"f1": [0.6]}]},  # mean 0.4
+      1: {50: [{"f1": [0.6, 0.6], "linear_f1": [1.0, 1.0]}, {"f1": [0.6]}]},  # mean 0.6
+    },
+    "deep_prop": {
+      0: {50: [{"f1": [0.1], "pseudo_positive_fpr": [0.5, None], "num_pseudo_positives": [4, 0]}]}
+    },
+  }
+  out = compare.aggregate(collected)
+  assert out["ours"][50]["n"] == 2
+  np.testing.assert_allclose(out["ours"][50]["mean_f1"], 0.5)
+  np.testing.assert_allclose(out["ours"][50]["std_f1"], 0.1)  # over seeds, ddof 0
+  np.testing.assert_allclose(out["ours"][50]["linear_mean_f1"], 0.5)
+  np.testing.assert_allclose(out["deep_prop"][50]["fpr"], 0.5)  # None (no pseudo-positives) out
+  np.testing.assert_allclose(out["deep_prop"][50]["num_pseudo_positives"], 2.0)
+  table = compare.markdown_table(out)
+  assert "| ours | 0.500 ± 0.100 | - | 2 |" in table
+  assert "| deep_prop | 0.500 (2) |" in table  # the FPR table
+
+
+def test_check_config_refuses_bad_sweeps():
+  config = compare_tiny.get_config()
+  with config.unlocked():
+    config.groups = ((1, 5), (5, 8))
+  with pytest.raises(ValueError, match="must not share a category"):
+    compare.check_config(config)
+  config = compare_tiny.get_config()
+  config.strategies = ("ours",)
+  with pytest.raises(ValueError, match="needs config.features='m_pre'"):
+    compare.check_config(config)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  config = compare_tiny.get_config()
+  config.seeds = (0,)  # one seed keeps the test short; test_aggregate covers several
+  workdir = str(tmp_path_factory.mktemp("compare") / "tiny")
+  lines = []
+  compare.run_all(config, workdir, log=lines.append)
+  compare.report(config, workdir, log=lines.append)
+  return config, workdir, lines
+
+
+def test_driver_runs_every_group_seed_and_strategy(finished):
+  config, workdir, lines = finished
+  for seed in config.seeds:
+    for group_index, group in enumerate(config.groups):
+      directory = os.path.join(workdir, compare.run_name(group_index, seed))
+      with open(os.path.join(directory, "config.json")) as f:
+        sub = json.load(f)
+      assert sub["categories"] == list(group) and sub["seed"] == seed and "groups" not in sub
+      for strategy in config.strategies:
+        records = metrics.read_metrics(os.path.join(directory, strategy, "metrics.jsonl"))
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        assert len(records[-1]["f1"]) == len(group)
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert sorted(results) == ["ours_linear", "tropel"]
+  assert sorted(results["tropel"], key=int) == ["10", "20"]  # i * Q * B, Q=2, B=5
+  assert results["tropel"]["20"]["n"] == 1
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert "| tropel |" in f.read()
+  assert os.path.getsize(os.path.join(workdir, "fig3_baselines.png")) > 1000
+  timings = metrics.read_metrics(os.path.join(workdir, "timings.jsonl"))
+  assert len(timings) == 2 * (1 + len(config.strategies))
+
+
+def test_driver_skips_finished_and_resumes_interrupted_runs(finished, tmp_path):
+  config, workdir, _ = finished
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  run_dir = os.path.join(copy, "g1_s0", "tropel")
+  # Killed during round 3, after its answers were logged: no later checkpoint or metrics.
+  for step in ("3", "4"):
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", step))
+  metrics.rewrite_up_to(os.path.join(run_dir, "metrics.jsonl"), 2)
+  metrics.rewrite_up_to(os.path.join(run_dir, "answers.jsonl"), 3)
+  lines = []
+  compare.run_all(config, copy, log=lines.append)
+  text = "\n".join(lines)
+  assert "g0_s0: all 2 strategies finished" in text
+  assert "g1_s0: categories (8,), to run: ['tropel']" in text
+  assert "[tropel] resuming from round 2 of 4" in text
+  resumed = metrics.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  original = metrics.read_metrics(os.path.join(workdir, "g1_s0", "tropel", "metrics.jsonl"))
+  drop = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert drop(resumed) == drop(original)
+
+
+def test_cli_report_only(finished, tmp_path):
+  _, workdir, _ = finished
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, "results.md"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.compare",
+      "--config=experiments/configs/compare_tiny.py",
+      f"--workdir={copy}",
+      "--report_only",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "| ours_linear |" in result.stdout and "| tropel |" in result.stdout
+  assert os.path.exists(os.path.join(copy, "results.md"))
+
+
+@pytest.mark.parametrize(
+  "module_name, dataset", [("inat2017", "i_naturalist2017"), ("places365", "places365_small")]
+)
+def test_paper_configs_select_groups_and_read_mocked_data(module_name, dataset, tmp_path):
+  import importlib
+
+  import tensorflow_datasets as tfds
+
+  from rare_jax import deep, runner
+  from rare_jax.data import pipeline, sources
+
+  config = importlib.import_module(f"experiments.configs.{module_name}").get_config()
+  assert config.dataset == dataset and config.deep.model == "resnet50"
+  assert (config.num_feature_updates, config.rounds_per_update) == (10, 5)
+  assert config.batch_size == (10 if dataset == "i_naturalist2017" else 20)
+  assert config.pseudo_negative_factor == 100.0 and config.deep.epochs == 15
+  assert runner.loop_config(config, "no_linear_updates").batch_size == 5 * config.batch_size
+  # Mocked data (USE_CODE: the real builder's features, no files, never a download).
+  with config.unlocked():
+    config.data_dir = str(tmp_path / "no_tfds_here")
+    config.group_selection = dict(num_groups=2, group_size=3, min_count=1, max_count=40, seed=0)
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    resolved = compare.resolve_groups(config, workdir, log=lambda _: None)
+    compare.check_config(resolved)
+    groups = resolved.groups
+    assert len(groups) == 2 and all(len(g) == 3 for g in groups)
+    assert len({c for g in groups for c in g}) == 6
+    source = sources.open_source(dataset, "train", config.data_dir)
+    labels = source.labels()
+    assert all(np.isin(list(g), labels).all() for g in groups)  # classes with train images
+    settings = deep.DeepSettings.from_config(config.deep)
+    batch = pipeline.make_batch(source, np.arange(3), batch_size=4, **settings.preprocess)
+  assert batch["image"].shape == (4, 224, 224, 3) and batch["mask"].tolist() == [1, 1, 1, 0]
+  assert np.isfinite(batch["image"]).all()
+  # The groups are kept: a restart (even without the data) uses the same ones.
+  assert compare.resolve_groups(config, workdir).groups == groups
+  with pytest.raises(ValueError, match="expected at least 600"):
+    compare.select_groups(labels, num_groups=50, group_size=12, min_count=1, max_count=40, seed=0)
