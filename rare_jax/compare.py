@@ -424,6 +424,14 @@ def markdown_table(aggregated: Mapping, *, title: str = "") -> str:
   return "\n".join(lines) + "\n"
 
 
+def _color(strategy: str) -> str:
+  """One color per strategy in every figure (matplotlib's tab20, by table order)."""
+  import matplotlib
+
+  index = list(runner.STRATEGIES).index(strategy)
+  return matplotlib.colormaps["tab20"](index % 20)
+
+
 def _figure():
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state
   from matplotlib.figure import Figure
@@ -449,8 +457,10 @@ def plot_f1_curves(
   if not present:
     return None
   figure, axes = _figure()
-  for i, strategy in enumerate(present):
+  top = 0.0
+  for strategy in present:
     points = aggregated[strategy]
+    top = max(top, *(p[key] + p["std_f1"] for p in points.values()))
     if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
       point = next(iter(points.values()))
       axes.axhline(point["mean_f1"], color="k", linestyle="--", label=f"{strategy} (all labels)")
@@ -458,12 +468,12 @@ def plot_f1_curves(
     budgets = sorted(points)
     mean = np.array([points[b][key] for b in budgets])
     std = np.array([points[b]["std_f1"] for b in budgets])
-    color = f"C{i % 10}"
+    color = _color(strategy)
     axes.plot(budgets, mean, marker="o", color=color, label=strategy)
     axes.fill_between(budgets, mean - std, mean + std, color=color, alpha=0.15)
   axes.set_xlabel("labels per category")
   axes.set_ylabel("mean F1 (p >= 0.5), ± std over seeds")
-  axes.set_ylim(0, 1)
+  axes.set_ylim(0, min(1.0, 1.15 * top + 0.02))
   axes.grid(alpha=0.3)
   axes.set_title(title)
   axes.legend(fontsize=8, loc="best")
@@ -481,11 +491,11 @@ def plot_fpr(aggregated: Mapping, path: str, *, title: str) -> str | None:
   if not present:
     return None
   figure, axes = _figure()
-  for i, strategy in enumerate(present):
+  for strategy in present:
     points = aggregated[strategy]
     budgets = [b for b in sorted(points) if not math.isnan(points[b]["fpr"])]
     fpr = [points[b]["fpr"] for b in budgets]
-    axes.plot(budgets, fpr, marker="o", color=f"C{i % 10}", label=strategy)
+    axes.plot(budgets, fpr, marker="o", color=_color(strategy), label=strategy)
     for b, value in zip(budgets, fpr, strict=True):
       axes.annotate(
         f"{points[b]['num_pseudo_positives']:.0f}",
@@ -493,7 +503,7 @@ def plot_fpr(aggregated: Mapping, path: str, *, title: str) -> str | None:
         textcoords="offset points",
         xytext=(4, 4),
         fontsize=7,
-        color=f"C{i % 10}",
+        color=_color(strategy),
       )
   axes.set_xlabel("labels per category (the update's training set)")
   axes.set_ylabel("false-positive rate of pseudo-positives")
