@@ -139,6 +139,17 @@ def test_tropel_never_queries_by_margin_and_never_pseudo_labels(problem):
   )
 
 
+def test_no_pseudo_neg_queries_adaptively_without_pseudo_negatives(problem):
+  steps, final = run_loop("no_pseudo_neg", problem, 6)
+  assert not any(np.asarray(state.pseudo_negative).any() for state, _ in steps)
+  assert not np.asarray(final.pseudo_negative).any()
+  assert any(  # unlike Tropel, it switches to the margin once |L_p| >= |L_n|
+    not np.array_equal(np.sort(ids, axis=1), most_likely_positive(state, 4)) for state, ids in steps
+  )
+  _, ours = run_loop("ours_linear", problem, 1)
+  assert np.asarray(ours.pseudo_negative).any()
+
+
 # ----------------------------------------------------------------------------------------------
 # Pseudo-labels: KD-Semi thresholds, DeepProp propagation, weights in the loss.
 
