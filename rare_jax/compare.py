@@ -224,18 +224,25 @@ def run_strategy(context, directory: str, strategy: str, *, log=print) -> list[d
 # Collecting and aggregating.
 
 
-def evaluation_points(records: Sequence[Mapping], config, strategy: str) -> dict[int, dict]:
+def evaluation_points(
+  records: Sequence[Mapping], config, strategy: str, *, headline: str = "deep_head"
+) -> dict[int, dict]:
   """{labels per category: point} of one strategy's run at its budget points.
 
   A point has per-category lists: `linear_f1` (the linear models after that round, on the
   features of the latest deep update), for deep strategies `deep_f1` (the deep main head after
   that update) and the pseudo-label error rates (`pseudo_positive_fpr`,
-  `num_pseudo_positives`), and `f1`, the headline: with `config.evaluate_model` "deep_head"
-  (METHOD.md's choice, the default) the deep main head for deep strategies and the linear
-  models for frozen-feature ones; with "linear" the linear models for every strategy.
+  `num_pseudo_positives`), and `f1`, the headline: with `headline` "deep_head" (METHOD.md's
+  choice, the default) the deep main head for deep strategies and the linear models for
+  frozen-feature ones; with "linear" the linear models for every strategy.
+
+  Args:
+    records: the run's metrics records.
+    config: the run config (the comparison's, or one workdir's).
+    strategy: the run's strategy.
+    headline: the comparison's `config.evaluate_model`.
   """
   spec = runner.strategy_spec(strategy)
-  headline = config.get("evaluate_model", "deep_head")
   if headline not in EVALUATE_MODELS:
     raise ValueError(f"config.evaluate_model must be one of {EVALUATE_MODELS}, got {headline!r}")
   points = {}
@@ -270,13 +277,15 @@ def evaluation_points(records: Sequence[Mapping], config, strategy: str) -> dict
 def collect(config, workdir: str) -> dict[str, dict[int, dict[int, list[dict]]]]:
   """{strategy: {seed: {budget: [point per group]}}}, only budgets every group reached."""
   out: dict[str, dict[int, dict[int, list[dict]]]] = {}
+  headline = config.get("evaluate_model", "deep_head")
   for strategy in config.strategies:
     for seed in config.seeds:
       by_group = []
       for group_index, group in enumerate(config.groups):
         sub = run_config(config, group, seed)
         path = os.path.join(workdir, run_name(group_index, seed), strategy, "metrics.jsonl")
-        by_group.append(evaluation_points(metrics.read_metrics(path), sub, strategy))
+        records = metrics.read_metrics(path)
+        by_group.append(evaluation_points(records, sub, strategy, headline=headline))
       budgets = set.intersection(*(set(points) for points in by_group)) if by_group else set()
       if budgets:
         out.setdefault(strategy, {})[int(seed)] = {

@@ -41,6 +41,10 @@ def test_evaluation_points_take_the_deep_head_after_each_update():
   ]
   points = compare.evaluation_points(deep, config, "kd_semi")
   assert points[10]["f1"] == [0.5] and points[10]["linear_f1"] == [0.2]
+  linear_headline = compare.evaluation_points(deep, config, "kd_semi", headline="linear")
+  assert linear_headline[10]["f1"] == [0.2] and linear_headline[10]["deep_f1"] == [0.5]
+  with pytest.raises(ValueError, match="evaluate_model must be one of"):
+    compare.evaluation_points(deep, config, "kd_semi", headline="both")
   assert points[10]["pseudo_positive_fpr"] == [0.25] and points[20]["f1"] == [0.7]
   # No-Linear-Updates (Q=1, B=Q*B): one update per round, at the same budgets.
   ablation = [record(1, 10, [0.3], deep_f1=[0.6]), record(2, 20, [0.4], deep_f1=[0.8])]
