@@ -248,30 +248,34 @@ def evaluation_points(
   points = {}
   if spec["kind"] == "fully_supervised":
     for record in records:
-      point = {"linear_f1": record["f1"], "f1": record["f1"]}
+      point = {"linear_f1": record["f1"], "f1": record["f1"], "ap": _ap(record)}
       if "deep" in record:
         point["deep_f1"] = record["deep"]["f1"]
         if headline == "deep_head":
-          point["f1"] = point["deep_f1"]
+          point["f1"], point["ap"] = point["deep_f1"], _ap(record["deep"])
       points[int(record["labels_per_category"])] = point
     return points
   per_update = int(runner.strategy_config(config, strategy).rounds_per_update)
   for record in records:
     if int(record["round"]) % per_update:
       continue
-    point = {"linear_f1": record["f1"], "f1": record["f1"]}
+    point = {"linear_f1": record["f1"], "f1": record["f1"], "ap": _ap(record)}
     if spec["deep_updates"]:
       if "deep" not in record:
         continue
       point["deep_f1"] = record["deep"]["f1"]
       if headline == "deep_head":
-        point["f1"] = point["deep_f1"]
+        point["f1"], point["ap"] = point["deep_f1"], _ap(record["deep"])
       pseudo = record["deep"].get("pseudo_labels")
       if pseudo is not None:
         point["pseudo_positive_fpr"] = pseudo["pseudo_positive_fpr"]
         point["num_pseudo_positives"] = pseudo["num_pseudo_positives"]
     points[int(record["labels_per_category"])] = point
   return points
+
+
+def _ap(record: Mapping) -> list:
+  return record.get("average_precision", [])
 
 
 def collect(config, workdir: str) -> dict[str, dict[int, dict[int, list[dict]]]]:
@@ -304,7 +308,7 @@ def _mean_over_categories(points: Sequence[dict], key: str) -> float:
 
 
 def aggregate(collected: Mapping) -> dict[str, dict[int, dict[str, Any]]]:
-  """{strategy: {budget: {mean_f1, std_f1, linear_mean_f1, deep_mean_f1, fpr,
+  """{strategy: {budget: {mean_f1, std_f1, linear_mean_f1, deep_mean_f1, mean_ap, fpr,
   num_pseudo_positives, n}}}.
 
   Per seed, F1 is the mean over all categories of all groups; mean and std (population, ddof
@@ -319,6 +323,7 @@ def aggregate(collected: Mapping) -> dict[str, dict[int, dict[str, Any]]]:
       f1 = [_mean_over_categories(p, "f1") for p in seeds]
       linear = [_mean_over_categories(p, "linear_f1") for p in seeds]
       deep_head = [_mean_over_categories(p, "deep_f1") for p in seeds]
+      average_precision = [_mean_over_categories(p, "ap") for p in seeds]
       fpr = [_mean_over_categories(p, "pseudo_positive_fpr") for p in seeds]
       count = [_mean_over_categories(p, "num_pseudo_positives") for p in seeds]
       out.setdefault(strategy, {})[budget] = {
@@ -326,6 +331,7 @@ def aggregate(collected: Mapping) -> dict[str, dict[int, dict[str, Any]]]:
         "std_f1": float(np.std(f1)),
         "linear_mean_f1": _nanmean(linear),
         "deep_mean_f1": _nanmean(deep_head),
+        "mean_ap": _nanmean(average_precision),
         "fpr": _nanmean(fpr),
         "num_pseudo_positives": _nanmean(count),
         "n": len(seeds),
@@ -383,6 +389,19 @@ def markdown_table(aggregated: Mapping, *, title: str = "") -> str:
     if runner.strategy_spec(strategy)["kind"] == "loop"
     and runner.strategy_spec(strategy)["deep_updates"]
   ]
+  lines += [
+    "",
+    "Average precision of the same (headline) models, mean over seeds:",
+    "",
+    "| strategy | " + " | ".join(f"{b} labels" for b in budgets) + " | all labels |",
+    "|---|" + "---|" * (len(budgets) + 1),
+  ]
+  for strategy, points in aggregated.items():
+    if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
+      cells = ["-"] * len(budgets) + [_cell(next(iter(points.values())), "mean_ap", None)]
+    else:
+      cells = [_cell(points.get(b), "mean_ap", None) for b in budgets] + ["-"]
+    lines.append("| " + " | ".join([strategy, *cells]) + " |")
   both_rows = deep_rows + [
     (strategy, points)
     for strategy, points in aggregated.items()

@@ -54,7 +54,7 @@ def test_evaluation_points_take_the_deep_head_after_each_update():
 def test_aggregate_means_over_categories_then_seeds():
   collected = {
     "ours": {
-      0: {50: [{"f1": [0.2, 0.4], "linear_f1": [0.0, 0.0]}, {"f1": [0.6]}]},  # mean 0.4
+      0: {50: [{"f1": [0.2, 0.4], "linear_f1": [0.0, 0.0], "ap": [0.3]}, {"f1": [0.6]}]},
       1: {50: [{"f1": [0.6, 0.6], "linear_f1": [1.0, 1.0]}, {"f1": [0.6]}]},  # mean 0.6
     },
     "deep_prop": {
@@ -66,6 +66,7 @@ def test_aggregate_means_over_categories_then_seeds():
   np.testing.assert_allclose(out["ours"][50]["mean_f1"], 0.5)
   np.testing.assert_allclose(out["ours"][50]["std_f1"], 0.1)  # over seeds, ddof 0
   np.testing.assert_allclose(out["ours"][50]["linear_mean_f1"], 0.5)
+  np.testing.assert_allclose(out["ours"][50]["mean_ap"], 0.3)  # the one seed that has it
   np.testing.assert_allclose(out["deep_prop"][50]["fpr"], 0.5)  # None (no pseudo-positives) out
   np.testing.assert_allclose(out["deep_prop"][50]["num_pseudo_positives"], 2.0)
   table = compare.markdown_table(out)
