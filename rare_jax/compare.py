@@ -523,7 +523,8 @@ def plot_fpr(aggregated: Mapping, path: str, *, title: str) -> str | None:
     points = aggregated[strategy]
     budgets = [b for b in sorted(points) if not math.isnan(points[b]["fpr"])]
     fpr = [points[b]["fpr"] for b in budgets]
-    axes.plot(budgets, fpr, marker="o", color=_color(strategy), label=strategy)
+    label = strategy if budgets else f"{strategy} (no pseudo-positives at any update)"
+    axes.plot(budgets, fpr, marker="o", color=_color(strategy), label=label)
     for b, value in zip(budgets, fpr, strict=True):
       axes.annotate(
         f"{points[b]['num_pseudo_positives']:.0f}",
