@@ -45,6 +45,7 @@ FIGURE_3 = ("ours", "ours_linear", "tropel", "tropel_deep", "kd_semi", "deep_pro
 FIGURE_5 = ("ours", "no_pseudo_neg", "no_bg_split", "no_linear_updates")
 COMPARE_KEYS = ("groups", "seeds", "evaluate_model")  # the comparison's, not a run's
 EVALUATE_MODELS = ("deep_head", "linear")
+ALL_LABELS = 0  # the budget key of the fully supervised point (every pool label)
 
 
 def run_name(group_index: int, seed: int) -> str:
@@ -253,7 +254,7 @@ def evaluation_points(
         point["deep_f1"] = record["deep"]["f1"]
         if headline == "deep_head":
           point["f1"], point["ap"] = point["deep_f1"], _ap(record["deep"])
-      points[int(record["labels_per_category"])] = point
+      points[ALL_LABELS] = point  # the pool size differs between groups: one key for all
     return points
   per_update = int(runner.strategy_config(config, strategy).rounds_per_update)
   for record in records:

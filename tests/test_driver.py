@@ -51,6 +51,23 @@ def test_evaluation_points_take_the_deep_head_after_each_update():
   assert sorted(compare.evaluation_points(ablation, config, "no_linear_updates")) == [10, 20]
 
 
+def test_fully_supervised_points_of_groups_with_other_pool_sizes_aggregate(tmp_path):
+  config = compare_tiny.get_config()
+  config.seeds = (0,)
+  for group_index, (pool_size, f1) in enumerate(((1000, [0.2, 0.4]), (990, [0.9]))):
+    directory = tmp_path / compare.run_name(group_index, 0) / "fully_supervised"
+    directory.mkdir(parents=True)
+    with metrics.MetricsWriter(directory / "metrics.jsonl") as writer:
+      writer.write(dict(record(1, pool_size, f1), deep={"f1": [0.0] * len(f1)}))
+  with config.unlocked():
+    config.strategies = ("fully_supervised",)
+    config.evaluate_model = "linear"
+  out = compare.aggregate(compare.collect(config, str(tmp_path)))
+  np.testing.assert_allclose(out["fully_supervised"][compare.ALL_LABELS]["mean_f1"], 0.5)
+  np.testing.assert_allclose(out["fully_supervised"][compare.ALL_LABELS]["deep_mean_f1"], 0.0)
+  assert "| fully_supervised | 0.500 ± 0.000 | 1 |" in compare.markdown_table(out)
+
+
 def test_aggregate_means_over_categories_then_seeds():
   collected = {
     "ours": {
