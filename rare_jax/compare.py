@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -189,6 +190,11 @@ def run_all(config, workdir: str, *, log: Callable[[str], None] = print, report=
           )
         if report is not None:
           report()
+      # Every deep update and embedding compiles anew; without this, a driver process that ran
+      # 4 workdirs died in LLVM with "Cannot allocate memory" (measured on the embedded default).
+      del context
+      _ENGINES.clear()
+      jax.clear_caches()
 
 
 def _since(start: float) -> float:
