@@ -14,21 +14,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from synthetic import synthetic_images
 
 from rare_jax import deep, labelers, runner, workdirs
 from rare_jax.data import tasks
 
 quiet = lambda _: None
-
-
-def synthetic_images(labels, seed):
-  """8x8 grayscale images: class c lights a 2x2 block at its own place, plus noise."""
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 60, size=(len(labels), 8, 8, 1)).astype(np.uint8)
-  for i, label in enumerate(labels):
-    row, col = divmod(int(label), 4)
-    images[i, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2, 0] = 230
-  return images
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from synthetic import synthetic_images
 
 from rare_jax import deep, labelers, loop, losses, runner, strategies, workdirs
 from rare_jax.data import tasks
@@ -280,15 +281,6 @@ def test_training_set_with_weighted_pseudo_positives():
 
 # ----------------------------------------------------------------------------------------------
 # Deep strategies on a tiny image task, through RunContext.updater.
-
-
-def synthetic_images(labels, seed):
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 60, size=(len(labels), 8, 8, 1)).astype(np.uint8)
-  for i, label in enumerate(labels):
-    row, col = divmod(int(label), 4)
-    images[i, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2, 0] = 230
-  return images
 
 
 @pytest.fixture(scope="module")
