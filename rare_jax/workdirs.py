@@ -210,9 +210,23 @@ def _checked(pool, val, task, config):
 
 
 def _m_pre_context(workdir, config, task, data_dir, log) -> RunContext:
-  """Algorithm 1 lines 1-2: M_pre (trained here if missing), its features and A_l."""
   settings = deep.DeepSettings.from_config(config.deep)
-  data = image_data(config, task, data_dir)
+  return m_pre_context(workdir, config, task, image_data(config, task, data_dir), settings, log=log)
+
+
+def m_pre_context(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  task: tasks.RareTask,
+  data: deep.ImageData,
+  settings: deep.DeepSettings,
+  *,
+  log: Callable[[str], None] = print,
+) -> RunContext:
+  """Algorithm 1 lines 1-2: M_pre (trained here if missing), its features and A_l.
+
+  Writes `workdir/m_pre` and `workdir/features/{pool,val}`; reopening resumes or restores.
+  """
   model, state = deep.pretrain(
     task, data, settings, os.path.join(workdir, "m_pre"), seed=int(config.seed), log=log
   )

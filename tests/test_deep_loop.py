@@ -37,19 +37,6 @@ def setting(tmp_path_factory):
   settings = deep.DeepSettings(
     model="resnet_tiny", batch_size=32, embed_batch_size=64, pretrain_epochs=2, epochs=1
   )
-  model, state = deep.pretrain(task, data, settings, str(root / "m_pre"), seed=0, log=quiet)
-  pool = deep.embed(
-    model,
-    state,
-    data.train,
-    task.pool_ids,
-    str(root / "features" / "pool"),
-    settings,
-    outputs=("embedding", "labels"),
-  )
-  val = deep.embed(model, state, data.eval, task.val_ids, str(root / "features" / "val"), settings)
-  normalize = functools.partial(workdirs.normalize_features, mode="standardize")
-  features, val_features = normalize(pool.features, val.features)
   config = ml_collections.ConfigDict(
     dict(
       seed=0,
@@ -60,23 +47,14 @@ def setting(tmp_path_factory):
       solver_tol=1e-6,
       num_feature_updates=2,
       rounds_per_update=2,
+      feature_normalization="standardize",
     )
   )
+  context = workdirs.m_pre_context(str(root), config, task, data, settings, log=quiet)
+  features, val_features = context.features, context.val_features
 
   def updater(run_dir):
-    return deep.DeepUpdater(
-      run_dir=str(run_dir),
-      settings=settings,
-      task=task,
-      data=data,
-      m_pre_variables=state.variables,
-      num_aux_classes=len(task.related_classes),
-      aux_labels=np.asarray(pool["labels"]),
-      base_features=(features, val_features),
-      seed=0,
-      normalize=normalize,
-      log=quiet,
-    )
+    return context.updater("ours", str(run_dir), log=quiet)
 
   def run(run_dir, stop_after=None):
     return runner.run_strategy(
@@ -114,7 +92,7 @@ def setting(tmp_path_factory):
     records=records,
     features=features,
     pretrain=functools.partial(deep.pretrain, task, data, settings, str(root / "m_pre"), seed=0),
-    m_pre=state,
+    m_pre_variables=context.deep_parts["m_pre_variables"],
     like=runner.abstract_state(features, task.seed_positives, 0),
   )
 
@@ -130,7 +108,7 @@ def test_pretraining_again_restores_the_finished_model(setting):
   calls = []
   _, again = setting["pretrain"](log=calls.append)
   assert calls == []  # no epoch trained again
-  assert runner.differing_leaves(again.variables, setting["m_pre"].variables) == []
+  assert runner.differing_leaves(again.variables, setting["m_pre_variables"]) == []
 
 
 def test_deep_updates_every_q_rounds_change_features(setting):

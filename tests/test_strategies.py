@@ -6,7 +6,6 @@ deep strategies run one tiny deep update each on synthetic 8x8 images through
 """
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -298,33 +297,7 @@ def context(tmp_path_factory):
   settings = deep.DeepSettings(
     model="resnet_tiny", batch_size=32, embed_batch_size=128, pretrain_epochs=1, epochs=1
   )
-  model, state = deep.pretrain(task, data, settings, str(root / "m_pre"), seed=0, log=quiet)
-  pool = deep.embed(
-    model,
-    state,
-    data.train,
-    task.pool_ids,
-    str(root / "features" / "pool"),
-    settings,
-    outputs=("embedding", "labels"),
-  )
-  val = deep.embed(model, state, data.eval, task.val_ids, str(root / "features" / "val"), settings)
-  normalize = functools.partial(workdirs.normalize_features, mode="standardize")
-  features, val_features = normalize(pool.features, val.features)
-  return workdirs.RunContext(
-    config=base_config(),
-    workdir=str(root),
-    task=task,
-    features=features,
-    val_features=val_features,
-    aux_labels=np.asarray(pool["labels"]),
-    deep_parts={
-      "settings": settings,
-      "data": data,
-      "m_pre_variables": state.variables,
-      "num_aux_classes": len(task.related_classes),
-    },
-  )
+  return workdirs.m_pre_context(str(root), base_config(), task, data, settings, log=quiet)
 
 
 def run_deep(context, name):
