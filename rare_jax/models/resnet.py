@@ -10,7 +10,10 @@ collection.
 (`param_dtype`) and BatchNorm statistics are reduced in float32. The pooled embedding is
 returned in float32.
 
-Padding: `__call__` takes an optional example `mask` [B]; in training mode BatchNorm computes
+Padding follows torchvision (symmetric, also for stride 2), so torchvision/timm weights
+imported by `pretrained.py` give torchvision's outputs.
+
+Masks: `__call__` takes an optional example `mask` [B]; in training mode BatchNorm computes
 its batch statistics over the real examples only, so padded rows of a fixed-shape batch do not
 change what the real rows see (nor the running statistics).
 """
@@ -26,6 +29,9 @@ import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
+# torchvision pads a 3x3 convolution by 1 on every side, also at stride 2, where Flax's "SAME"
+# would pad only bottom/right: explicit padding keeps imported weights exact.
+_PAD3 = ((1, 1), (1, 1))
 
 
 class BasicBlock(nn.Module):
@@ -40,9 +46,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     residual = x
-    y = self.conv(self.filters, (3, 3), self.strides, name="conv1")(x)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=_PAD3, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y, mask=mask))
-    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    y = self.conv(self.filters, (3, 3), padding=_PAD3, name="conv2")(y)
     # Zero-init of the last scale: each block starts as the identity (Goyal et al. 2017).
     y = self.norm(scale_init=nn.initializers.zeros_init(), name="bn2")(y, mask=mask)
     if residual.shape != y.shape:
@@ -65,7 +71,7 @@ class BottleneckBlock(nn.Module):
     residual = x
     y = self.conv(self.filters, (1, 1), name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y, mask=mask))
-    y = self.conv(self.filters, (3, 3), self.strides, name="conv2")(y)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=_PAD3, name="conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y, mask=mask))
     y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
     y = self.norm(scale_init=nn.initializers.zeros_init(), name="bn3")(y, mask=mask)

@@ -1,0 +1,256 @@
+"""EfficientNet-Lite trunks in Flax linen (NHWC), returning the globally pooled embedding.
+
+EfficientNet-Lite (Tan and Le 2019; Google's TF Lite variants of 2020) is EfficientNet without
+squeeze-and-excitation, with ReLU6 instead of swish, and with the stem (32 filters) and the
+head (1280 filters) not scaled with width: mobile inverted bottleneck blocks (1x1 expansion,
+depthwise kxk, 1x1 projection, a residual when shape allows), TensorFlow's "SAME" padding
+(the extra row/column of a stride-2 convolution goes bottom/right), BatchNorm with epsilon 1e-3.
+Its parameters match the published ImageNet checkpoints (`rare_jax.models.pretrained`).
+
+Depthwise convolutions: XLA:CPU runs a grouped convolution (`feature_group_count` = channels)
+very slowly (measured 2026-12-02 on 2 cores, Lite0 shapes at 64x64, batch 64: forward 74 img/s,
+train 20 img/s). Written as k*k shifted multiply-adds it ran at 1,000 / 118 img/s. `depthwise`
+chooses: "native" (the grouped convolution, for accelerators), "shifted", or "auto" (shifted
+on the CPU backend, native elsewhere). Both have the same parameters and give the same values
+(tests/test_efficientnet.py).
+
+Padding rows: as in `resnet.py`, `__call__` takes an optional example `mask` [B]; in training
+BatchNorm statistics come from the real examples only. Drop-connect is not applied (the
+deep updates fine-tune for a few epochs; deterministic steps keep replays exact).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# (repeats, kernel, stride, expansion, input filters, output filters) of EfficientNet-B0,
+# which the Lite family shares.
+_BLOCKS = (
+  (1, 3, 1, 1, 32, 16),
+  (2, 3, 2, 6, 16, 24),
+  (2, 5, 2, 6, 24, 40),
+  (3, 3, 2, 6, 40, 80),
+  (3, 5, 1, 6, 80, 112),
+  (4, 5, 2, 6, 112, 192),
+  (1, 3, 1, 6, 192, 320),
+)
+DEPTHWISE_MODES = ("auto", "native", "shifted")
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+  """EfficientNet's width scaling: to a multiple of `divisor`, never 10% below the target."""
+  target = filters * width
+  rounded = max(divisor, int(target + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * target:
+    rounded += divisor
+  return int(rounded)
+
+
+def block_specs(width: float, depth: float) -> list[tuple[int, int, int, int, int]]:
+  """Per block: (kernel, stride, expansion, input filters, output filters), Lite rules.
+
+  The first and last groups keep their repeats (Lite's fixed stem and head), and the first
+  block reads the fixed 32-filter stem.
+  """
+  specs = []
+  for group, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(_BLOCKS):
+    filters_in = 32 if group == 0 else round_filters(filters_in, width)
+    filters_out = round_filters(filters_out, width)
+    if 0 < group < len(_BLOCKS) - 1:
+      repeats = int(math.ceil(depth * repeats))
+    for i in range(repeats):
+      specs.append((kernel, stride if i == 0 else 1, expand, filters_in, filters_out))
+      filters_in = filters_out
+  return specs
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Depthwise convolution with "SAME" padding as k*k strided slices times per-channel weights.
+
+  Args:
+    x: `[B, H, W, C]`.
+    kernel: `[k, k, 1, C]` (Flax's layout for `feature_group_count=C`).
+    stride: the same in both spatial dimensions.
+  """
+  k_h, k_w = kernel.shape[:2]
+  height, width = x.shape[1:3]
+  pad_h, pad_w = _same_pads(height, k_h, stride), _same_pads(width, k_w, stride)
+  x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  out_h, out_w = -(-height // stride), -(-width // stride)
+  out = None
+  for i in range(k_h):
+    for j in range(k_w):
+      window = lax.slice(
+        x,
+        (0, i, j, 0),
+        (x.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, x.shape[3]),
+        (1, stride, stride, 1),
+      )
+      term = window * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """A depthwise kxk convolution without bias ("SAME" padding), native or shifted."""
+
+  kernel_size: int
+  stride: int = 1
+  mode: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.mode not in DEPTHWISE_MODES:
+      raise ValueError(f"depthwise mode must be one of {DEPTHWISE_MODES}, got {self.mode!r}")
+    channels = x.shape[-1]
+    kernel = self.param(
+      "kernel",
+      nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      (self.kernel_size, self.kernel_size, 1, channels),
+      self.param_dtype,
+    )
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    mode = self.mode
+    if mode == "auto":
+      mode = "shifted" if jax.default_backend() == "cpu" else "native"
+    if mode == "shifted":
+      return depthwise_shifted(x, kernel, self.stride)
+    return lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(self.stride, self.stride),
+      padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels,
+    )
+
+
+class MBConvBlock(nn.Module):
+  """Mobile inverted bottleneck without squeeze-excitation (Lite): expand, depthwise, project."""
+
+  kernel_size: int
+  stride: int
+  expansion: int
+  filters_in: int
+  filters_out: int
+  conv: Any
+  norm: Any
+  depthwise: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    inputs = x
+    if self.expansion != 1:
+      x = self.conv(self.filters_in * self.expansion, (1, 1), name="expand_conv")(x)
+      x = jnp.clip(self.norm(name="expand_bn")(x, mask=mask), 0, 6)
+    x = self.depthwise(self.kernel_size, self.stride, name="depthwise_conv")(x)
+    x = jnp.clip(self.norm(name="depthwise_bn")(x, mask=mask), 0, 6)
+    x = self.conv(self.filters_out, (1, 1), name="project_conv")(x)
+    x = self.norm(name="project_bn")(x, mask=mask)
+    if self.stride == 1 and self.filters_in == self.filters_out:
+      x = x + inputs
+    return x
+
+
+class EfficientNetLite(nn.Module):
+  """An EfficientNet-Lite trunk: `__call__(x [B,H,W,C], train, mask=None) -> [B, 1280]` (f32).
+
+  Attributes:
+    width, depth: the compound-scaling coefficients (Lite0 1.0/1.0, Lite1 1.0/1.1, Lite2
+      1.1/1.2).
+    depthwise: "auto", "native" or "shifted" (see the module docstring).
+    dtype: compute dtype; parameters are `param_dtype`.
+  """
+
+  width: float = 1.0
+  depth: float = 1.0
+  depthwise: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+
+  embedding_dim = 1280
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
+    if x.ndim != 4:
+      raise ValueError(f"EfficientNetLite expects NHWC images [B, H, W, C], got shape {x.shape}")
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      padding="SAME",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    depthwise = functools.partial(
+      DepthwiseConv, mode=self.depthwise, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    bn_mask = None
+    if mask is not None and train:
+      if mask.shape != x.shape[:1]:
+        raise ValueError(f"mask must have shape {x.shape[:1]} (one per image), got {mask.shape}")
+      mask = mask.astype(bool)
+      mask = jnp.where(jnp.any(mask), mask, True)  # all padding: avoid 0/0 statistics
+      bn_mask = mask[:, None, None, None]
+
+    x = x.astype(self.dtype)
+    x = conv(32, (3, 3), (2, 2), name="stem_conv")(x)
+    x = jnp.clip(norm(name="stem_bn")(x, mask=bn_mask), 0, 6)
+    for i, (kernel, stride, expand, filters_in, filters_out) in enumerate(
+      block_specs(self.width, self.depth)
+    ):
+      x = MBConvBlock(
+        kernel,
+        stride,
+        expand,
+        filters_in,
+        filters_out,
+        conv=conv,
+        norm=norm,
+        depthwise=depthwise,
+        name=f"block{i}",
+      )(x, bn_mask)
+    x = conv(self.embedding_dim, (1, 1), name="head_conv")(x)
+    x = jnp.clip(norm(name="head_bn")(x, mask=bn_mask), 0, 6)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def efficientnet_lite0(*, dtype: Any = jnp.float32, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite0: 3.4M trunk parameters, 224x224 in the ImageNet checkpoint."""
+  return EfficientNetLite(width=1.0, depth=1.0, dtype=dtype, **kwargs)
+
+
+def efficientnet_lite1(*, dtype: Any = jnp.float32, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite1: depth x1.1, 240x240 in the ImageNet checkpoint."""
+  return EfficientNetLite(width=1.0, depth=1.1, dtype=dtype, **kwargs)
+
+
+def efficientnet_lite2(*, dtype: Any = jnp.float32, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite2: width x1.1, depth x1.2, 260x260 in the ImageNet checkpoint."""
+  return EfficientNetLite(width=1.1, depth=1.2, dtype=dtype, **kwargs)
