@@ -1,4 +1,4 @@
-r"""Throughput of the background-splitting ResNet: sharded jitted steps vs a plain jitted step.
+r"""Throughput of the background-splitting model (any `MODELS` trunk): sharded vs plain jit.
 
 Measures, in one run, images/s of
   - the sharded training step (`train.jit_step`: NamedSharding over a mesh of all local
@@ -11,6 +11,10 @@ and prints the ratios. Compilation and `--warmup` steps are excluded; timings en
   # GPU (the paper's setting):
   python benchmarks/resnet_throughput.py --model=resnet50 --image_size=224 --batch_size=256 \
       --dtype=bfloat16 --steps=50 --json_out=/tmp/resnet50_throughput.json
+  # EfficientNet-Lite0 on the CPU at the demo's resolution (depthwise convs as shifted
+  # multiply-adds; --depthwise=native for XLA's grouped convolution):
+  python benchmarks/resnet_throughput.py --model=efficientnet_lite0 --image_size=64 \
+      --batch_size=64 --dtype=float32 --steps=5 --warmup=1 --num_categories=3
   # CPU smoke run (seconds):
   python benchmarks/resnet_throughput.py --model=resnet_tiny --image_size=28 --channels=1 \
       --batch_size=32 --dtype=float32 --steps=5 --warmup=1
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import resource
 import time
 
 import jax
@@ -46,6 +51,10 @@ flags.DEFINE_string("mesh", "data:-1", "Mesh axes as name:size,... over all loca
 flags.DEFINE_string("param_axis", None, "Mesh axis to shard large parameters over (FSDP).")
 flags.DEFINE_bool("baseline", True, "Also time the plain unsharded jax.jit step.")
 flags.DEFINE_string("json_out", None, "Write the results as JSON here.")
+flags.DEFINE_integer("frozen_blocks", 0, "EfficientNet-Lite: blocks not trained (stem too).")
+flags.DEFINE_enum(
+  "depthwise", "auto", ["auto", "native", "shifted"], "EfficientNet-Lite depthwise convs."
+)
 
 
 def parse_mesh(spec: str) -> list[tuple[str, int]]:
@@ -131,13 +140,18 @@ def summarize(result: dict, *, batch_size: int, steps: int) -> dict:
 def main(argv):
   del argv
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  trunk_kwargs = {}
+  if FLAGS.model.startswith("efficientnet"):
+    trunk_kwargs = {"depthwise": FLAGS.depthwise, "frozen_blocks": FLAGS.frozen_blocks}
   model = BGSplitModel(
-    MODELS[FLAGS.model](dtype=dtype),
+    MODELS[FLAGS.model](dtype=dtype, **trunk_kwargs),
     num_categories=FLAGS.num_categories,
     num_aux_classes=FLAGS.num_aux_classes,
   )
   total = FLAGS.warmup + FLAGS.steps + 1
-  tx = train.make_optimizer(total_steps=2 * total + 1, warmup_steps=0)
+  tx = train.make_optimizer(
+    total_steps=2 * total + 1, warmup_steps=0, frozen=train.frozen_mask(model)
+  )
   input_shape = (1, FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
   # RBG keys only for the initialisation (threefry initialisers compile slowly on CPU).
   init_key = jax.random.key(0, impl="rbg")
@@ -151,6 +165,8 @@ def main(argv):
   runs = {"steps": FLAGS.steps, "warmup": FLAGS.warmup}
   report = {
     "model": FLAGS.model,
+    "depthwise": FLAGS.depthwise if trunk_kwargs else None,
+    "frozen_blocks": FLAGS.frozen_blocks if trunk_kwargs else None,
     "image_size": FLAGS.image_size,
     "channels": FLAGS.channels,
     "batch_size": FLAGS.batch_size,
@@ -226,6 +242,8 @@ def main(argv):
     print(
       f"  ratio sharded/baseline: train {ratio['train']:.3f}  inference {ratio['inference']:.3f}"
     )
+  report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print(f"  peak resident memory {report['peak_rss_gib']:.2f} GiB")
   if FLAGS.json_out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
     with open(FLAGS.json_out, "w") as f:

@@ -30,6 +30,7 @@ from rare_jax import embed as embed_lib
 from rare_jax import metrics, models, sharding, train
 from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.data import pipeline, tasks
+from rare_jax.models import efficientnet, pretrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +38,17 @@ class DeepSettings:
   """The deep model's settings (config.deep); defaults are the authors' trainer (METHOD.md)."""
 
   model: str = "resnet50"
+  # Where M_pre comes from (rare_jax.m_pre): "" trains it on the related-domain split,
+  # "imagenet" loads the trunk's packaged ImageNet weights, a path loads a .pth/.safetensors.
+  init: str = ""
   image_size: int | None = None  # None: the dataset's size
-  channels: int | None = None  # 3 expands grayscale for ImageNet-style trunks
-  mean: float = 0.0
-  std: float = 1.0
+  channels: int | None = None  # 3 expands grayscale; None: 3 for pretrained trunks
+  mean: float | tuple | None = None  # None: the pretrained trunk's, else 0
+  std: float | tuple | None = None  # None: the pretrained trunk's, else 1
+  depthwise: str = "auto"  # EfficientNet-Lite depthwise convs: auto / native / shifted
+  # EfficientNet-Lite: the stem and the first `frozen_blocks` blocks are not trained by the
+  # deep updates (0: full fine-tuning, the paper's; see README "Deviations" for the demo's).
+  frozen_blocks: int = 0
   compute_dtype: str = "float32"  # or "bfloat16" (parameters stay float32)
   batch_size: int = 128
   embed_batch_size: int = 512
@@ -52,11 +60,33 @@ class DeepSettings:
   weight_decay: float = 1e-4
   warmup_fraction: float = 0.1
   aux_weight: float = 0.1
+  # The main head at the start of each update: "linear" = the loop's current linear models
+  # folded onto the embedding (this project's choice, see README "Deviations"); "random" =
+  # a freshly initialised head (the paper's, which leaves the head predicting no positive
+  # after a few epochs at ~1% positives).
+  main_head_init: str = "linear"
   mesh: tuple = (("data", -1),)
 
   def __post_init__(self):
     if self.model not in models.MODELS:
       raise ValueError(f"deep.model must be one of {sorted(models.MODELS)}, got {self.model!r}")
+    if self.init:
+      if self.model not in pretrained.PRETRAINED:
+        raise ValueError(
+          f"deep.init={self.init!r} needs a trunk with pretrained weights, one of "
+          f"{sorted(pretrained.PRETRAINED)}; got deep.model={self.model!r}"
+        )
+      if self.init != "imagenet" and not os.path.isfile(self.init):
+        raise ValueError(
+          f"deep.init={self.init!r}: expected 'imagenet', '' (train M_pre on the related "
+          "split) or an existing .pth / .safetensors file"
+        )
+      if self.channels not in (None, 3):
+        raise ValueError(f"deep.channels={self.channels!r}: pretrained trunks take 3 channels")
+    if self.depthwise not in efficientnet.DEPTHWISE_MODES:
+      raise ValueError(
+        f"deep.depthwise must be one of {efficientnet.DEPTHWISE_MODES}, got {self.depthwise!r}"
+      )
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(
         f"deep.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}"
@@ -66,6 +96,15 @@ class DeepSettings:
         raise ValueError(f"deep.{name} must be >= 1, got {getattr(self, name)!r}")
     if not 0 <= self.warmup_fraction < 1:
       raise ValueError(f"deep.warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
+    if self.frozen_blocks and not self.model.startswith("efficientnet"):
+      raise ValueError(
+        f"deep.frozen_blocks={self.frozen_blocks} is supported for EfficientNet-Lite trunks "
+        f"only, got deep.model={self.model!r}"
+      )
+    if self.main_head_init not in ("linear", "random"):
+      raise ValueError(
+        f"deep.main_head_init must be 'linear' or 'random', got {self.main_head_init!r}"
+      )
     if self.aux_weight < 0:
       raise ValueError(f"deep.aux_weight must be >= 0, got {self.aux_weight!r}")
 
@@ -73,18 +112,38 @@ class DeepSettings:
   def from_config(cls, deep: ml_collections.ConfigDict) -> DeepSettings:
     values = dict(deep)
     values["mesh"] = tuple(tuple(axis) for axis in values.get("mesh", cls.mesh))
+    for name in ("mean", "std"):
+      if isinstance(values.get(name), list | tuple):
+        values[name] = tuple(float(v) for v in values[name])
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"unknown config.deep settings {sorted(unknown)}")
     return cls(**values)
 
+  @property
+  def dtype(self):
+    return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+
+  def trunk_kwargs(self) -> dict:
+    if self.model.startswith("efficientnet"):
+      return {"depthwise": self.depthwise, "frozen_blocks": int(self.frozen_blocks)}
+    return {}
+
   def trunk(self):
-    dtype = jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
-    return models.get_trunk(self.model, dtype=dtype)
+    return models.get_trunk(self.model, dtype=self.dtype, **self.trunk_kwargs())
 
   @property
   def preprocess(self) -> dict:
-    return dict(image_size=self.image_size, channels=self.channels, mean=self.mean, std=self.std)
+    """Options of `pipeline.preprocess`; a pretrained trunk's own mean/std unless set."""
+    spec = pretrained.spec(self.model) if self.init else None
+    mean, std, channels = self.mean, self.std, self.channels
+    if mean is None:
+      mean = spec.mean if spec else 0.0
+    if std is None:
+      std = spec.std if spec else 1.0
+    if channels is None and spec is not None:
+      channels = 3
+    return dict(image_size=self.image_size, channels=channels, mean=mean, std=std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +213,13 @@ def training_set(
   )
 
 
-def _input_shape(settings: DeepSettings, data) -> tuple[int, ...]:
+def input_shape(settings: DeepSettings, data) -> tuple[int, ...]:
+  """`(1, H, W, C)` of the model's input after preprocessing."""
   sample = pipeline.make_batch(data, np.array([0]), batch_size=1, **settings.preprocess)
   return (1, *sample["image"].shape[1:])
 
 
-def _mesh(settings: DeepSettings):
+def make_mesh(settings: DeepSettings):
   return sharding.make_mesh(settings.mesh)
 
 
@@ -180,7 +240,7 @@ def _train(
   what: str,
 ):
   """Shared driver of pretraining and BG-split updates: seeded epochs, resumable, logged."""
-  mesh = _mesh(settings)
+  mesh = make_mesh(settings)
   steps_per_epoch = math.ceil(num_examples / settings.batch_size)
   total = epochs * steps_per_epoch
   tx = train.make_optimizer(
@@ -189,13 +249,14 @@ def _train(
     weight_decay=settings.weight_decay,
     warmup_steps=int(settings.warmup_fraction * total),
     total_steps=total,
+    frozen=train.frozen_mask(model),
   )
   state, shardings = train.init_sharded_state(
     # RBG keys: threefry initialisers were measured to compile ~2.5 s per call on CPU.
     jax.random.key(seed, impl="rbg"),
     model=model,
     tx=tx,
-    input_shape=_input_shape(settings, data),
+    input_shape=input_shape(settings, data),
     mesh=mesh,
   )
   if initial_variables is not None:
@@ -362,9 +423,11 @@ def embed(
   settings: DeepSettings,
   *,
   outputs: tuple[str, ...] = ("embedding",),
+  log: Callable[[str], None] | None = None,
 ) -> embed_lib.FeatureStore:
-  """Cached features of `ids` (resumable), with the model's other `outputs` per row."""
-  mesh = _mesh(settings)
+  """Cached features of `ids` (resumable), with the model's other `outputs` per row; progress
+  goes to `log` (None: absl logging)."""
+  mesh = make_mesh(settings)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   predict = train.jit_predict(model=model, mesh=mesh, state_shardings=shardings)
   predict_fn = embed_lib.make_predict_fn(state, predict=predict, mesh=mesh, outputs=outputs)
@@ -377,11 +440,11 @@ def embed(
     )
 
   dim = int(
-    jax.eval_shape(lambda: model.apply(state.variables, jnp.zeros(_input_shape(settings, data))))[
+    jax.eval_shape(lambda: model.apply(state.variables, jnp.zeros(input_shape(settings, data))))[
       "embedding"
     ].shape[-1]
   )
-  return embed_lib.embed_to_store(predict_fn, batches, store_dir, len(ids), dim)
+  return embed_lib.embed_to_store(predict_fn, batches, store_dir, len(ids), dim, log=log)
 
 
 def load_variables(directory: str, like_state: train.TrainState) -> dict:
@@ -389,6 +452,37 @@ def load_variables(directory: str, like_state: train.TrainState) -> dict:
   with CheckpointStore(directory) as store:
     state, _ = train.restore_train_state(store, like_state)
   return state.variables
+
+
+def linear_main_head(variables: dict, linear_model, *, mean=None, std=None) -> dict:
+  """`variables` with the main head set to the loop's linear models.
+
+  The linear models were fitted on normalised features `(x - mean) / std` of this model's
+  embedding x; `w . (x - mean) / std + b` is folded into the head's kernel `[D, C]` and bias,
+  so the deep update starts from what the linear models already know.
+
+  Args:
+    variables: a `BGSplitModel`'s `{"params", "batch_stats"}`.
+    linear_model: `linear.LinearModel` with weights `[C, D]` and bias `[C]`.
+    mean, std: `[D]` normalisation statistics, or None for unnormalised features.
+  """
+  weights = np.asarray(jax.device_get(linear_model.weights), np.float64)
+  bias = np.asarray(jax.device_get(linear_model.bias), np.float64)
+  if mean is not None:
+    std = np.asarray(std, np.float64)
+    bias = bias - (weights * np.asarray(mean, np.float64) / std).sum(axis=1)
+    weights = weights / std
+  params = dict(variables["params"])
+  if params["main_head"]["kernel"].shape != weights.T.shape:
+    raise ValueError(
+      f"linear models of shape {weights.shape} do not fit the main head "
+      f"{params['main_head']['kernel'].shape}"
+    )
+  params["main_head"] = {
+    "kernel": jnp.asarray(weights.T, jnp.float32),
+    "bias": jnp.asarray(bias, jnp.float32),
+  }
+  return {**variables, "params": params}
 
 
 class DeepUpdater:
@@ -411,6 +505,8 @@ class DeepUpdater:
     base_features,
     seed: int,
     normalize: Callable = lambda pool, val: (pool, val),
+    statistics: Callable | None = None,
+    base_raw_pool=None,
     log: Callable[[str], None] = print,
     pseudo_labeler: Callable | None = None,
     pool_outputs: tuple[str, ...] = ("embedding",),
@@ -424,6 +520,10 @@ class DeepUpdater:
     self.base_features = base_features
     self.seed = seed
     self.normalize = normalize
+    # statistics(raw pool features) -> (mean, std) of `normalize`: the linear models live on
+    # normalised features; folding them back gives a main head on the raw embedding.
+    self.statistics = statistics
+    self.base_raw_pool = base_raw_pool
     self.log = log
     # pseudo_labeler(updater, state, version) -> PseudoLabels (rare_jax.strategies) for the
     # baselines that add pseudo-positives; None trains on L_p, L_n and W_n (ours).
@@ -440,7 +540,7 @@ class DeepUpdater:
     )
 
   def _like(self) -> train.TrainState:
-    mesh = _mesh(self.settings)
+    mesh = make_mesh(self.settings)
     tx = train.make_optimizer(
       momentum=self.settings.momentum, weight_decay=self.settings.weight_decay, total_steps=1
     )
@@ -448,7 +548,7 @@ class DeepUpdater:
       jax.random.key(0, impl="rbg"),
       model=self.model,
       tx=tx,
-      input_shape=_input_shape(self.settings, self.data.train),
+      input_shape=input_shape(self.settings, self.data.train),
       mesh=mesh,
     )
     return state
@@ -474,6 +574,19 @@ class DeepUpdater:
       raise ValueError(f"features of update {version} in {self.run_dir} are incomplete")
     return self.normalize(pool.features, val.features)
 
+  def _raw_pool(self, version: int):
+    if version == 0:
+      if self.base_raw_pool is None:
+        raise ValueError("main_head_init='linear' needs the raw M_pre pool features")
+      return self.base_raw_pool
+    return embed_lib.FeatureStore.open(self._paths(version)[1]).features
+
+  def _linear_main_head(self, variables: dict, state, version: int) -> dict:
+    mean = std = None
+    if self.statistics is not None:
+      mean, std = self.statistics(self._raw_pool(version))
+    return linear_main_head(variables, state.linear, mean=mean, std=std)
+
   def update(self, state, version: int):
     """Trains M_version from M_{version-1} on `state`'s training set, re-embeds, evaluates.
 
@@ -486,6 +599,8 @@ class DeepUpdater:
       start = models.init_from_pretrained(like.variables, self.m_pre_variables)
     else:
       start = load_variables(self._paths(version - 1)[0], like)
+    if self.settings.main_head_init == "linear":
+      start = self._linear_main_head(start, state, version - 1)
     labels = np.asarray(jax.device_get(state.labels))
     pseudo_negative = np.asarray(jax.device_get(state.pseudo_negative))
     pseudo_positive = pseudo_weights = None
@@ -536,6 +651,7 @@ class DeepUpdater:
       pool_dir,
       self.settings,
       outputs=self.pool_outputs,
+      log=self.log,
     )
     val = embed(
       self.model,
@@ -545,6 +661,7 @@ class DeepUpdater:
       val_dir,
       self.settings,
       outputs=("embedding", "main_probs"),
+      log=self.log,
     )
     self.log(
       f"deep update {version}: re-embedded {pool.num_rows} pool and {val.num_rows} "

@@ -227,6 +227,7 @@ def embed_to_store(
   commit_every: int = 1,
   log_every_s: float = 10.0,
   overwrite: bool = False,
+  log: Callable[[str], None] | None = None,
 ) -> FeatureStore | None:
   """Embeds all rows into the store at `store_dir`, resuming an interrupted run.
 
@@ -242,6 +243,7 @@ def embed_to_store(
     dtype: "float32" or "bfloat16" for the embedding (other float outputs stay float32).
     commit_every: flush and record progress every this many batches.
     overwrite: start over even if the store exists (else a store of another shape raises).
+    log: where progress goes (e.g. `print` in the commands); None: absl logging at INFO.
 
   Returns:
     The complete store opened read-only (on processes other than 0: None unless they share
@@ -256,6 +258,13 @@ def embed_to_store(
   if commit_every < 1:
     raise ValueError(f"commit_every must be >= 1, got {commit_every}")
   writer = jax.process_index() == 0
+
+  def say(message: str, *args) -> None:
+    if log is None:
+      logging.info(message, *args)
+    else:
+      log(message % args)
+
   store, first_batch, row, complete = None, 0, 0, False
   # Only process 0 touches the files; the others learn where to resume from it.
   if writer and FeatureStore.exists(store_dir) and not overwrite:
@@ -281,9 +290,7 @@ def embed_to_store(
   if complete:
     return _open_if_visible(store_dir)
   if progress and row:
-    logging.info(
-      "embed: resuming %s at row %d/%d (batch %d)", store_dir, row, num_rows, first_batch
-    )
+    say("embed: resuming %s at row %d/%d (batch %d)", store_dir, row, num_rows, first_batch)
   if callable(batches):
     iterator, skip = iter(batches(first_batch)), 0
   else:
@@ -320,7 +327,7 @@ def embed_to_store(
       store.commit(rows_done=row, batches_done=batch_number)
     if progress and time.time() - t_log >= log_every_s:
       t_log = time.time()
-      logging.info(
+      say(
         "embed: %d/%d rows (%.1f rows/s)",
         row,
         num_rows,
@@ -334,7 +341,7 @@ def embed_to_store(
     multihost_utils.sync_global_devices(f"embed_to_store:{os.fspath(store_dir)}")
   if progress:
     elapsed = time.time() - t_start
-    logging.info(
+    say(
       "embed: done, %d rows in %.1fs (%.1f rows/s) -> %s",
       num_rows,
       elapsed,

@@ -124,6 +124,7 @@ def make_optimizer(
   decoupled_weight_decay: bool = False,
   nesterov: bool = False,
   weight_decay_mask: Any = None,
+  frozen: Any = None,
 ) -> optax.GradientTransformation:
   """SGD with momentum, weight decay and a warmup + cosine schedule (the authors' trainer).
 
@@ -139,6 +140,8 @@ def make_optimizer(
     nesterov: Nesterov momentum.
     weight_decay_mask: optax mask (tree or callable) of the parameters to decay; None decays
       all (as PyTorch does by default).
+    frozen: optax mask (tree or callable) of parameters to leave unchanged (no update, no
+      decay), e.g. `frozen_mask(model)`; None trains all.
   """
   if momentum < 0 or weight_decay < 0:
     raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum} and {weight_decay}")
@@ -148,7 +151,33 @@ def make_optimizer(
   decay = optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
   trace = optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity()
   parts = [decay, trace] if not decoupled_weight_decay else [trace, decay]
-  return optax.chain(*parts, optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*parts, optax.scale_by_learning_rate(schedule))
+  if frozen is None:
+    return tx
+
+  def labels(params):
+    mask = frozen(params) if callable(frozen) else frozen
+    return jax.tree.map(lambda f: "frozen" if f else "train", mask)
+
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_mask(model: Any) -> Callable | None:
+  """For a model whose trunk freezes some submodules (`trunk.frozen_modules()`), a callable
+  params -> bool tree marking their parameters; None when nothing is frozen."""
+  trunk = getattr(model, "trunk", None)
+  names = trunk.frozen_modules() if hasattr(trunk, "frozen_modules") else frozenset()
+  if not names:
+    return None
+
+  def mask(params):
+    def frozen(path, _):
+      keys = [getattr(k, "key", None) for k in path]
+      return len(keys) > 1 and keys[0] == "trunk" and keys[1] in names
+
+    return jax.tree_util.tree_map_with_path(frozen, params)
+
+  return mask
 
 
 def _check_batch(batch: Mapping[str, Any], keys: tuple[str, ...]) -> None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import deep, runner, stand_in, strategies
+from rare_jax import deep, m_pre, runner, stand_in, strategies
 from rare_jax.data import sources, tasks
 
 FEATURE_KINDS = ("pixel_pca", "m_pre")
@@ -69,6 +69,7 @@ class RunContext:
         settings, epochs=strategies.fully_supervised_epochs(self.config)
       )
     config = runner.strategy_config(self.config, strategy)
+    mode = self.config.get("feature_normalization", "none")
     return deep.DeepUpdater(
       run_dir=run_dir or os.path.join(self.workdir, strategy),
       settings=settings,
@@ -78,9 +79,9 @@ class RunContext:
       num_aux_classes=self.deep_parts["num_aux_classes"],
       aux_labels=self.aux_labels,
       base_features=(self.features, self.val_features),
-      normalize=functools.partial(
-        normalize_features, mode=self.config.get("feature_normalization", "none")
-      ),
+      normalize=functools.partial(normalize_features, mode=mode),
+      statistics=functools.partial(feature_statistics, mode=mode),
+      base_raw_pool=self.deep_parts["raw_pool"],
       seed=int(self.config.seed),
       log=log,
       pseudo_labeler=strategies.pseudo_labeler(spec, config),
@@ -185,21 +186,31 @@ def _pixel_features(workdir, config, task, data_dir, log):
 NORMALIZATIONS = ("standardize", "none")
 
 
+def feature_statistics(pool, mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) `[D]` that `normalize_features` applies: `(x - mean) / std`."""
+  if mode not in NORMALIZATIONS:
+    raise ValueError(f"config.feature_normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+  pool = jnp.asarray(np.asarray(pool), jnp.float32)
+  if mode == "none":
+    dim = pool.shape[-1]
+    return np.zeros(dim, np.float32), np.ones(dim, np.float32)
+  mean = jnp.mean(pool, axis=0)
+  std = jnp.std(pool, axis=0) + 1e-6
+  return np.asarray(mean), np.asarray(std)
+
+
 def normalize_features(pool, val, mode: str):
   """Feature preprocessing for the linear models, statistics from the (unlabeled) pool.
 
   "standardize": z-score each dimension with the pool's mean and standard deviation (measured
-  on the embedded default: mean F1 of `ours_linear` at 100 labels 0.43 vs 0.23 on raw M_pre
-  features, same l2); "none": as stored.
+  on the embedded default with the first release's small M_pre: mean F1 of `ours_linear` at
+  100 labels 0.43 vs 0.23 on raw features, same l2); "none": as stored (the paper).
   """
-  if mode not in NORMALIZATIONS:
-    raise ValueError(f"config.feature_normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+  mean, std = feature_statistics(pool, mode)
   pool = jnp.asarray(np.asarray(pool), jnp.float32)
   val = jnp.asarray(np.asarray(val), jnp.float32)
   if mode == "none":
     return pool, val
-  mean = jnp.mean(pool, axis=0)
-  std = jnp.std(pool, axis=0) + 1e-6
   return (pool - mean) / std, (val - mean) / std
 
 
@@ -223,13 +234,15 @@ def m_pre_context(
   *,
   log: Callable[[str], None] = print,
 ) -> RunContext:
-  """Algorithm 1 lines 1-2: M_pre (trained here if missing), its features and A_l.
+  """Algorithm 1 lines 1-2: M_pre (`rare_jax.m_pre`: pretrained weights, or trained here on
+  the related-domain split if missing), its features and A_l (its argmax over the pool).
 
   Writes `workdir/m_pre` and `workdir/features/{pool,val}`; reopening resumes or restores.
   """
-  model, state = deep.pretrain(
+  start = m_pre.load(
     task, data, settings, os.path.join(workdir, "m_pre"), seed=int(config.seed), log=log
   )
+  model, state = start.model, start.state
   directory = os.path.join(workdir, "features")
   pool = deep.embed(
     model,
@@ -239,8 +252,11 @@ def m_pre_context(
     os.path.join(directory, "pool"),
     settings,
     outputs=("embedding", "labels"),
+    log=log,
   )
-  val = deep.embed(model, state, data.eval, task.val_ids, os.path.join(directory, "val"), settings)
+  val = deep.embed(
+    model, state, data.eval, task.val_ids, os.path.join(directory, "val"), settings, log=log
+  )
   features, val_features = _checked(pool.features, val.features, task, config)
   return RunContext(
     config,
@@ -253,6 +269,7 @@ def m_pre_context(
       "settings": settings,
       "data": data,
       "m_pre_variables": state.variables,
-      "num_aux_classes": len(task.related_classes),
+      "num_aux_classes": start.num_classes,
+      "raw_pool": pool.features,
     },
   )

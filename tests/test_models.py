@@ -236,3 +236,26 @@ def test_mask_keeps_padding_out_of_batchnorm(heads):
   )
   unmasked, _ = apply(variables, padded)
   assert float(jnp.max(jnp.abs(unmasked[:3] - real))) > 1e-3  # padding does pollute unmasked
+
+
+def test_linear_main_head_reproduces_the_linear_models(heads):
+  from rare_jax import deep, linear
+
+  x, model, _, variables = heads[:4]
+  rng = np.random.default_rng(4)
+  embedding = model.apply(variables, x)["embedding"]
+  mean, std = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
+  linear_model = linear.LinearModel(
+    weights=jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+    bias=jnp.asarray(rng.normal(size=3), jnp.float32),
+  )
+  want = linear.decision_function((embedding - mean) / std, linear_model)
+  folded = deep.linear_main_head(variables, linear_model, mean=mean, std=std)
+  got = model.apply(folded, x)["main_logits"]
+  np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), rtol=1e-4, atol=1e-4)
+  # The trunk and the auxiliary head are untouched.
+  np.testing.assert_array_equal(
+    folded["params"]["aux_head"]["kernel"], variables["params"]["aux_head"]["kernel"]
+  )
+  with pytest.raises(ValueError, match="do not fit"):
+    deep.linear_main_head(variables, jax.tree.map(lambda a: a[:2], linear_model))

@@ -43,11 +43,13 @@ def get_config(arg=None):
   config.solver_tol = 1e-6
   # The deep model (rare_jax.deep.DeepSettings).
   config.deep = ml_collections.ConfigDict()
-  config.deep.model = "resnet_tiny"
-  config.deep.image_size = None
-  config.deep.channels = None
-  config.deep.mean = 0.286  # Fashion-MNIST pixel mean / std (after scaling to [0, 1])
-  config.deep.std = 0.353
+  config.deep.model = "efficientnet_lite0"
+  config.deep.init = "imagenet"  # M_pre = the ImageNet classifier ("" trains one here)
+  config.deep.image_size = 64  # 28x28 grayscale upsampled, as 3 channels
+  config.deep.channels = None  # None: 3 for a pretrained trunk
+  config.deep.mean = None  # None: the pretrained trunk's own preprocessing
+  config.deep.std = None
+  config.deep.depthwise = "auto"
   config.deep.compute_dtype = "float32"
   config.deep.batch_size = 128
   config.deep.embed_batch_size = 1024

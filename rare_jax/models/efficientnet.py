@@ -185,8 +185,17 @@ class EfficientNetLite(nn.Module):
   param_dtype: Any = jnp.float32
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
+  # The stem and the first `frozen_blocks` blocks are frozen: BatchNorm uses its running
+  # statistics even in training and no gradient flows into them (see `frozen_modules`).
+  frozen_blocks: int = 0
 
   embedding_dim = 1280
+
+  def frozen_modules(self) -> frozenset[str]:
+    """Names of the frozen submodules, whose parameters an optimizer must leave unchanged."""
+    if self.frozen_blocks == 0:
+      return frozenset()
+    return frozenset(["stem_conv", "stem_bn"] + [f"block{i}" for i in range(self.frozen_blocks)])
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
@@ -219,12 +228,16 @@ class EfficientNetLite(nn.Module):
       mask = jnp.where(jnp.any(mask), mask, True)  # all padding: avoid 0/0 statistics
       bn_mask = mask[:, None, None, None]
 
+    specs = block_specs(self.width, self.depth)
+    if not 0 <= self.frozen_blocks <= len(specs):
+      raise ValueError(f"frozen_blocks must be in [0, {len(specs)}], got {self.frozen_blocks}")
+    frozen_norm = functools.partial(norm, use_running_average=True)
     x = x.astype(self.dtype)
     x = conv(32, (3, 3), (2, 2), name="stem_conv")(x)
-    x = jnp.clip(norm(name="stem_bn")(x, mask=bn_mask), 0, 6)
-    for i, (kernel, stride, expand, filters_in, filters_out) in enumerate(
-      block_specs(self.width, self.depth)
-    ):
+    stem_norm = frozen_norm if self.frozen_blocks else norm
+    x = jnp.clip(stem_norm(name="stem_bn")(x, mask=None if self.frozen_blocks else bn_mask), 0, 6)
+    for i, (kernel, stride, expand, filters_in, filters_out) in enumerate(specs):
+      frozen = i < self.frozen_blocks
       x = MBConvBlock(
         kernel,
         stride,
@@ -232,10 +245,12 @@ class EfficientNetLite(nn.Module):
         filters_in,
         filters_out,
         conv=conv,
-        norm=norm,
+        norm=frozen_norm if frozen else norm,
         depthwise=depthwise,
         name=f"block{i}",
-      )(x, bn_mask)
+      )(x, None if frozen else bn_mask)
+      if i + 1 == self.frozen_blocks:
+        x = lax.stop_gradient(x)
     x = conv(self.embedding_dim, (1, 1), name="head_conv")(x)
     x = jnp.clip(norm(name="head_bn")(x, mask=bn_mask), 0, 6)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

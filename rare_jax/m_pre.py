@@ -1,0 +1,121 @@
+"""Where M_pre comes from: one choice, made here (Algorithm 1's pretrained model).
+
+`config.deep.init` decides:
+- "" (empty): no pretrained weights for this trunk or domain: M_pre is trained on the task's
+  related-domain split (the non-rare classes, disjoint images; `deep.pretrain`), and the
+  auxiliary labels are its predictions over those classes.
+- "imagenet": the trunk's packaged ImageNet weights (`models.pretrained`), as in the paper:
+  the auxiliary labels are its ImageNet argmax over the pool and its classifier becomes the
+  auxiliary head (1000 classes).
+- a path: the user's own `.pth` / `.safetensors` file for the trunk (e.g. a torchvision
+  ResNet-50), used like "imagenet".
+
+`load(...)` returns `MPre` (the `Classifier`, its TrainState, its number of classes). A run's
+workdir records which weights it started from (`m_pre/source.json`, with the file's SHA-256)
+and refuses to reopen with other weights, since its cached features would no longer match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from rare_jax import deep, train
+from rare_jax.checkpoint import write_json_atomic
+from rare_jax.data import tasks
+from rare_jax.models import pretrained
+
+
+@dataclasses.dataclass(frozen=True)
+class MPre:
+  """Algorithm 1's M_pre: a `Classifier`, its state and its number of (auxiliary) classes."""
+
+  model: object
+  state: train.TrainState
+  num_classes: int
+  source: str  # "related_split" or "pretrained"
+
+
+def source(settings: deep.DeepSettings) -> str:
+  """ "related_split" (trained here) or "pretrained" (weights from a package or a file)."""
+  return "pretrained" if settings.init else "related_split"
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _check_source(directory: str, record: dict) -> None:
+  path = os.path.join(directory, "source.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        previous = json.load(f)
+      except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt ({error}); delete it to start again") from None
+    if previous != record:
+      differing = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+      raise ValueError(
+        f"{directory} was started from other M_pre weights (differing: {differing}; "
+        f"recorded {previous}, now {record}); use a new workdir"
+      )
+    return
+  os.makedirs(directory, exist_ok=True)
+  write_json_atomic(path, record)
+
+
+def load_pretrained(settings: deep.DeepSettings, input_shape: tuple[int, ...], directory: str):
+  """M_pre from pretrained weights, as a TrainState on the settings' mesh."""
+  weights = (
+    pretrained.weights_path(settings.model) if settings.init == "imagenet" else settings.init
+  )
+  _check_source(
+    directory,
+    {"model": settings.model, "init": settings.init, "sha256": _sha256(weights)},
+  )
+  model, variables = pretrained.load_classifier(
+    settings.model, weights, dtype=settings.dtype, **settings.trunk_kwargs()
+  )
+  tx = train.make_optimizer(
+    momentum=settings.momentum, weight_decay=settings.weight_decay, total_steps=1
+  )
+  state, shardings = train.init_sharded_state(
+    jax.random.key(0, impl="rbg"),
+    model=model,
+    tx=tx,
+    input_shape=input_shape,
+    mesh=deep.make_mesh(settings),
+  )
+  state = state.replace(
+    params=jax.device_put(variables["params"], shardings.params),
+    batch_stats=jax.device_put(variables["batch_stats"], shardings.batch_stats),
+  )
+  return model, state
+
+
+def load(
+  task: tasks.RareTask,
+  data: deep.ImageData,
+  settings: deep.DeepSettings,
+  directory: str,
+  *,
+  seed: int,
+  log: Callable[[str], None] = print,
+) -> MPre:
+  """Algorithm 1's M_pre for `settings` (see the module docstring); resumable."""
+  if source(settings) == "pretrained":
+    log(f"M_pre: {settings.model} with weights {settings.init!r} (no pretraining here)")
+    model, state = load_pretrained(settings, deep.input_shape(settings, data.train), directory)
+    return MPre(model, state, pretrained.spec(settings.model).num_classes, "pretrained")
+  model, state = deep.pretrain(task, data, settings, directory, seed=seed, log=log)
+  return MPre(model, state, len(np.asarray(task.related_classes)), "related_split")
