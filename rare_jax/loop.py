@@ -96,16 +96,40 @@ class LoopState:
     return self.labels.shape[1]
 
 
+def check_seed_ids(seed_ids, pool_size: int) -> None:
+  """Raises ValueError unless `seed_ids` is an int `[C, K]` array of pool positions in [0, P).
+
+  Indexing would silently wrap negative ids and clamp or drop those past the pool, so a run
+  given dataset ids (`RareTask.seed_ids()`) instead of pool positions (`seed_positives`) would
+  start from the wrong seeds.
+  """
+  seed_ids = np.asarray(seed_ids)
+  if seed_ids.ndim != 2 or 0 in seed_ids.shape:
+    raise ValueError(f"seed_ids must be a non-empty [C, K] array, got shape {seed_ids.shape}")
+  if not np.issubdtype(seed_ids.dtype, np.integer):
+    raise ValueError(f"seed_ids must be integer pool positions, got dtype {seed_ids.dtype}")
+  bad = np.unique(seed_ids[(seed_ids < 0) | (seed_ids >= pool_size)])
+  if bad.size:
+    raise ValueError(
+      f"seed_ids must be pool positions in [0, {pool_size}), got {bad.size} outside: "
+      f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''} (dataset ids such as "
+      "RareTask.seed_ids() are not pool positions: pass RareTask.seed_positives)"
+    )
+
+
 def init(features: jax.Array, seed_ids: jax.Array, *, seed: int | jax.Array) -> LoopState:
   """Algorithm 1 lines 3-6: seeds are the first positives; cosine ranking to their centroid.
 
   Args:
     features: `[P, D]` cached pool features.
-    seed_ids: `[C, K]` pool positions of each category's seed positives.
+    seed_ids: `[C, K]` pool positions of each category's seed positives, in [0, P) (checked
+      when concrete; ValueError otherwise).
     seed: the run's seed.
   """
-  num_categories = seed_ids.shape[0]
   pool_size, dim = features.shape
+  if not isinstance(seed_ids, jax.core.Tracer):
+    check_seed_ids(seed_ids, pool_size)
+  num_categories = seed_ids.shape[0]
   rows = jnp.arange(num_categories)[:, None]
   labels = jnp.full((num_categories, pool_size), UNKNOWN, jnp.int8).at[rows, seed_ids].set(1)
   label_round = jnp.where(labels >= 0, 0, UNKNOWN).astype(jnp.int32)

@@ -4,6 +4,8 @@ The library half of `python -m rare_jax.run` and `python -m rare_jax.replay`; it
 arguments (never absl flags). A strategy's run directory holds:
 
     checkpoints/      Orbax steps 0..R of the LoopState (step = rounds observed)
+    fingerprint.json  what the run started with (features, seeds, loop settings): a rerun with
+                      others is refused rather than resumed (`rare_jax.fingerprint`)
     answers.jsonl     one line per round: {"round", "query_ids", "answers"}
     metrics.jsonl     one line per round: labels used, per-category and mean metrics
 
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rare_jax import labelers, linear, loop, metrics
+from rare_jax import fingerprint, labelers, linear, loop, metrics
 from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
@@ -208,12 +210,15 @@ def run_strategy(
 ) -> list[dict]:
   """Runs (or resumes) all rounds of one strategy; returns the metrics records.
 
+  Refuses (ValueError) to resume a run directory started with other features, seeds or loop
+  settings (`rare_jax.fingerprint`), and seed ids outside the pool (`loop.check_seed_ids`).
+
   Args:
     run_dir: this strategy's directory (created).
     config: the run's ml_collections config.
     strategy: a key of `STRATEGIES`.
     features: `[P, D]` pool features (M_pre's); val_features: `[V, D]`.
-    seed_ids: `[C, K]` seed positives (pool positions).
+    seed_ids: `[C, K]` seed positives, pool positions in [0, P) (ValueError otherwise).
     val_ground_truth: `[C, V]` bool.
     labeler: answers the queries.
     updater: a `rare_jax.deep.DeepUpdater` for strategies with deep updates (every Q rounds
@@ -231,6 +236,7 @@ def run_strategy(
     raise ValueError(
       f"strategy {strategy!r} {'needs' if updater is None else 'takes no'} deep updater"
     )
+  loop.check_seed_ids(seed_ids, features.shape[0])
   config = strategy_config(config, strategy)
   if engine is None:
     engine = Engine(loop_config(config, strategy))
@@ -246,6 +252,16 @@ def run_strategy(
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
   seed = int(config.seed)
   seed_ids = np.asarray(seed_ids)
+  started_with = fingerprint.run_fingerprint(
+    strategy=strategy,
+    seed=seed,
+    loop_config=engine.config,
+    features=features,
+    val_features=val_features,
+    seed_ids=seed_ids,
+    val_ground_truth=val_ground_truth,
+    rounds_per_update=None if updater is None else per_update,
+  )
 
   def record_of(state, round_index, deep_metrics):
     record = _round_record(state, round_index, config, val_features, val_ground_truth)
@@ -256,6 +272,7 @@ def run_strategy(
   with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
     latest = store.latest_step()
     if latest is None:
+      fingerprint.record(run_dir, started_with)
       state = loop.init(features, seed_ids, seed=seed)
       store.save(0, state, {"round": 0, "strategy": strategy})
       latest = 0
@@ -263,6 +280,9 @@ def run_strategy(
       for path in (answers_path, metrics_path):
         metrics.rewrite_up_to(path, 0)  # a fresh run: no stale lines from an older one
     else:
+      # Before anything is rewritten: resuming with other features or settings would mix runs.
+      if not fingerprint.check(run_dir, started_with):
+        fingerprint.record(run_dir, started_with)  # a run from before fingerprints
       state, _ = store.restore(latest, abstract_state(features, seed_ids, seed))
       if updater is not None and latest >= per_update:
         features, val_features = updater.features(latest // per_update)

@@ -11,7 +11,9 @@
   - DeepProp: label propagation (Iscen et al. 2019, `rare_jax.pseudo_labels`) from the human
     labels over a kNN graph of the current features (those the loop ranks with); propagated
     positives become pseudo-positives weighted by their certainty omega, and W_n's images
-    (ours) that propagation calls negative weigh omega too (1 where propagation did not reach).
+    (ours) that propagation calls negative weigh omega too (1 where propagation did not reach);
+    every pseudo-label's weight is also multiplied by its class's balance weight zeta (inverse
+    class population, Iscen et al.), so the few positives are not outweighed by W_n.
   Both can cap the pseudo-positives per category (`config.max_pseudo_positives`, the most
   confident first; 0 = no cap) to bound the deep update's training set on a small machine.
 - `run_fully_supervised`: the upper line, one deep model trained from M_pre on every pool label
@@ -119,6 +121,13 @@ def deep_prop_labels(
 ) -> PseudoLabels:
   """DeepProp's pseudo-labels: label propagation from the human labels over a kNN graph.
 
+  Each pseudo-label weighs omega * zeta_j (Iscen et al. 2019, their weighted loss): omega its
+  certainty (`pseudo_labels.deep_prop_pseudo_labels`; 1 for an image of W_n that propagation
+  did not reach), zeta_j the class-balance weight of its class j
+  (`pseudo_labels.class_balance_weights`), the class populations counted over the training set:
+  human labels, the pseudo-positives kept (after `cap`) and W_n. Iscen et al. also weigh the
+  human labels by zeta; here they weigh 1 (`deep.training_set`).
+
   Args:
     features: `[P, D]` current pool features.
     labels: `[C, P]` human labels (the propagation's seeds).
@@ -136,7 +145,13 @@ def deep_prop_labels(
   positive = cap_per_category(np.asarray(positive), np.asarray(omega) * np.asarray(share), cap)
   unlabeled = labels < 0
   pseudo_negative = np.asarray(pseudo_negative, bool) & unlabeled & ~positive
-  weights = np.where(positive, omega, np.where(pseudo_negative & np.asarray(negative), omega, 1.0))
+  certainty = np.where(
+    positive, omega, np.where(pseudo_negative & np.asarray(negative), omega, 1.0)
+  )
+  # Iscen et al.'s loss weighs each pseudo-label by omega * zeta of its class, zeta counted
+  # over the training set (human labels, the pseudo-positives kept and W_n).
+  balance = np.asarray(pseudo_labels.class_balance_weights(labels, positive, pseudo_negative))
+  weights = certainty * np.where(positive, balance[:, 1:], balance[:, :1])
   return PseudoLabels(
     positive=positive, negative=pseudo_negative, weights=weights.astype(np.float32)
   )

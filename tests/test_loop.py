@@ -1,9 +1,12 @@
-"""The active loop on synthetic features: transitions, no retrace, checkpoints, bad input."""
+"""The active loop on synthetic features: transitions, no retrace, checkpoints, bad input,
+run directories that refuse to resume with other features or settings."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -190,3 +193,92 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"another config \(differs in \['batch_size'\]\)"):
     runner.write_config(str(tmp_path), {"seed": 0, "batch_size": 20})
   assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 10  # untouched
+
+
+def test_seed_ids_outside_the_pool_are_refused(problem, tmp_path):
+  features, seed_ids, truth = problem
+  # Indexing would wrap -1 to the last image and clamp 600 to it: refused, naming the ids.
+  with pytest.raises(ValueError, match=r"in \[0, 600\), got 2 outside: \[-1, 600\]"):
+    loop.init(features, np.array([[0, 1, 600], [18, 19, -1]]), seed=0)
+  with pytest.raises(ValueError, match="integer pool positions"):
+    loop.init(features, seed_ids.astype(np.float32), seed=0)
+  with pytest.raises(ValueError, match=r"\[C, K\]"):
+    loop.init(features, seed_ids[0], seed=0)
+  dataset_ids = seed_ids * 100 + 7  # e.g. RareTask.seed_ids() instead of seed_positives
+  with pytest.raises(
+    ValueError, match=r"got 5 outside: \[1807, 1907, 2007, 2107, 2207\] \(dataset ids"
+  ):
+    run_ours_linear(problem, tmp_path / "bad", seed_ids=dataset_ids)
+  assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def loop_run_config(**overrides):
+  values = dict(
+    seed=0,
+    batch_size=4,
+    pseudo_negative_factor=2.0,
+    l2=1.0,
+    solver_max_iters=200,
+    solver_tol=1e-6,
+    num_feature_updates=1,
+    rounds_per_update=3,
+  )
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def run_ours_linear(problem, run_dir, *, config=None, features=None, seed_ids=None, **kwargs):
+  pool, seeds, truth = problem
+  features = pool if features is None else features
+  return runner.run_strategy(
+    run_dir=str(run_dir),
+    config=loop_run_config() if config is None else config,
+    strategy="ours_linear",
+    features=features,
+    val_features=features,
+    seed_ids=seeds if seed_ids is None else seed_ids,
+    val_ground_truth=truth,
+    labeler=labelers.SimulatedLabeler(truth),
+    **{"log": lambda _: None, **kwargs},
+  )
+
+
+def _final_state(problem, run_dir):
+  features, seed_ids, _ = problem
+  with CheckpointStore(run_dir / "checkpoints") as store:
+    return store.restore(store.latest_step(), runner.abstract_state(features, seed_ids, 0))[0]
+
+
+def test_run_dir_of_other_features_or_settings_is_refused(problem, engines, tmp_path):
+  features, _, _ = problem
+  engine = engines["adaptive"]  # ours_linear's LoopConfig under loop_run_config()
+  run_ours_linear(problem, tmp_path / "whole", engine=engine)
+  run_dir = tmp_path / "stopped"
+  run_ours_linear(problem, run_dir, engine=engine, stop_after=2)
+  files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  refused = [
+    (dict(config=loop_run_config(l2=2.0)), r"differs in l2: 1\.0 in the run, 2\.0 now"),
+    (dict(config=loop_run_config(seed=1)), r"differs in seed: 0 in the run, 1 now"),
+    (dict(config=loop_run_config(batch_size=5)), r"differs in batch_size: 4 in the run, 5 now"),
+    (dict(features=features.at[:, 0].add(1.0)), r"differs in features: .*; val_features: "),
+    (dict(features=features[:, :7]), r"'shape': \[600, 8\].* in the run, .*'shape': \[600, 7\]"),
+  ]
+  for kwargs, match in refused:
+    with pytest.raises(
+      ValueError, match=f"{re.escape(str(run_dir))} was started with other settings.*{match}"
+    ):
+      run_ours_linear(problem, run_dir, **kwargs)
+  assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files  # untouched
+  # The same settings resume exactly, also in a directory from before fingerprints.
+  (run_dir / "fingerprint.json").unlink()
+  lines = []
+  run_ours_linear(problem, run_dir, engine=engine, log=lines.append)
+  assert any("resuming from round 2" in line for line in lines)
+  assert (run_dir / "fingerprint.json").read_bytes() == files[run_dir / "fingerprint.json"]
+  assert (
+    runner.differing_leaves(
+      _final_state(problem, run_dir), _final_state(problem, tmp_path / "whole")
+    )
+    == []
+  )
+  assert int(_final_state(problem, run_dir).round) == 3

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from synthetic import synthetic_images
 
-from rare_jax import deep, labelers, loop, losses, runner, strategies, workdirs
+from rare_jax import deep, labelers, loop, losses, pseudo_labels, runner, strategies, workdirs
 from rare_jax.data import tasks
 
 quiet = lambda _: None
@@ -229,6 +229,35 @@ def test_deep_prop_propagates_labels_along_the_graph():
   assert capped.positive.sum() == 2 and capped.positive[0, 1]  # the most confident: closest
 
 
+def test_deep_prop_weighs_pseudo_labels_by_certainty_and_class_balance():
+  # Iscen et al.'s loss: a pseudo-label of class j weighs omega (its certainty) * zeta_j, zeta_j
+  # = (n / 2) / n_j over the training set's class populations (human + pseudo-labels).
+  angles = np.linspace(0, np.pi / 2, 40)
+  features = jnp.asarray(np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32))
+  labels = np.full((1, 40), -1, np.int8)
+  labels[0, 0], labels[0, 39] = 1, 0
+  w_n = np.zeros((1, 40), bool)
+  w_n[0, 30:36] = True
+  out = strategies.deep_prop_labels(features, labels, w_n, k=2, iterations=60)
+  neighbors, affinities = pseudo_labels.knn_graph(features, k=2)
+  scores = pseudo_labels.propagate(neighbors, affinities, jnp.asarray(labels), iterations=60)
+  _, negative, omega = (
+    np.asarray(x)[0] for x in pseudo_labels.deep_prop_pseudo_labels(scores, labels < 0)
+  )
+  positive, pseudo_negative, weights = out.positive[0], out.negative[0], out.weights[0]
+  np.testing.assert_array_equal(pseudo_negative, w_n[0])  # all six far from the positive seed
+  num_positive, num_negative = 1 + positive.sum(), 1 + pseudo_negative.sum()  # + human labels
+  assert num_positive > 2 * num_negative  # unbalanced: zeta matters
+  total = num_positive + num_negative
+  np.testing.assert_allclose(
+    weights[positive], omega[positive] * (total / 2) / num_positive, rtol=1e-4, atol=1e-6
+  )
+  certainty = np.where(negative, omega, 1.0)[pseudo_negative]
+  np.testing.assert_allclose(
+    weights[pseudo_negative], certainty * (total / 2) / num_negative, rtol=1e-4, atol=1e-6
+  )
+
+
 def test_weighted_bce_hand_computed_and_unweighted_by_default():
   logits = jnp.array([[0.0, 2.0], [-1.0, 0.5]])
   labels = jnp.array([[1.0, 0.0], [0.0, 1.0]])
@@ -364,7 +393,12 @@ def test_deep_prop_trains_on_weighted_propagated_labels(context, monkeypatch):
   (examples,) = seen
   assert examples.label_weights is not None  # certainty weights reach the loss
   weights = examples.label_weights[examples.label_mask]
-  assert (weights > 0).all() and (weights <= 1).all() and (weights < 1).any()
+  assert (weights > 0).all() and (weights != 1).any()
+  for c in range(2):  # class balance: the rarer class (positives) weighs more per label
+    mask, positive = examples.label_mask[:, c], examples.labels[:, c] == 1
+    assert mask[positive].sum() < mask[~positive].sum()
+    per_class = examples.label_weights[:, c]
+    assert per_class[mask & positive].mean() > 1 > per_class[mask & ~positive].mean()
   positives = examples.labels.sum(axis=0)
   assert (positives > 5).all()  # more positives than the human-labeled ones
 
