@@ -41,6 +41,7 @@ setuptools.setup(
             "rare-jax-replay=rare_jax.replay:run",
             "rare-jax-label=rare_jax.label:run",
             "rare-jax-predict=rare_jax.predict:run",
+            "rare-jax-export=rare_jax.export:run",
         ],
     },
 )
