@@ -51,6 +51,7 @@ setuptools.setup(
             "rare-jax-label=rare_jax.label:run",
             "rare-jax-predict=rare_jax.predict:run",
             "rare-jax-classify=rare_jax.classify:run",
+            "rare-jax-export=rare_jax.export:run",
         ],
     },
 )

@@ -68,16 +68,27 @@ class CheckpointStore:
 
     Returns:
       (tree, metadata).
+
+    Raises:
+      ValueError: no such step, or one that cannot be restored (damaged files, another
+        structure), naming the step and the directory.
     """
     if step not in self._manager.all_steps():
       raise ValueError(f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
     abstract = jax.tree.map(_abstract, like)
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-      ),
-    )
+    try:
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception as error:  # Orbax and TensorStore raise many types for a damaged step
+      raise ValueError(
+        f"checkpoint step {step} in {self.directory} cannot be restored "
+        f"({type(error).__name__}: {error}); expected an intact checkpoint of this run (move "
+        "the step's folder away to resume from the previous one)"
+      ) from error
     return restored.state, dict(restored.meta or {})
 
   def close(self) -> None:

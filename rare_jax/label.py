@@ -1,14 +1,16 @@
 r"""Find a rare category in a folder of your own images, answering yes/no in a browser.
 
     python -m rare_jax.label --images=DIR --seeds=DIR_OR_PATHS --workdir=DIR \
-        [--host=127.0.0.1 --port=0 --budget=100 --batch_size=10 --name=NAME]
+        [--category=NAME --host=127.0.0.1 --port=0 --budget=100 --batch_size=10]
 
 `--images` is a folder of JPEG/PNG files (searched recursively; unreadable files are skipped
 and listed); `--seeds` a folder of a few example images of the category, or comma-separated
 image paths (inside the folder or not). The command computes stand-in features (pixel PCA
 of the folder's images, until a deep model exists), starts the active loop and serves the
 labeling page on `--host:--port` (127.0.0.1 and a free port by default). It prints the URL
-to open, with a random access token that every request needs.
+to open, with a random access token that every request needs. `--category` is the name the
+page asks about ("Is it NAME?"); by default the seed folder's name, or its parent folder's
+when the seed folder has a generic name (seeds, examples, positives, ...), else "the category".
 
 Each submitted batch is written to disk before the page is told it is saved, and the model
 is refitted at once (no deep-model update exists yet for folder runs). Stop the server
@@ -19,7 +21,12 @@ images with `python -m rare_jax.predict --workdir=DIR --images=DIR --out=scores.
 Other flags: `--eval_subfolder=NAME` (the sub-folder of --images holding the true positives,
 for metrics only), `--exit_when_done`, `--feature_dim`, `--image_size`, `--seed`. Compiled
 steps are cached in DIR/jax_cache (or $JAX_COMPILATION_CACHE_DIR) so a restart is quick.
-Layout of DIR: see rare_jax/webapp/folder_run.py.
+Layout of DIR: see rare_jax/webapp/folder_run.py. The labels given so far:
+`python -m rare_jax.export --workdir=DIR --out=labels.csv`.
+
+Errors are one line on stderr, never a traceback: a bad --host or --port (checked before any
+work), a disk that fills up or another failed write, exit status 1; a refused folder, seeds,
+workdir (another run's, a file, a damaged config.json or checkpoint), exit status 2.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ import time
 import jax
 from absl import app, flags, logging
 
+from rare_jax.csvfile import printable
 from rare_jax.webapp import folder_run, server
-from rare_jax.webapp.labeler import DONE, FAILED
+from rare_jax.webapp.labeler import DONE, FAILED, describe_os_error
 from rare_jax.webapp.session import LabelingSession
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of JPEG/PNG images to label (recursive).")
@@ -51,9 +59,13 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 10, "Images per batch (per cate
 _FEATURE_DIM = flags.DEFINE_integer("feature_dim", 64, "Dimension of the pixel-PCA features.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side images are resized to for features.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the run.")
-_NAME = flags.DEFINE_string(
-  "name", None, "Name of the category shown on the page (default: the seed folder's name)."
+_CATEGORY = flags.DEFINE_string(
+  "category",
+  None,
+  "Name of the category the page asks about (default: the seed folder's name, or its parent's "
+  "when that is generic like seeds/examples/positives, else 'the category').",
 )
+_NAME = flags.DEFINE_string("name", None, "Older name of --category.")
 _EVAL_SUBFOLDER = flags.DEFINE_string(
   "eval_subfolder",
   None,
@@ -66,9 +78,28 @@ _EXIT_WHEN_DONE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["images", "seeds", "workdir"])
 
 
+def say(line: str, *, file=None) -> None:
+  """Prints a line whatever the terminal's encoding (file names may be any bytes)."""
+  print(printable(line), file=file or sys.stdout, flush=True)
+
+
+def _tolerant_output() -> None:
+  # A file name is printed as is; on a terminal that cannot show it (PYTHONIOENCODING=ascii,
+  # LANG=C without UTF-8 mode) it becomes backslash escapes rather than an exception.
+  for stream in (sys.stdout, sys.stderr):
+    if hasattr(stream, "reconfigure"):
+      stream.reconfigure(errors="backslashreplace")
+
+
+def fail(message: str, status: int) -> None:
+  say(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _tolerant_output()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   try:
@@ -81,59 +112,63 @@ def main(argv):
     )
   except ValueError as error:
     raise app.UsageError(str(error)) from None
+  if _CATEGORY.value is not None and _NAME.value is not None:
+    raise app.UsageError("pass --category (or its older name --name), not both")
+  try:
+    server.check_address(_HOST.value, _PORT.value)  # before minutes of reading images
+  except ValueError as error:
+    fail(str(error), 1)
   # A restarted session reuses the compiled round step instead of compiling it again (seconds
   # on a CPU, while the person waits). $JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  has_truth = _EVAL_SUBFOLDER.value is not None
+
+  def log(line: str) -> None:
+    if not has_truth:  # the runner's F1 is against an empty validation set: say so
+      line = re.sub(r"mean F1 \S+", "F1 n/a (no --eval_subfolder)", line)
+    say(line)
+
   try:
     run = folder_run.prepare_folder_run(
       _WORKDIR.value,
       images=_IMAGES.value,
       seeds=_SEEDS.value,
       config=config,
-      category_name=_NAME.value,
+      category_name=_CATEGORY.value if _NAME.value is None else _NAME.value,
       eval_subfolder=_EVAL_SUBFOLDER.value,
-      log=lambda line: print(line, flush=True),
+      log=say,
     )
+    session = LabelingSession(run, log=log)
+    session.check()  # a damaged checkpoint: refused now, not in the loop thread
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  has_truth = _EVAL_SUBFOLDER.value is not None
-
-  def log(line: str) -> None:
-    if not has_truth:  # the runner's F1 is against an empty validation set: say so
-      line = re.sub(r"mean F1 \S+", "F1 n/a (no --eval_subfolder)", line)
-    print(line, flush=True)
-
-  session = LabelingSession(run, log=log)
+    fail(str(error), 2)
+  except OSError as error:
+    fail(f"{describe_os_error(error)}; then start the same command again", 1)
   token = secrets.token_urlsafe(24)
   try:
     http = server.Server(
       server.create_app(session, token=token), host=_HOST.value, port=_PORT.value
     )
-  except OSError as error:
-    print(f"error: cannot serve on {_HOST.value}:{_PORT.value}: {error}", file=sys.stderr)
-    sys.exit(2)
+  except OSError as error:  # taken meanwhile: check_address passed minutes ago
+    fail(f"cannot serve on {_HOST.value}:{_PORT.value}: {error}", 1)
   if not _is_loopback(_HOST.value):
-    print(
-      f"WARNING: serving on {_HOST.value}: reachable from other machines (token still required)",
-      flush=True,
-    )
+    say(f"WARNING: serving on {_HOST.value}: reachable from other machines (token still required)")
   signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
   http.start()
   session.start()
-  print(f"Labeling page (open in a browser): {http.url(token)}", flush=True)
+  say(f"Labeling page (open in a browser): {http.url(token)}")
   try:
     while True:
       time.sleep(0.2)
-      phase = session.labeler.snapshot()["phase"]
+      snapshot = session.labeler.snapshot()
+      phase = snapshot["phase"]
       if phase == FAILED and not session.running:
-        print("the run failed; see above. Start the same command again to resume.", flush=True)
-        sys.exit(1)
+        fail(f"{snapshot['message']} (start the same command again to resume)", 1)
       if phase == DONE and _EXIT_WHEN_DONE.value:
         break
   except KeyboardInterrupt:
-    print("stopping: submitted batches are saved; start the same command to resume", flush=True)
+    say("stopping: submitted batches are saved; start the same command to resume")
   finally:
     session.stop()
     http.shutdown()

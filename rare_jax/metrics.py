@@ -209,7 +209,7 @@ def _fsync_directory(path: str) -> None:
     os.close(fd)
 
 
-def _drop_torn_tail(path: str) -> None:
+def drop_torn_tail(path: str) -> None:
   """Cuts a last line that a killed writer left without its newline."""
   if not os.path.exists(path):
     return
@@ -249,7 +249,7 @@ class MetricsWriter:
     self.path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(parent, exist_ok=True)
-    _drop_torn_tail(self.path)
+    drop_torn_tail(self.path)
     self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, record: Mapping[str, Any]) -> None:

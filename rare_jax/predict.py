@@ -17,13 +17,18 @@ The CSV has a header and one row per image, highest score first: `id,path,score`
 (id = position among the folder's readable images sorted by relative path) or `id,label,score`
 for a dataset split (id = index in the split, label = its class name). `score` is the linear
 model's probability that the image is of the category. `--top_k` keeps the best N rows,
-`--threshold` the rows with score >= it; by default every image is written.
+`--threshold` the rows with score >= it; by default every image is written. Paths are safe to
+open in a spreadsheet: a path starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets
+a leading `'` (formula injection), and a file name that is not valid UTF-8 is written with
+backslash escapes (`\xff`); see `rare_jax/csvfile.py`.
+
+Errors (a workdir that holds no run, a damaged checkpoint or config.json, `--out` a directory)
+are one line on stderr naming the file: exit status 2; a failed write (disk full): exit status
+1, and no partial CSV or temporary file is left.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
 import time
@@ -37,10 +42,11 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from rare_jax import linear, runner, stand_in
+from rare_jax import csvfile, linear, runner, stand_in
 from rare_jax.checkpoint import CheckpointStore
 from rare_jax.data import folder, sources, tasks
 from rare_jax.webapp import folder_run
+from rare_jax.webapp.labeler import describe_os_error
 
 CHUNK = 1024
 
@@ -114,8 +120,7 @@ def load_scorer(
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
       raise ValueError(f"{workdir} holds no run: {config_path} is missing")
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(folder_run.read_json_object(config_path))
     if config.features != "pixel_pca":
       raise ValueError(
         f"{workdir} uses features={config.features!r}; predict supports 'pixel_pca' runs and "
@@ -274,16 +279,8 @@ def select_rows(rows: list[tuple], *, top_k: int | None, threshold: float | None
 
 
 def write_csv(path: str, header: tuple[str, str, str], rows: list[tuple]) -> None:
-  """Writes the CSV atomically (a reader never sees half a file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    for id_, name, score in rows:
-      writer.writerow((id_, name, f"{score:.6f}"))
-  os.replace(tmp, path)
+  """Writes the CSV atomically (a reader never sees half a file; see `csvfile`)."""
+  csvfile.write_csv_atomic(path, header, ((i, name, f"{score:.6f}") for i, name, score in rows))
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (rare_jax.label or rare_jax.run).")
@@ -308,13 +305,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
 
   def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(csvfile.printable(line), file=sys.stderr, flush=True)
 
   if (_IMAGES.value is None) == (_DATASET.value is None):
     raise app.UsageError("pass exactly one of --images=DIR or --dataset=NAME")
   started = time.perf_counter()
   try:
     select_rows([], top_k=_TOP_K.value, threshold=_THRESHOLD.value)  # fail early on bad cuts
+    if os.path.isdir(_OUT.value):
+      raise ValueError(f"--out={_OUT.value!r} is a directory; expected a CSV file name")
+    if not os.path.isdir(_WORKDIR.value):
+      raise ValueError(f"--workdir={_WORKDIR.value!r} is not a directory; expected a run's workdir")
     scorer = load_scorer(
       _WORKDIR.value,
       strategy=_STRATEGY.value,
@@ -333,7 +334,14 @@ def main(argv):
     log(f"error: {error}")
     sys.exit(2)
   rows = select_rows(rows, top_k=_TOP_K.value, threshold=_THRESHOLD.value)
-  write_csv(_OUT.value, header, rows)
+  try:
+    write_csv(_OUT.value, header, rows)
+  except ValueError as error:
+    log(f"error: {error}")
+    sys.exit(2)
+  except OSError as error:
+    log(f"error: {describe_os_error(error, error.filename or _OUT.value)}; nothing was written")
+    sys.exit(1)
   log(f"wrote {len(rows)} rows to {_OUT.value} ({time.perf_counter() - started:.1f}s)")
 
 

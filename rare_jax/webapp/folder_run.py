@@ -35,6 +35,11 @@ from rare_jax.checkpoint import write_json_atomic
 from rare_jax.data import folder
 from rare_jax.stand_in import PixelProjection
 
+# Folder names that say nothing about the category: the default name looks past them.
+GENERIC_FOLDER_NAMES = frozenset(
+  {"seeds", "seed", "examples", "example", "positives", "positive", "samples", "sample", "pos"}
+)
+DEFAULT_CATEGORY_NAME = "the category"
 MANIFEST = "folder_run.json"
 MANIFEST_FORMAT = "rare_jax.FolderRun/1"
 STRATEGY = "ours_linear"
@@ -132,6 +137,26 @@ class FolderRun:
     return os.path.join(self.manifest["root"], *path.split("/"))
 
 
+def default_category_name(seeds: str) -> str:
+  """The name the page asks about when none is given ("Is it NAME?").
+
+  The seed folder's name, or its parent's when the folder's is generic (seeds, examples,
+  positives, ...: `GENERIC_FOLDER_NAMES`); "the category" when both are generic, or when the
+  seeds are a list of files.
+  """
+  if not os.path.isdir(seeds):
+    return DEFAULT_CATEGORY_NAME
+  directory = os.path.abspath(seeds)
+  for _ in range(2):
+    name = os.path.basename(directory)
+    if not name:
+      break
+    if name.lower() not in GENERIC_FOLDER_NAMES:
+      return name
+    directory = os.path.dirname(directory)
+  return DEFAULT_CATEGORY_NAME
+
+
 def _seed_files(seeds: str) -> list[str]:
   """The seed files as sorted absolute paths, to compare a restart's --seeds with the first."""
   if os.path.isdir(seeds):
@@ -157,14 +182,17 @@ def prepare_folder_run(
     images: the folder of images to label.
     seeds: seed positives: a folder or comma-separated image paths (in `images` or not).
     config: from `make_config`.
-    category_name: shown in the app (default: the seed folder's name, else "positive").
+    category_name: shown in the app (default: `default_category_name(seeds)`).
     eval_subfolder: a top-level sub-folder of `images` whose images are the true positives:
       metrics.jsonl then scores the linear model on the pool against it (evaluation only).
     log: progress lines.
 
   Raises:
-    ValueError: another run's workdir, a bad folder or seeds, or a budget the pool cannot take.
+    ValueError: another run's workdir (or a workdir that is a file), a bad folder or seeds, or
+      a budget the pool cannot take.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir={workdir!r} is a file; expected a directory (new or of this run)")
   os.makedirs(workdir, exist_ok=True)
   runner.loop_config(config, STRATEGY)  # fail on bad settings before any work
   runner.write_config(workdir, workdirs.config_to_dict(config))
@@ -224,20 +252,40 @@ def load_folder_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict, Pixe
   path = os.path.join(workdir, MANIFEST)
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no folder run: {path} is missing")
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(read_json_object(os.path.join(workdir, "config.json")))
   projection_path = os.path.join(workdir, "features", "projection.npz")
   if not os.path.exists(projection_path):
     raise ValueError(f"{workdir}: {projection_path} is missing; the run never computed features")
-  return config, _read_manifest(path), PixelProjection.load(projection_path)
+  try:
+    projection = PixelProjection.load(projection_path)
+  except Exception as error:  # numpy raises several types for a damaged .npz
+    raise ValueError(
+      f"{projection_path} cannot be read ({type(error).__name__}: {error}); expected the run's "
+      "saved projection"
+    ) from None
+  return config, _read_manifest(path), projection
+
+
+def read_json_object(path: str) -> dict:
+  """A JSON object from `path`.
+
+  Raises:
+    ValueError: a missing file, invalid JSON or not an object, naming the file.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"{path} is missing; expected the run's JSON file") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not valid JSON ({error}); expected the run's file") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} holds a {type(value).__name__}; expected a JSON object")
+  return value
 
 
 def _read_manifest(path: str) -> dict:
-  with open(path) as f:
-    try:
-      manifest = json.load(f)
-    except json.JSONDecodeError as error:
-      raise ValueError(f"{path} is not valid JSON ({error})") from None
+  manifest = read_json_object(path)
   if manifest.get("format") != MANIFEST_FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r}; expected {MANIFEST_FORMAT!r}")
   return manifest
@@ -257,9 +305,7 @@ def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfold
   paths = list(source.paths) + outside
   seed_ids = seed_ids + list(range(len(source), len(paths)))
   if category_name is None:
-    category_name = (
-      os.path.basename(os.path.normpath(seeds)) if os.path.isdir(seeds) else "positive"
-    )
+    category_name = default_category_name(seeds)
   manifest = {
     "format": MANIFEST_FORMAT,
     "root": source.root,

@@ -10,11 +10,16 @@ Durability: `submit` appends the batch to a journal (`submitted.jsonl`, fsynced)
 acknowledges. The runner writes the answers to its own `answers.jsonl` right after `answer`
 returns; if the process dies between the two, the restarted run asks the same query again and
 `answer` finds it in the journal and returns it without asking the person. So a batch the
-page was told is submitted is never lost; answers not yet submitted are.
+page was told is submitted is never lost; answers not yet submitted are. Opening the journal
+repairs a last line torn by a killed writer or a full disk (it is cut off, as `MetricsWriter`
+does for metrics.jsonl), so the next batch starts on its own line. A write that fails (disk
+full) is undone and refused with a message that says so (`AnswerRejected`, 507 for ENOSPC);
+the answers stay in the open batch, to submit again once there is room.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -22,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rare_jax import labelers
+from rare_jax import labelers, metrics
 
 # Where the run is, as shown to the page.
 STARTING, LABELING, UPDATING, DONE, FAILED, STOPPED = (
@@ -66,6 +71,36 @@ def read_journal(path: str | None) -> list[dict]:
   return records
 
 
+def describe_os_error(error: OSError, path: str | None = None) -> str:
+  """A one-line account of a failed file operation, that says "disk full" for ENOSPC."""
+  path = path or error.filename
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    what = "disk full (ENOSPC)" if error.errno == errno.ENOSPC else "disk quota exceeded (EDQUOT)"
+    return f"{what}{f' writing {path}' if path else ''}: free some space"
+  return f"{error.strerror or error}{f' ({path})' if path else ''}"
+
+
+def _append_line(path: str, line: str) -> None:
+  """Appends `line` and a newline, fsynced; on failure cuts the file back to where it was."""
+  data = (line + "\n").encode("utf-8")
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+      view = memoryview(data)
+      while view:  # unbuffered: nothing is left to be written later, after the cut below
+        view = view[os.write(fd, view) :]
+      os.fsync(fd)
+    except OSError:
+      try:  # a partial line would tear the journal: take it back (frees the space too)
+        os.ftruncate(fd, start)
+      except OSError:
+        pass  # then the torn tail is cut when the journal is next opened
+      raise
+  finally:
+    os.close(fd)
+
+
 class WebLabeler:
   """Answers queries with what a person submits through the web app (see the module docstring).
 
@@ -88,6 +123,8 @@ class WebLabeler:
     self._phase = STARTING
     self._message = ""
     self._version = 0
+    if journal_path:
+      metrics.drop_torn_tail(journal_path)
     self._journal = read_journal(journal_path)
 
   # The loop thread's side.
@@ -230,10 +267,15 @@ class WebLabeler:
       answers = labelers.check_answers(self._query, ids, given)
       record = {"query_ids": self._query.tolist(), "answers": answers.tolist()}
       if self.journal_path:
-        with open(self.journal_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-          f.flush()
-          os.fsync(f.fileno())
+        try:
+          _append_line(self.journal_path, json.dumps(record))
+        except OSError as error:
+          status = 507 if error.errno == errno.ENOSPC else 500
+          raise AnswerRejected(
+            status,
+            f"{describe_os_error(error, self.journal_path)}; the batch is NOT saved: your "
+            "answers are kept on this page, submit again once the problem is fixed",
+          ) from error
       self._journal.append(record)
       self._result = answers
       self._query = None

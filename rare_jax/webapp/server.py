@@ -1,7 +1,8 @@
 """The labeling app's HTTP server (Flask on Werkzeug's threaded server): the page and a JSON API.
 
 Every request must carry the run's access token, as `?token=` or the `X-Token` header
-(compared in constant time); without it: 401. Routes:
+(compared in constant time); without it: 401. The one exception is `/favicon.ico`, which
+browsers fetch on their own without the token: an empty 204. Routes:
 
     GET  /                  the page (static/index.html)
     GET  /app.js, /app.css  its script and style
@@ -15,14 +16,17 @@ Every request must carry the run's access token, as `?token=` or the `X-Token` h
 POST bodies are JSON objects of at most `max_request_bytes` (413 beyond). Refusals are JSON
 `{"error": ...}` with a status that says why: 400 malformed, 401 token, 404 unknown image or
 route, 405 method, 409 conflict (stale batch, answered already, nothing to undo, incomplete
-batch, no open batch), 413 too large, 422 an id or category that is not queried. Files are
+batch, no open batch), 413 too large, 422 an id or category that is not queried, 507 a disk
+full when saving a submitted batch (the answers stay on the page). Files are
 only ever reached through an image id of the run's pool: no request names a path.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import pathlib
+import socket
 import string
 import threading
 from typing import Any
@@ -67,6 +71,8 @@ def create_app(
 
   @app.before_request
   def _authenticate():
+    if flask.request.path == "/favicon.ico" and flask.request.method in ("GET", "HEAD"):
+      return flask.Response(status=204)  # no icon; asked without the token: no 401 noise
     given = flask.request.args.get("token") or flask.request.headers.get("X-Token") or ""
     if not hmac.compare_digest(given.encode(), expected):
       return _error(401, "missing or wrong access token: open the URL the server printed")
@@ -165,6 +171,36 @@ class _QuietHandler(serving.WSGIRequestHandler):
 
   def log_request(self, *args, **kwargs) -> None:
     pass
+
+
+def check_address(host: str, port: int) -> None:
+  """Fails early on an address `Server` could not serve on (it binds the same way).
+
+  Raises:
+    ValueError: a port outside 0..65535, a host that does not resolve, or one this machine
+      cannot bind (not its address, port in use, a privileged port).
+  """
+  if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    raise ValueError(f"--port={port}; expected 0..65535 (0 picks a free port)")
+  family = serving.select_address_family(host, port)
+  try:
+    address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0][4]
+  except (OSError, UnicodeError) as error:  # socket.gaierror is an OSError
+    raise ValueError(
+      f"--host={host!r} does not resolve ({error}); expected an address of this machine, "
+      "e.g. 127.0.0.1"
+    ) from None
+  with socket.socket(family, socket.SOCK_STREAM) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Werkzeug's server does
+    try:
+      probe.bind(address)
+    except OSError as error:
+      if error.errno == errno.EADDRINUSE:
+        raise ValueError(f"--port={port} is in use on {host}; expected a free port or 0") from None
+      raise ValueError(
+        f"cannot serve on --host={host!r} --port={port} ({error.strerror or error}); expected "
+        "an address of this machine (e.g. 127.0.0.1) and a port it may use"
+      ) from None
 
 
 class Server:

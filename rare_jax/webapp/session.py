@@ -29,7 +29,7 @@ from rare_jax import runner
 from rare_jax.checkpoint import CheckpointStore
 from rare_jax.data import folder
 from rare_jax.webapp import folder_run
-from rare_jax.webapp.labeler import LABELING, LabelingStopped, WebLabeler
+from rare_jax.webapp.labeler import LABELING, LabelingStopped, WebLabeler, describe_os_error
 
 # Longest side of the images the app serves (re-encoded; the originals are never sent).
 THUMBNAIL_SIZE = 256
@@ -98,9 +98,21 @@ class LabelingSession:
       self.log("labeling done: the budget is used")
     except LabelingStopped:
       pass
+    except OSError as error:  # a full or read-only disk: say so, without a traceback
+      message = describe_os_error(error)
+      self.log(f"error: {message}")
+      self.labeler.fail(f"the run stopped: {message}; then start the same command again")
     except Exception as error:  # Shown on the page; the run resumes on a restart.
       self.log(traceback.format_exc())
       self.labeler.fail(f"the run stopped: {type(error).__name__}: {error}")
+
+  def check(self) -> None:
+    """Reads the newest checkpoint now, so a damaged one is refused before serving.
+
+    Raises:
+      ValueError: a checkpoint that cannot be restored (naming it).
+    """
+    self._refresh()
 
   def _after_round(self) -> None:
     """Called before each query is published. The seam for a background deep update."""
