@@ -39,7 +39,8 @@ class DeepSettings:
 
   model: str = "resnet50"
   # Where M_pre comes from (rare_jax.m_pre): "" trains it on the related-domain split,
-  # "imagenet" loads the trunk's packaged ImageNet weights, a path loads a .pth/.safetensors.
+  # "imagenet" loads the trunk's packaged ImageNet weights, a path loads a .pth/.safetensors,
+  # "self_supervised" trains it with SimCLR on the pool (config.self_supervised).
   init: str = ""
   image_size: int | None = None  # None: the dataset's size
   channels: int | None = None  # 3 expands grayscale; None: 3 for pretrained trunks
@@ -49,6 +50,8 @@ class DeepSettings:
   # EfficientNet-Lite: the stem and the first `frozen_blocks` blocks are not trained by the
   # deep updates (0: full fine-tuning, the paper's; see README "Deviations" for the demo's).
   frozen_blocks: int = 0
+  # EfficientNet-Lite: BatchNorm keeps its running statistics during the deep updates.
+  freeze_batchnorm: bool = False
   compute_dtype: str = "float32"  # or "bfloat16" (parameters stay float32)
   batch_size: int = 128
   embed_batch_size: int = 512
@@ -70,7 +73,7 @@ class DeepSettings:
   def __post_init__(self):
     if self.model not in models.MODELS:
       raise ValueError(f"deep.model must be one of {sorted(models.MODELS)}, got {self.model!r}")
-    if self.init:
+    if self.has_pretrained_weights:
       if self.model not in pretrained.PRETRAINED:
         raise ValueError(
           f"deep.init={self.init!r} needs a trunk with pretrained weights, one of "
@@ -78,8 +81,8 @@ class DeepSettings:
         )
       if self.init != "imagenet" and not os.path.isfile(self.init):
         raise ValueError(
-          f"deep.init={self.init!r}: expected 'imagenet', '' (train M_pre on the related "
-          "split) or an existing .pth / .safetensors file"
+          f"deep.init={self.init!r}: expected 'imagenet', 'self_supervised', '' (train M_pre "
+          "on the related split) or an existing .pth / .safetensors file"
         )
       if self.channels not in (None, 3):
         raise ValueError(f"deep.channels={self.channels!r}: pretrained trunks take 3 channels")
@@ -96,9 +99,9 @@ class DeepSettings:
         raise ValueError(f"deep.{name} must be >= 1, got {getattr(self, name)!r}")
     if not 0 <= self.warmup_fraction < 1:
       raise ValueError(f"deep.warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-    if self.frozen_blocks and not self.model.startswith("efficientnet"):
+    if (self.frozen_blocks or self.freeze_batchnorm) and not self.model.startswith("efficientnet"):
       raise ValueError(
-        f"deep.frozen_blocks={self.frozen_blocks} is supported for EfficientNet-Lite trunks "
+        "deep.frozen_blocks / deep.freeze_batchnorm are supported for EfficientNet-Lite trunks "
         f"only, got deep.model={self.model!r}"
       )
     if self.main_head_init not in ("linear", "random"):
@@ -121,12 +124,21 @@ class DeepSettings:
     return cls(**values)
 
   @property
+  def has_pretrained_weights(self) -> bool:
+    """True when M_pre's weights come from a package or a file ("imagenet" or a path)."""
+    return self.init not in ("", "self_supervised")
+
+  @property
   def dtype(self):
     return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
 
   def trunk_kwargs(self) -> dict:
     if self.model.startswith("efficientnet"):
-      return {"depthwise": self.depthwise, "frozen_blocks": int(self.frozen_blocks)}
+      return {
+        "depthwise": self.depthwise,
+        "frozen_blocks": int(self.frozen_blocks),
+        "freeze_batchnorm": bool(self.freeze_batchnorm),
+      }
     return {}
 
   def trunk(self):
@@ -135,7 +147,7 @@ class DeepSettings:
   @property
   def preprocess(self) -> dict:
     """Options of `pipeline.preprocess`; a pretrained trunk's own mean/std unless set."""
-    spec = pretrained.spec(self.model) if self.init else None
+    spec = pretrained.spec(self.model) if self.has_pretrained_weights else None
     mean, std, channels = self.mean, self.std, self.channels
     if mean is None:
       mean = spec.mean if spec else 0.0
@@ -542,7 +554,10 @@ class DeepUpdater:
   def _like(self) -> train.TrainState:
     mesh = make_mesh(self.settings)
     tx = train.make_optimizer(
-      momentum=self.settings.momentum, weight_decay=self.settings.weight_decay, total_steps=1
+      momentum=self.settings.momentum,
+      weight_decay=self.settings.weight_decay,
+      total_steps=1,
+      frozen=train.frozen_mask(self.model),  # the optimizer state's structure depends on it
     )
     state, _ = train.init_sharded_state(
       jax.random.key(0, impl="rbg"),

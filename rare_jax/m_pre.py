@@ -9,6 +9,9 @@
   auxiliary head (1000 classes).
 - a path: the user's own `.pth` / `.safetensors` file for the trunk (e.g. a torchvision
   ResNet-50), used like "imagenet".
+- "self_supervised" (paper Sec. 4.4): the trunk is trained with SimCLR on the pool's images
+  without labels (`selfsup.py`, settings in `config.self_supervised`), the auxiliary labels are
+  k-means cluster ids of its pool embeddings and the auxiliary head starts from the centroids.
 
 `load(...)` returns `MPre` (the `Classifier`, its TrainState, its number of classes). A run's
 workdir records which weights it started from (`m_pre/source.json`, with the file's SHA-256)
@@ -26,7 +29,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rare_jax import deep, train
+from rare_jax import deep, selfsup, train
 from rare_jax.checkpoint import write_json_atomic
 from rare_jax.data import tasks
 from rare_jax.models import pretrained
@@ -39,7 +42,7 @@ class MPre:
   model: object
   state: train.TrainState
   num_classes: int
-  source: str  # "related_split" or "pretrained"
+  source: str  # "related_split", "pretrained" or "self_supervised"
 
 
 def source(settings: deep.DeepSettings) -> str:
@@ -111,11 +114,42 @@ def load(
   *,
   seed: int,
   log: Callable[[str], None] = print,
+  ssl: selfsup.SelfSupSettings | None = None,
 ) -> MPre:
-  """Algorithm 1's M_pre for `settings` (see the module docstring); resumable."""
+  """Algorithm 1's M_pre for `settings` (see the module docstring); resumable.
+
+  `ssl` holds the self-supervised stage's settings (defaults when None).
+  """
   if source(settings) == "pretrained":
     log(f"M_pre: {settings.model} with weights {settings.init!r} (no pretraining here)")
     model, state = load_pretrained(settings, deep.input_shape(settings, data.train), directory)
     return MPre(model, state, pretrained.spec(settings.model).num_classes, "pretrained")
+  if source(settings) == "self_supervised":
+    ssl = ssl or selfsup.SelfSupSettings()
+    model, state = selfsup.pretrain_self_supervised(
+      data.train, task.pool_ids, settings, ssl, directory, seed=seed, log=log
+    )
+    features = deep.embed(
+      model,
+      state,
+      data.train,
+      task.pool_ids,
+      os.path.join(directory, "pool_embedding"),
+      settings,
+      log=log,
+    )
+    aux_labels, centroids = selfsup.cluster_aux_labels(
+      features.features,
+      ssl.num_clusters,
+      seed=seed,
+      max_iterations=ssl.kmeans_iterations,
+      chunk_size=ssl.kmeans_chunk_size,
+    )
+    log(
+      f"M_pre: SimCLR trunk, k-means auxiliary labels: {ssl.num_clusters} clusters, "
+      f"{len(np.unique(aux_labels))} non-empty"
+    )
+    classifier, classifier_state = selfsup.classifier_from_clusters(model, state, centroids)
+    return MPre(classifier, classifier_state, ssl.num_clusters, "self_supervised")
   model, state = deep.pretrain(task, data, settings, directory, seed=seed, log=log)
   return MPre(model, state, len(np.asarray(task.related_classes)), "related_split")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import deep, m_pre, runner, stand_in, strategies
+from rare_jax import deep, m_pre, runner, selfsup, stand_in, strategies
 from rare_jax.data import sources, tasks
 
 FEATURE_KINDS = ("pixel_pca", "m_pre")
@@ -239,8 +239,11 @@ def m_pre_context(
 
   Writes `workdir/m_pre` and `workdir/features/{pool,val}`; reopening resumes or restores.
   """
+  ssl = None
+  if "self_supervised" in config:
+    ssl = selfsup.SelfSupSettings.from_config(config.self_supervised)
   start = m_pre.load(
-    task, data, settings, os.path.join(workdir, "m_pre"), seed=int(config.seed), log=log
+    task, data, settings, os.path.join(workdir, "m_pre"), seed=int(config.seed), log=log, ssl=ssl
   )
   model, state = start.model, start.state
   directory = os.path.join(workdir, "features")

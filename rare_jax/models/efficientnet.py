@@ -188,6 +188,9 @@ class EfficientNetLite(nn.Module):
   # The stem and the first `frozen_blocks` blocks are frozen: BatchNorm uses its running
   # statistics even in training and no gradient flows into them (see `frozen_modules`).
   frozen_blocks: int = 0
+  # Every BatchNorm uses its running statistics, also in training (the pretrained ones), so
+  # training sees the embedding that evaluation and the cached features see.
+  freeze_batchnorm: bool = False
 
   embedding_dim = 1280
 
@@ -211,7 +214,7 @@ class EfficientNetLite(nn.Module):
     )
     norm = functools.partial(
       nn.BatchNorm,
-      use_running_average=not train,
+      use_running_average=not train or self.freeze_batchnorm,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
