@@ -614,7 +614,8 @@ class DeepUpdater:
       start = models.init_from_pretrained(like.variables, self.m_pre_variables)
     else:
       start = load_variables(self._paths(version - 1)[0], like)
-    if self.settings.main_head_init == "linear":
+    # The fully supervised baseline has no linear models (no loop): its head starts fresh.
+    if self.settings.main_head_init == "linear" and hasattr(state, "linear"):
       start = self._linear_main_head(start, state, version - 1)
     labels = np.asarray(jax.device_get(state.labels))
     pseudo_negative = np.asarray(jax.device_get(state.pseudo_negative))
