@@ -15,6 +15,10 @@ import jax.numpy as jnp
 QUERYING_RULES = ("adaptive", "most_likely_positive")
 
 
+def _normalize_rows(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
 def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
   """Cosine similarity of every pool image to the mean of the normalised seed features.
 
@@ -25,15 +29,20 @@ def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
   Returns:
     `[C, P]` float32 scores (higher = more likely positive).
   """
-  features = features.astype(jnp.float32)
-  normalized = features * jax.lax.rsqrt(
-    jnp.maximum(jnp.sum(features * features, axis=-1, keepdims=True), 1e-12)
-  )
-  centroids = jnp.mean(normalized[seed_ids], axis=1)  # [C, D]
-  centroids = centroids * jax.lax.rsqrt(
-    jnp.maximum(jnp.sum(centroids * centroids, axis=-1, keepdims=True), 1e-12)
-  )
+  normalized = _normalize_rows(features.astype(jnp.float32))
+  centroids = _normalize_rows(jnp.mean(normalized[seed_ids], axis=1))  # [C, D]
   return centroids @ normalized.T
+
+
+def cosine_scores_to_members(features: jax.Array, members: jax.Array) -> jax.Array:
+  """`cosine_scores` with each category's seeds given as a `[C, P]` bool mask.
+
+  For code that knows the seeds only as a mask (`LoopState`: labels from round 0); equal to
+  `cosine_scores` up to float rounding when the seed ids of a category are distinct.
+  """
+  normalized = _normalize_rows(features.astype(jnp.float32))
+  sums = members.astype(jnp.float32) @ normalized  # [C, D]; the mean's scale is normalised away
+  return _normalize_rows(sums) @ normalized.T
 
 
 def query_priority(scores: jax.Array, *, labels: jax.Array, use_positive_rule: jax.Array):
@@ -61,7 +70,10 @@ def use_positive_rule(
   """Which categories query their most likely positives this round (`[C]` bool).
 
   Adaptive (paper lines 9-12): most likely positive while |L_p| < |L_n|, else the margin;
-  before any linear model exists, the cosine ranking (most likely positive).
+  where a category has no linear model yet, its cosine ranking (most likely positive).
+
+  Args:
+    has_model: `[C]` (or scalar) bool: which categories' scores come from a linear model.
   """
   if querying == "most_likely_positive":
     return jnp.ones(num_positive.shape, bool)
