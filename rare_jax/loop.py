@@ -33,7 +33,8 @@ class LoopConfig:
 
   Attributes:
     batch_size: B, images queried per category per round.
-    querying: "adaptive" (paper) or "most_likely_positive" (Tropel).
+    querying: "adaptive" (paper), "most_likely_positive" (Tropel) or "random" (B images drawn
+      uniformly from the unlabeled pool: the floor of active learning).
     pseudo_negative_factor: f_a; 0 disables pseudo-negatives.
     l2: L2 penalty of the logistic regression (sklearn's C = 1 / l2).
     max_iters: solver iteration cap per fit.
@@ -179,6 +180,9 @@ def fitted(state: LoopState) -> jax.Array:
 
 def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
   """Algorithm 1 lines 9-12: `[C, B]` pool positions to label, never already labeled ones."""
+  if config.querying == "random":
+    priority = select.random_priority(query_key(state), labels=state.labels)
+    return select.top_unlabeled(priority, config.batch_size)
   num_positive, num_negative = label_counts(state.labels)
   positive_rule = select.use_positive_rule(
     querying=config.querying,
@@ -194,6 +198,16 @@ def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
 
 def round_key(state: LoopState, round_index: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(state.seed), round_index)
+
+
+# Random querying folds this into the round's key: the pseudo-negatives of the same round draw
+# from the round key itself, and the two draws must not share random bits.
+_QUERY_STREAM = 1
+
+
+def query_key(state: LoopState) -> jax.Array:
+  """The key of the random query of the round after `state` (`fold_in(seed, round)`-derived)."""
+  return jax.random.fold_in(round_key(state, state.round + 1), _QUERY_STREAM)
 
 
 def observe(
