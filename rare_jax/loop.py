@@ -33,7 +33,8 @@ class LoopConfig:
 
   Attributes:
     batch_size: B, images queried per category per round.
-    querying: "adaptive" (paper) or "most_likely_positive" (Tropel).
+    querying: "adaptive" (paper), "most_likely_positive" (Tropel) or "random" (B images drawn
+      uniformly from the unlabeled pool: the floor of active learning).
     pseudo_negative_factor: f_a; 0 disables pseudo-negatives.
     l2: L2 penalty of the logistic regression (sklearn's C = 1 / l2).
     max_iters: solver iteration cap per fit.
@@ -73,9 +74,10 @@ class LoopState:
     label_round: int32 `[C, P]`: the round a label arrived (0 for seeds), -1 if none.
     pseudo_negative: bool `[C, P]`: this round's pseudo-negatives W_n.
     linear: the per-category logistic regressions, weights `[C, D]`, bias `[C]`.
-    has_model: bool scalar, False until the first `observe`.
-    scores: float32 `[C, P]`: the current ranking R_pos (cosine before any linear model,
-      then logits; the margin ranking R_ent is |scores| ascending).
+    has_model: bool scalar, False until the first `observe`. Which categories have a linear
+      model is `fitted(state)`: a fit needs both classes in the training set.
+    scores: float32 `[C, P]`: the current ranking R_pos (cosine before a category's first
+      linear model, then logits; the margin ranking R_ent is |scores| ascending).
   """
 
   round: jax.Array
@@ -156,12 +158,35 @@ def label_counts(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   )
 
 
+def both_classes(labels: jax.Array, pseudo_negative: jax.Array) -> jax.Array:
+  """`[C]` bool: the category's training set holds a positive and a negative.
+
+  Pseudo-negatives count as negatives. A logistic regression fitted on one class only is
+  degenerate (sklearn refuses it): the bias runs away and the weights shrink towards 0, so the
+  float32 scores collapse to a few values and top-k ties fall back to pool order.
+  """
+  negative = jnp.logical_or(labels == 0, pseudo_negative)
+  return jnp.logical_and(jnp.any(labels == 1, axis=-1), jnp.any(negative, axis=-1))
+
+
+def fitted(state: LoopState) -> jax.Array:
+  """`[C]` bool: which categories' scores come from a linear model (else the cosine ranking).
+
+  Derived from the state rather than stored, so checkpoints keep their layout: the current
+  model was fitted on `labels` and `pseudo_negative`, and only where both classes were there.
+  """
+  return jnp.logical_and(state.has_model, both_classes(state.labels, state.pseudo_negative))
+
+
 def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
   """Algorithm 1 lines 9-12: `[C, B]` pool positions to label, never already labeled ones."""
+  if config.querying == "random":
+    priority = select.random_priority(query_key(state), labels=state.labels)
+    return select.top_unlabeled(priority, config.batch_size)
   num_positive, num_negative = label_counts(state.labels)
   positive_rule = select.use_positive_rule(
     querying=config.querying,
-    has_model=state.has_model,
+    has_model=fitted(state),
     num_positive=num_positive,
     num_negative=num_negative,
   )
@@ -173,6 +198,16 @@ def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
 
 def round_key(state: LoopState, round_index: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(state.seed), round_index)
+
+
+# Random querying folds this into the round's key: the pseudo-negatives of the same round draw
+# from the round key itself, and the two draws must not share random bits.
+_QUERY_STREAM = 1
+
+
+def query_key(state: LoopState) -> jax.Array:
+  """The key of the random query of the round after `state` (`fold_in(seed, round)`-derived)."""
+  return jax.random.fold_in(round_key(state, state.round + 1), _QUERY_STREAM)
 
 
 def observe(
@@ -212,18 +247,20 @@ def observe(
   else:
     pseudo_negative = jnp.zeros_like(state.pseudo_negative)
 
-  warm = jax.tree.map(lambda w: jnp.where(state.has_model, w, jnp.zeros_like(w)), state.linear)
+  warm = _where_fitted(fitted(state), state.linear, jax.tree.map(jnp.zeros_like, state.linear))
+  fit = both_classes(labels, pseudo_negative)
   model, scores = _fit_and_score(
-    labels, pseudo_negative, features, warm, config=config, train_size=train_size
+    labels, pseudo_negative, features, warm, fit, config=config, train_size=train_size
   )
+  # A category still without both classes keeps its previous model and ranking.
   return state.replace(
     round=next_round,
     labels=labels,
     label_round=label_round,
     pseudo_negative=pseudo_negative,
-    linear=model,
+    linear=_where_fitted(fit, model, state.linear),
     has_model=jnp.ones((), bool),
-    scores=scores,
+    scores=jnp.where(fit[:, None], scores, state.scores),
   )
 
 
@@ -233,22 +270,45 @@ def refit(
   """Refits the linear models on new features (after a deep update re-embedded the pool).
 
   Same training set (labels and this round's pseudo-negatives), cold start: the old weights
-  live in another feature space. Rankings are recomputed on the new features.
+  live in another feature space. Rankings are recomputed on the new features: the linear
+  model's where the training set holds both classes, else the cosine ranking to the seeds.
   """
+  fit = both_classes(state.labels, state.pseudo_negative)
+  zeros = jax.tree.map(jnp.zeros_like, state.linear)
   model, scores = _fit_and_score(
     state.labels,
     state.pseudo_negative,
     features,
-    jax.tree.map(jnp.zeros_like, state.linear),
+    zeros,
+    fit,
     config=config,
     train_size=train_size,
   )
-  return state.replace(linear=model, has_model=jnp.ones((), bool), scores=scores)
+  seeds = jnp.logical_and(state.label_round == 0, state.labels == 1)
+  cosine = select.cosine_scores_to_members(features, seeds)
+  return state.replace(
+    linear=_where_fitted(fit, model, zeros),
+    has_model=jnp.ones((), bool),
+    scores=jnp.where(fit[:, None], scores, cosine),
+  )
 
 
-def _fit_and_score(labels, pseudo_negative, features, init, *, config, train_size):
-  """Algorithm 1 lines 15-18: fit on L_p (1), L_n and W_n (0); score the pool in one pass."""
+def _where_fitted(fit: jax.Array, model: linear.LinearModel, other: linear.LinearModel):
+  """Per category (`fit` `[C]` bool), `model`'s weights and bias, else `other`'s."""
+  return jax.tree.map(
+    lambda a, b: jnp.where(fit.reshape(fit.shape + (1,) * (a.ndim - 1)), a, b), model, other
+  )
+
+
+def _fit_and_score(labels, pseudo_negative, features, init, fit, *, config, train_size):
+  """Algorithm 1 lines 15-18: fit on L_p (1), L_n and W_n (0); score the pool in one pass.
+
+  Categories where `fit` (`[C]` bool) is False get no examples (their one-class fit would be
+  degenerate and, running to `max_iters`, would hold up the batched solver); the caller keeps
+  another model for them.
+  """
   ids, valid = training_set(labels, pseudo_negative, train_size)
+  valid = jnp.logical_and(valid, fit[:, None])
   targets = (jnp.take_along_axis(labels, ids, axis=-1) == 1).astype(jnp.float32)
   model = linear.fit_logistic_batched(
     features[ids],

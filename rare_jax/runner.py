@@ -31,8 +31,9 @@ from rare_jax import fingerprint, labelers, linear, loop, metrics
 from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
-# querying: the query rule; pseudo_negatives: whether W_n is drawn; deep_updates: whether the
-# deep model is retrained every Q rounds (frozen-feature strategies keep M_pre's features).
+# querying: the query rule (`select.QUERYING_RULES`); pseudo_negatives: whether W_n is drawn;
+# deep_updates: whether the deep model is retrained every Q rounds (frozen-feature strategies
+# keep M_pre's features).
 # Optional keys (defaults in `_SPEC_DEFAULTS`):
 #   pseudo_positives: None, "kd_semi" or "deep_prop" (rare_jax.strategies adds them to the
 #     deep update's training set); threshold: KD-Semi's probability threshold;
@@ -73,6 +74,8 @@ STRATEGIES = {
   },
   "deep_prop": _spec(**_OURS, pseudo_positives="deep_prop"),
   "fully_supervised": _spec(**_OURS, kind="fully_supervised"),
+  # The floor of active learning (not in the paper): ours_linear but for the query rule.
+  "random": _spec(querying="random", pseudo_negatives=True, deep_updates=False),
   # Ablations (paper Sec. 4.3).
   "no_pseudo_neg": _spec(querying="adaptive", pseudo_negatives=False, deep_updates=True),
   "no_bg_split": _spec(**_OURS, aux_weight=0.0),

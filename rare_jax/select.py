@@ -1,4 +1,4 @@
-"""Rankings, the adaptive query rule and pseudo-negatives (paper Algorithm 1, lines 3-4, 9-14).
+"""Rankings, the query rules and pseudo-negatives (paper Algorithm 1, lines 3-4, 9-14).
 
 Everything here is pure and jittable, works on `[C, P]` score arrays (C categories of a group,
 P images in the pool) and touches each array a bounded number of times: top-k instead of full
@@ -11,8 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Querying rules. "adaptive": paper lines 9-12; "most_likely_positive": Tropel's rule.
-QUERYING_RULES = ("adaptive", "most_likely_positive")
+# Querying rules. "adaptive": paper lines 9-12; "most_likely_positive": Tropel's rule;
+# "random": uniform over the unlabeled pool (the floor of active learning, not in the paper).
+QUERYING_RULES = ("adaptive", "most_likely_positive", "random")
+
+
+def _normalize_rows(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
@@ -25,15 +30,20 @@ def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
   Returns:
     `[C, P]` float32 scores (higher = more likely positive).
   """
-  features = features.astype(jnp.float32)
-  normalized = features * jax.lax.rsqrt(
-    jnp.maximum(jnp.sum(features * features, axis=-1, keepdims=True), 1e-12)
-  )
-  centroids = jnp.mean(normalized[seed_ids], axis=1)  # [C, D]
-  centroids = centroids * jax.lax.rsqrt(
-    jnp.maximum(jnp.sum(centroids * centroids, axis=-1, keepdims=True), 1e-12)
-  )
+  normalized = _normalize_rows(features.astype(jnp.float32))
+  centroids = _normalize_rows(jnp.mean(normalized[seed_ids], axis=1))  # [C, D]
   return centroids @ normalized.T
+
+
+def cosine_scores_to_members(features: jax.Array, members: jax.Array) -> jax.Array:
+  """`cosine_scores` with each category's seeds given as a `[C, P]` bool mask.
+
+  For code that knows the seeds only as a mask (`LoopState`: labels from round 0); equal to
+  `cosine_scores` up to float rounding when the seed ids of a category are distinct.
+  """
+  normalized = _normalize_rows(features.astype(jnp.float32))
+  sums = members.astype(jnp.float32) @ normalized  # [C, D]; the mean's scale is normalised away
+  return _normalize_rows(sums) @ normalized.T
 
 
 def query_priority(scores: jax.Array, *, labels: jax.Array, use_positive_rule: jax.Array):
@@ -49,6 +59,24 @@ def query_priority(scores: jax.Array, *, labels: jax.Array, use_positive_rule: j
   return jnp.where(labels < 0, priority, -jnp.inf)
 
 
+def random_priority(key: jax.Array, *, labels: jax.Array) -> jax.Array:
+  """Uniform random priorities for the unlabeled images, below all of them for labeled ones.
+
+  Top-k of these is a uniform draw without replacement from each category's unlabeled pool.
+  31 random bits per image (int32, labeled images -1): float32 uniforms have only 23, so ties,
+  which top-k breaks towards low pool positions, would be 256 times more frequent.
+
+  Args:
+    key: PRNG key of this round's query.
+    labels: `[C, P]` int labels, -1 where unknown.
+
+  Returns:
+    `[C, P]` int32 priorities.
+  """
+  bits = jax.random.bits(key, labels.shape, jnp.uint32) >> 1
+  return jnp.where(labels < 0, bits.astype(jnp.int32), -1)
+
+
 def top_unlabeled(priority: jax.Array, num: int) -> jax.Array:
   """The `num` highest-priority pool positions per category, `[C, num]` int32."""
   _, ids = jax.lax.top_k(priority, num)
@@ -61,10 +89,15 @@ def use_positive_rule(
   """Which categories query their most likely positives this round (`[C]` bool).
 
   Adaptive (paper lines 9-12): most likely positive while |L_p| < |L_n|, else the margin;
-  before any linear model exists, the cosine ranking (most likely positive).
+  where a category has no linear model yet, its cosine ranking (most likely positive).
+
+  Args:
+    has_model: `[C]` (or scalar) bool: which categories' scores come from a linear model.
   """
   if querying == "most_likely_positive":
     return jnp.ones(num_positive.shape, bool)
+  if querying == "random":
+    raise ValueError("querying='random' ranks nothing: query with random_priority")
   if querying != "adaptive":
     raise ValueError(f"querying must be one of {QUERYING_RULES}, got {querying!r}")
   return jnp.logical_or(jnp.logical_not(has_model), num_positive < num_negative)

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rare_jax import labelers, loop, runner, select, workdirs
+from rare_jax import labelers, linear, loop, runner, select, workdirs
 from rare_jax.checkpoint import CheckpointStore
 
 POOL, DIM, CATEGORIES, SEEDS = 600, 8, 2, 5
@@ -120,6 +120,83 @@ def test_tropel_never_pseudo_labels_and_queries_top(problem, engines):
       np.testing.assert_allclose(np.sort(scores[c, ids[c]]), np.sort(scores[c])[-4:])
 
 
+@pytest.fixture(scope="module")
+def positives_first():
+  """Category 0's cosine top is all positives (at the end of the pool, so pool order differs);
+  category 1's first batch holds a negative."""
+  rng = np.random.default_rng(0)
+  truth = np.zeros((CATEGORIES, 300), bool)
+  truth[0, 280:292] = True
+  truth[1, ::25] = True
+  features = rng.normal(size=(300, DIM)).astype(np.float32)
+  features[280:292, 0] += 6.0
+  features[::25, 1] += 1.0
+  seed_ids = np.stack([280 + np.arange(SEEDS), 25 * np.arange(SEEDS)]).astype(np.int32)
+  return jnp.asarray(features), seed_ids, truth
+
+
+@pytest.mark.parametrize("querying", ["most_likely_positive", "adaptive"])  # Tropel, No-Pseudo-Neg
+def test_one_class_category_keeps_the_cosine_ranking_until_a_negative(positives_first, querying):
+  features, seed_ids, truth = positives_first
+  engine = runner.Engine(
+    loop.LoopConfig(batch_size=4, querying=querying, pseudo_negative_factor=0.0)
+  )
+  labeler = labelers.SimulatedLabeler(truth)
+  start = loop.init(features, seed_ids, seed=0)
+  cosine = np.asarray(start.scores)
+  ids = np.asarray(engine.query(start))
+  answers = labeler.answer(ids)
+  assert answers[0].all() and not answers[1].all()
+  first = engine.step(start, ids, answers, features)
+  # Category 0 has one class: no model (a fit would be degenerate), its ranking kept exactly.
+  np.testing.assert_array_equal(loop.fitted(first), [False, True])
+  np.testing.assert_array_equal(first.scores[0], cosine[0])
+  assert not np.asarray(first.linear.weights[0]).any() and float(first.linear.bias[0]) == 0.0
+  assert np.asarray(first.linear.weights[1]).any()
+  assert not np.array_equal(first.scores[1], cosine[1])
+  # Its next queries follow the cosine ranking (most likely positive), not pool order.
+  ids = np.asarray(engine.query(first))
+  unlabeled = np.asarray(first.labels[0]) < 0
+  top = np.argsort(-np.where(unlabeled, cosine[0], -np.inf), kind="stable")[:4]
+  np.testing.assert_array_equal(np.sort(ids[0]), np.sort(top))
+  assert (ids[0] >= 280).sum() == 3  # three of the remaining positives
+  answers = labeler.answer(ids)
+  assert not answers[0].all()
+  # A negative arrived: a model is fitted and ranks the pool (many distinct scores).
+  second = engine.step(first, ids, answers, features)
+  np.testing.assert_array_equal(loop.fitted(second), [True, True])
+  assert np.abs(np.asarray(second.linear.weights[0])).max() > 0.1
+  assert len(np.unique(np.asarray(second.scores[0]))) > 250
+  assert engine.compilations() == 2
+
+
+def test_refit_keeps_the_cosine_ranking_of_one_class_categories(positives_first):
+  features, seed_ids, truth = positives_first
+  engine = runner.Engine(
+    loop.LoopConfig(batch_size=4, querying="most_likely_positive", pseudo_negative_factor=0.0)
+  )
+  start = loop.init(features, seed_ids, seed=0)
+  ids = np.asarray(engine.query(start))
+  state = engine.step(start, ids, labelers.SimulatedLabeler(truth).answer(ids), features)
+  assert np.asarray(loop.fitted(state)).tolist() == [False, True]
+  rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(DIM, DIM)))[0]
+  new_features = jnp.asarray(np.asarray(features) @ rotation.astype(np.float32) + 0.5)
+  refitted = engine.refit_on(state, new_features)
+  np.testing.assert_array_equal(loop.fitted(refitted), [False, True])
+  assert not np.asarray(refitted.linear.weights[0]).any() and float(refitted.linear.bias[0]) == 0
+  # The cosine ranking to the seeds on the new features (the old scores are in another space).
+  np.testing.assert_allclose(
+    refitted.scores[0], select.cosine_scores(new_features, jnp.asarray(seed_ids))[0], atol=1e-6
+  )
+  assert not np.allclose(refitted.scores[0], state.scores[0], atol=1e-3)
+  np.testing.assert_allclose(
+    refitted.scores[1],
+    np.asarray(linear.decision_function(new_features, refitted.linear)).T[1],
+    rtol=1e-6,
+  )
+  assert np.asarray(refitted.linear.weights[1]).any()
+
+
 def test_no_retrace_across_rounds(problem):
   engine = runner.Engine(
     loop.LoopConfig(batch_size=4, querying="most_likely_positive", pseudo_negative_factor=0.0)
@@ -159,7 +236,7 @@ def test_checkpoint_round_trip_is_exact(problem, engines, tmp_path):
   [
     (dict(batch_size=0), "batch_size"),
     (dict(pseudo_negative_factor=-1.0), "pseudo_negative_factor"),
-    (dict(querying="random"), "querying"),
+    (dict(querying="uncertainty"), "querying"),
     (dict(l2=0.0), "l2"),
   ],
 )

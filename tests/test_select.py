@@ -45,13 +45,14 @@ def test_adaptive_switch():
     num_negative=num_negative,
   )
   np.testing.assert_array_equal(tropel, [True] * 4)
-  with pytest.raises(ValueError, match="querying must be one of"):
-    select.use_positive_rule(
-      querying="random",
-      has_model=jnp.array(True),
-      num_positive=num_positive,
-      num_negative=num_negative,
-    )
+  for querying, match in (("uncertainty", "querying must be one of"), ("random", "ranks nothing")):
+    with pytest.raises(ValueError, match=match):
+      select.use_positive_rule(
+        querying=querying,
+        has_model=jnp.array(True),
+        num_positive=num_positive,
+        num_negative=num_negative,
+      )
 
 
 def test_query_priority_positive_and_margin_never_requery():

@@ -16,7 +16,17 @@ import numpy as np
 import pytest
 from synthetic import synthetic_images
 
-from rare_jax import deep, labelers, loop, losses, pseudo_labels, runner, strategies, workdirs
+from rare_jax import (
+  compare,
+  deep,
+  labelers,
+  loop,
+  losses,
+  pseudo_labels,
+  runner,
+  strategies,
+  workdirs,
+)
 from rare_jax.data import tasks
 
 quiet = lambda _: None
@@ -148,6 +158,110 @@ def test_no_pseudo_neg_queries_adaptively_without_pseudo_negatives(problem):
   )
   _, ours = run_loop("ours_linear", problem, 1)
   assert np.asarray(ours.pseudo_negative).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Random: ours_linear with B images drawn uniformly from the unlabeled pool (the floor).
+
+
+def test_random_is_ours_linear_but_for_the_query_rule():
+  config = base_config()
+  ours = runner.loop_config(config, "ours_linear")
+  assert runner.loop_config(config, "random") == dataclasses.replace(ours, querying="random")
+  assert runner.STRATEGIES["random"] == dict(runner.STRATEGIES["ours_linear"], querying="random")
+  assert "random" in compare.FIGURE_3
+
+
+def test_random_queries_uniformly_not_by_the_ranking(problem):
+  features, seed_ids, truth = problem
+  engine = runner.Engine(runner.loop_config(base_config(batch_size=4), "random"))
+  start = loop.init(features, seed_ids, seed=0)
+  labels = np.asarray(start.labels)
+  # Where each unlabeled image stands in the cosine ranking: 0 = most likely positive.
+  order = np.argsort(-np.where(labels < 0, np.asarray(start.scores), -np.inf), axis=1)
+  rank = np.argsort(order, axis=1)
+  unlabeled = (labels < 0).sum(1)
+  draws = np.stack(
+    [np.asarray(engine.query(start.replace(seed=jnp.uint32(s)))) for s in range(250)]
+  )
+  for c in range(2):
+    ids = draws[:, c]  # [seeds, B]
+    assert (labels[c, ids] < 0).all()  # never a seed
+    assert all(len(set(row)) == 4 for row in ids)  # B distinct images
+    quarters = np.bincount(4 * rank[c, ids.ravel()] // unlabeled[c], minlength=4)
+    assert quarters.sum() == 1000 and (np.abs(quarters - 250) < 60).all(), quarters  # 4.4 sigma
+    assert (rank[c, ids] < 4).mean() < 0.05  # Tropel's rule would give 1.0
+  steps, final = run_loop("random", problem, 4)
+  for state, ids in steps:
+    assert not np.array_equal(np.sort(ids, axis=1), most_likely_positive(state, 4))
+    margin = np.where(np.asarray(state.labels) < 0, -np.abs(np.asarray(state.scores)), -np.inf)
+    assert not np.array_equal(np.sort(ids, axis=1), np.sort(np.argsort(-margin)[:, :4], axis=1))
+  assert all(np.asarray(state.pseudo_negative).any() for state, _ in steps[1:])  # as ours
+  assert engine.compilations() == 1  # other seeds: the same compiled query
+
+
+def test_random_never_requeries_and_is_exact_per_seed(problem, tmp_path):
+  features, seed_ids, truth = problem
+  engine = runner.Engine(runner.loop_config(base_config(batch_size=4), "random"))
+  state = loop.init(features, seed_ids, seed=0)
+  # Only 5 images per category left unlabeled: every query lies among them, each one drawn.
+  left = np.stack([np.arange(100, 105), np.arange(200, 205)])
+  labels = np.zeros((2, POOL), np.int8)
+  labels[np.arange(2)[:, None], left] = -1
+  state = state.replace(labels=jnp.asarray(labels))
+  seen = set()
+  for seed in range(20):
+    ids = np.asarray(engine.query(state.replace(seed=jnp.uint32(seed))))
+    assert np.isin(ids, left).all(axis=None) and all(len(set(row)) == 4 for row in ids)
+    seen.update(ids[0].tolist())
+  assert seen == set(left[0].tolist())
+  # Over rounds no image is asked twice; the same seed asks the same, another seed others.
+  steps, _ = run_loop("random", problem, 6)
+  asked = np.concatenate([ids for _, ids in steps], axis=1)
+  assert all(len(set(row)) == row.size for row in asked)
+  again, _ = run_loop("random", problem, 6)
+  np.testing.assert_array_equal(asked, np.concatenate([ids for _, ids in again], axis=1))
+  assert not np.array_equal(
+    engine.query(steps[2][0]), engine.query(steps[2][0].replace(seed=jnp.uint32(1)))
+  )
+  # Resumed after round 2, the run ends in exactly the state of an uninterrupted one; replay
+  # (checkpoint 0 plus the recorded answers) recomputes every query.
+  config = base_config(batch_size=4, rounds_per_update=4)
+
+  def run(name, **kwargs):
+    return runner.run_strategy(
+      run_dir=str(tmp_path / name),
+      config=config,
+      strategy="random",
+      features=features,
+      val_features=features,
+      seed_ids=seed_ids,
+      val_ground_truth=truth,
+      labeler=labelers.SimulatedLabeler(truth),
+      log=quiet,
+      engine=engine,
+      **kwargs,
+    )
+
+  whole = run("whole")
+  run("resumed", stop_after=2)
+  resumed = run("resumed")
+  assert [r["positives_found"] for r in resumed] == [r["positives_found"] for r in whole]
+  for name in ("whole", "resumed"):
+    answers = [json.loads(line) for line in (tmp_path / name / "answers.jsonl").open()]
+    assert len(answers) == 4
+  assert (tmp_path / "whole" / "answers.jsonl").read_text() == (
+    tmp_path / "resumed" / "answers.jsonl"
+  ).read_text()
+  for name in ("whole", "resumed"):
+    assert runner.replay_strategy(
+      run_dir=str(tmp_path / name),
+      config=config,
+      strategy="random",
+      features=features,
+      seed_ids=seed_ids,
+      log=quiet,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

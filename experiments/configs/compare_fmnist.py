@@ -5,7 +5,7 @@ r"""The paper's comparisons on the embedded default (Fashion-MNIST), sized for a
 
 Two groups of 5 rare categories cover all 10 classes (each group's M_pre is pretrained on the
 other 5 classes), 3 seeds: 6 workdirs, each with its own task, M_pre and features shared by
-its 13 strategies. Settings are the demo's (experiments/configs/demo.py: N=2, Q=5, B=10,
+its 14 strategies. Settings are the demo's (experiments/configs/demo.py: N=2, Q=5, B=10,
 f_a=100, resnet_tiny at 28x28), except what was cut to fit about 75 minutes on 2 cores:
 E=1 epoch per deep update (paper 15), 2 pretraining epochs, fully supervised 2 epochs
 (paper 50), at most 200 pseudo-positives per category, KD-Semi at 0.98 only (0.9 and 0.95 are
@@ -27,6 +27,7 @@ def get_config(arg=None):
     "ours",
     "tropel",
     "ours_linear",
+    "random",
     "tropel_deep",
     "kd_semi",
     "deep_prop",
