@@ -3,11 +3,12 @@ r"""Pretrains M_pre and caches its features: `python -m rare_jax.pretrain`.
     python -m rare_jax.pretrain --config=experiments/configs/demo.py --workdir=runs/demo
 
 Algorithm 1 lines 1-2 on their own: builds (or reloads) the task, gets M_pre as
-config.deep.init says (rare_jax/m_pre.py: pretrained weights, training on the task's
-related-domain split, or the self-supervised stage), and embeds the pool (with M_pre's hard predictions, the
-auxiliary labels) and the validation set into WORKDIR/features. `rare_jax.run` with the same
-config and workdir then starts from these files instead of training again. Interrupted, it
-resumes from the last epoch's checkpoint and the feature stores' recorded progress.
+config.deep.init says (rare_jax/m_pre.py: pretrained weights, training on the task's related-
+domain split, or the self-supervised stage), and embeds the pool (with M_pre's hard
+predictions, the auxiliary labels) and the validation set into WORKDIR/features. `rare_jax.run`
+with the same config and workdir then starts from these files instead of training again.
+Interrupted, it resumes from the last epoch's checkpoint and the feature stores' recorded
+progress.
 """
 
 from __future__ import annotations

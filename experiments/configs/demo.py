@@ -7,12 +7,12 @@ Launch (or simply `make demo`):
 Pool: half of the 60,000 training images; Trouser, Sandal and Bag are made rare (0.2% of the
 pool each, about 42 images). M_pre is EfficientNet-Lite0 with its ImageNet weights (the paper's
 setting: an ImageNet model, here applied to another dataset), on the 28x28 images upsampled to
-48x48 as 3 channels; the deep updates train its last 5 blocks with BatchNorm statistics kept and
-the main head started from the linear models (README, "Deviations from the paper"). Strategies: `ours` (adaptive
-queries, pseudo-negatives, a background-splitting deep update every Q=5 rounds with
-re-embedding), `ours_linear` (the same on M_pre's frozen features) and `tropel`. N=2 feature
-updates x Q=5 rounds x B=10 queries per category. Expected run time: about 10 minutes on a
-2-core CPU after set-up (measured 588 s, 2026-12-02).
+48x48 as 3 channels; the deep updates train its last 5 blocks with BatchNorm statistics kept
+and the main head started from the linear models (README, "Deviations from the paper").
+Strategies: `ours` (adaptive queries, pseudo-negatives, a background-splitting deep update
+every Q=5 rounds with re-embedding), `ours_linear` (the same on M_pre's frozen features) and
+`tropel`. N=2 feature updates x Q=5 rounds x B=10 queries per category. Expected run time:
+about 10 minutes on a 2-core CPU after set-up (measured 588 s, 2026-12-02).
 """
 
 import ml_collections
