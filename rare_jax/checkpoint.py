@@ -124,3 +124,25 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def record_or_check(path: str | os.PathLike, record: dict, *, what: str) -> None:
+  """Writes `record` as JSON at `path`, or, if the file exists, refuses a different record.
+
+  Raises:
+    ValueError: the file is corrupt, or it records other values (naming the differing keys
+      and `what` the file describes); the file is left as it was.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    write_json_atomic(path, record)
+    return
+  with open(path) as f:
+    try:
+      existing = json.load(f)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{path} is not valid JSON ({error}); refusing to reuse it") from None
+  if existing != record:
+    differing = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
+    detail = ", ".join(f"{k}: {existing.get(k)!r} -> {record.get(k)!r}" for k in differing[:5])
+    raise ValueError(f"{path} records another {what} (differs in {detail}); use a new workdir")

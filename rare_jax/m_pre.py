@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ import jax
 import numpy as np
 
 from rare_jax import deep, selfsup, train
-from rare_jax.checkpoint import write_json_atomic
+from rare_jax.checkpoint import record_or_check
 from rare_jax.data import tasks
 from rare_jax.models import pretrained
 
@@ -58,33 +57,16 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _check_source(directory: str, record: dict) -> None:
-  path = os.path.join(directory, "source.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        previous = json.load(f)
-      except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is corrupt ({error}); delete it to start again") from None
-    if previous != record:
-      differing = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
-      raise ValueError(
-        f"{directory} was started from other M_pre weights (differing: {differing}; "
-        f"recorded {previous}, now {record}); use a new workdir"
-      )
-    return
-  os.makedirs(directory, exist_ok=True)
-  write_json_atomic(path, record)
-
-
 def load_pretrained(settings: deep.DeepSettings, input_shape: tuple[int, ...], directory: str):
   """M_pre from pretrained weights, as a TrainState on the settings' mesh."""
   weights = (
     pretrained.weights_path(settings.model) if settings.init == "imagenet" else settings.init
   )
-  _check_source(
-    directory,
+  # The cached features were made with these weights: a changed file must not be mixed in.
+  record_or_check(
+    os.path.join(directory, "source.json"),
     {"model": settings.model, "init": settings.init, "sha256": _sha256(weights)},
+    what="M_pre (pretrained weights)",
   )
   model, variables = pretrained.load_classifier(
     settings.model, weights, dtype=settings.dtype, **settings.trunk_kwargs()
