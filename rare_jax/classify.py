@@ -82,22 +82,10 @@ class ImageNetClassifier:
     ]
 
 
-_MODEL = flags.DEFINE_string(
-  "model", "efficientnet_lite0", "Pretrained trunk: " + ", ".join(sorted(pretrained.PRETRAINED))
-)
-_INIT = flags.DEFINE_string(
-  "init", "imagenet", "'imagenet' (the packaged weights) or a .pth / .safetensors file."
-)
-_TOP = flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
-
-
-def main(argv: Sequence[str]) -> int:
-  logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO
-  paths = list(argv[1:])
-  if not paths:
-    raise app.UsageError("give one or more image files: python -m rare_jax.classify IMAGE...")
+def classify_files(paths: Sequence[str], *, model: str, init: str = "imagenet", top: int = 5):
+  """Prints the `top` classes of each image file; returns the exit status (1 if any failed)."""
   try:
-    classifier = ImageNetClassifier(_MODEL.value, _INIT.value)
+    classifier = ImageNetClassifier(model, init)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
@@ -110,14 +98,30 @@ def main(argv: Sequence[str]) -> int:
       print(f"error: {error}", file=sys.stderr)
       failed += 1
       continue
-    (top,) = classifier.top_k(crop[None], k=_TOP.value)
+    (best,) = classifier.top_k(crop[None], k=top)
     print(path.encode("utf-8", "backslashreplace").decode("utf-8"))
-    for name, prob in top:
+    for name, prob in best:
       print(f"  {prob:6.1%}  {name}")
   return 1 if failed else 0
 
 
+def main(argv: Sequence[str]) -> int:
+  logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO
+  paths = list(argv[1:])
+  if not paths:
+    raise app.UsageError("give one or more image files: python -m rare_jax.classify IMAGE...")
+  return classify_files(paths, model=flags.FLAGS.model, init=flags.FLAGS.init, top=flags.FLAGS.top)
+
+
 def run():
+  # Flags are defined when the command runs, not on import (see rare_jax.export).
+  flags.DEFINE_string(
+    "model", "efficientnet_lite0", "Pretrained trunk: " + ", ".join(sorted(pretrained.PRETRAINED))
+  )
+  flags.DEFINE_string(
+    "init", "imagenet", "'imagenet' (the packaged weights) or a .pth / .safetensors file."
+  )
+  flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
   app.run(lambda argv: sys.exit(main(argv)))
 
 

@@ -119,12 +119,16 @@ def write_labels(out: str, manifest: dict, labels: list[dict[str, Any]], fmt: st
     raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A labeling workdir (python -m rare_jax.label).")
-_OUT = flags.DEFINE_string("out", None, "The file to write (labels.csv or labels.json).")
-_FORMAT = flags.DEFINE_enum(
-  "format", None, list(FORMATS), "csv or json (default: from --out's extension; .json or CSV)."
-)
-flags.mark_flags_as_required(["workdir", "out"])
+def _define_flags():
+  """The command's flags, defined when it runs: importing this module for its functions (the
+  tests, other tools) must not claim flag names that other commands define too."""
+  global _WORKDIR, _OUT, _FORMAT
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A labeling workdir (python -m rare_jax.label).")
+  _OUT = flags.DEFINE_string("out", None, "The file to write (labels.csv or labels.json).")
+  _FORMAT = flags.DEFINE_enum(
+    "format", None, list(FORMATS), "csv or json (default: from --out's extension; .json or CSV)."
+  )
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
@@ -153,6 +157,7 @@ def main(argv):
 
 
 def run():
+  _define_flags()
   app.run(main)
 
 

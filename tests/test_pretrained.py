@@ -158,19 +158,16 @@ def test_classify_cli(tmp_path, photos, capsys):
   cat = tmp_path / "cat.jpg"
   Image.fromarray(photos["cat"]).save(cat)
   (tmp_path / "broken.png").write_bytes(b"not an image")
-  from absl import flags
-
-  flags.FLAGS(["classify", "--model=efficientnet_lite0"])
-  status = classify.main(["classify", str(cat), str(tmp_path / "broken.png")])
+  status = classify.classify_files(
+    [str(cat), str(tmp_path / "broken.png")], model="efficientnet_lite0"
+  )
   out, err = capsys.readouterr()
   assert status == 1  # one image could not be read
   assert "cat.jpg" in out and "cat" in out.split("cat.jpg", 1)[1]
   assert len(out.strip().splitlines()) == 6  # the path and five classes
   assert "broken.png: not a readable image" in err
-  flags.FLAGS(["classify", "--model=vgg16"])
-  assert classify.main(["classify", str(cat)]) == 1
+  assert classify.classify_files([str(cat)], model="vgg16") == 1
   assert "vgg16" in capsys.readouterr().err
-  flags.FLAGS.unparse_flags()
 
 
 # --- ResNet importers: torchvision / timm / Hugging Face names --------------------------------
@@ -318,3 +315,23 @@ def test_resnet_import_refuses_missing_and_foreign_tensors(tmp_path):
   with pytest.raises(ValueError, match="resnet50"):
     pretrained.load_classifier("resnet50", str(tmp_path / "r18.safetensors"))
   assert os.path.exists(tmp_path / "r18.safetensors")
+
+
+def test_classify_command_line(tmp_path, photos):
+  import subprocess
+  import sys
+
+  cat = tmp_path / "cat.png"
+  Image.fromarray(photos["cat"]).save(cat)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  command = [sys.executable, "-m", "rare_jax.classify"]
+  done = subprocess.run(
+    [*command, "--top=2", str(cat)], capture_output=True, text=True, env=env, timeout=300
+  )
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.strip().splitlines()
+  assert lines[0].endswith("cat.png") and len(lines) == 3 and "cat" in lines[1]
+  done = subprocess.run(
+    [*command, "--model=vgg16", str(cat)], capture_output=True, text=True, env=env, timeout=300
+  )
+  assert done.returncode == 1 and "vgg16" in done.stderr
