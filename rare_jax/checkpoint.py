@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -126,8 +127,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     raise
 
 
-def record_or_check(path: str | os.PathLike, record: dict, *, what: str) -> None:
+def record_or_check(
+  path: str | os.PathLike,
+  record: dict,
+  *,
+  what: str,
+  refusal: Callable[[list[str]], str] | None = None,
+) -> None:
   """Writes `record` as JSON at `path`, or, if the file exists, refuses a different record.
+
+  `refusal(differing keys)` words the error instead of the default message.
 
   Raises:
     ValueError: the file is corrupt, or it records other values (naming the differing keys
@@ -144,5 +153,7 @@ def record_or_check(path: str | os.PathLike, record: dict, *, what: str) -> None
       raise ValueError(f"{path} is not valid JSON ({error}); refusing to reuse it") from None
   if existing != record:
     differing = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
+    if refusal is not None:
+      raise ValueError(refusal(differing))
     detail = ", ".join(f"{k}: {existing.get(k)!r} -> {record.get(k)!r}" for k in differing[:5])
     raise ValueError(f"{path} records another {what} (differs in {detail}); use a new workdir")

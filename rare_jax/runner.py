@@ -18,7 +18,6 @@ so the resumed run ends in exactly the state of an uninterrupted one.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rare_jax import fingerprint, labelers, linear, loop, metrics
-from rare_jax.checkpoint import CheckpointStore, write_json_atomic
+from rare_jax.checkpoint import CheckpointStore, record_or_check
 
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
 # querying: the query rule (`select.QUERYING_RULES`); pseudo_negatives: whether W_n is drawn;
@@ -362,23 +361,15 @@ def _round_record(state, round_index, config, val_features, val_ground_truth) ->
 
 def write_config(workdir: str, config_json: dict) -> None:
   """Records the run's config; refuses a workdir that holds a run of another config."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        existing = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); refusing to reuse {workdir}") from e
-    if existing != config_json:
-      differences = sorted(
-        k for k in set(existing) | set(config_json) if existing.get(k) != config_json.get(k)
-      )
-      raise ValueError(
-        f"workdir {workdir} holds a run of another config (differs in {differences}); "
-        "use a new --workdir or the original config"
-      )
-    return
-  write_json_atomic(path, config_json)
+  record_or_check(
+    os.path.join(workdir, "config.json"),
+    config_json,
+    what="config",
+    refusal=lambda differences: (
+      f"workdir {workdir} holds a run of another config (differs in {differences}); "
+      "use a new --workdir or the original config"
+    ),
+  )
 
 
 def replay_strategy(
