@@ -44,7 +44,7 @@ from rare_jax import labelers, metrics, runner, strategies, workdirs
 
 FIGURE_3 = ("ours", "ours_linear", "tropel", "tropel_deep", "kd_semi", "deep_prop", "random")
 FIGURE_5 = ("ours", "no_pseudo_neg", "no_bg_split", "no_linear_updates")
-COMPARE_KEYS = ("groups", "seeds", "evaluate_model")  # the comparison's, not a run's
+COMPARE_KEYS = ("groups", "seeds", "evaluate_model", "baseline")  # the comparison's, not a run's
 EVALUATE_MODELS = ("deep_head", "linear")
 ALL_LABELS = 0  # the budget key of the fully supervised point (every pool label)
 
