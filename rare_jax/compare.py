@@ -18,6 +18,9 @@ results are always on disk:
     WORKDIR/results.md              mean F1 (+- std over seeds) per strategy and budget point,
                                     and the pseudo-positives' false-positive rate
     WORKDIR/results.json            the same numbers
+    WORKDIR/paired_differences.json each strategy's F1 minus `config.baseline`'s (default
+                                    tropel), paired by seed and category, 95% intervals
+                                    (also in results.md and paired_differences.png)
     WORKDIR/fig3_baselines.png      F1 vs labels per category: Ours and the baselines
     WORKDIR/fig4_pseudo_label_fpr.png  FPR of KD-Semi's and DeepProp's pseudo-positives
     WORKDIR/fig5_ablations.png      F1 vs labels: Ours and the ablations
@@ -346,6 +349,118 @@ def aggregate(collected: Mapping) -> dict[str, dict[int, dict[str, Any]]]:
   return out
 
 
+def paired_differences(
+  collected: Mapping, baseline: str, *, confidence: float = 0.95
+) -> dict[str, dict[int, dict[str, Any]]]:
+  """{strategy: {budget: {mean, low, high, n, better, worse}}}: headline F1 of `strategy`
+  minus `baseline`'s, paired by (seed, group, category), with a Student-t interval.
+
+  Each (seed, category) is one pair: both runs share the task, the seeds and M_pre, so the
+  pairing removes what the category and the draw of the pool contribute. `better` / `worse`
+  count the pairs where the strategy is ahead / behind. The interval treats pairs as
+  independent; categories of one workdir share its deep model, so it is somewhat optimistic
+  when deep updates correlate categories (the per-seed means are reported beside it).
+  """
+  from scipy import stats
+
+  if baseline not in collected:
+    return {}
+  base = collected[baseline]
+  out: dict[str, dict[int, dict[str, Any]]] = {}
+  for strategy, by_seed in collected.items():
+    if strategy == baseline or runner.strategy_spec(strategy)["kind"] != "loop":
+      continue
+    budgets = sorted({b for points in by_seed.values() for b in points})
+    for budget in budgets:
+      diffs, per_seed = [], []
+      for seed, points in by_seed.items():
+        if budget not in points or budget not in base.get(seed, {}):
+          continue
+        seed_diffs = [
+          float(a) - float(b)
+          for ours, theirs in zip(points[budget], base[seed][budget], strict=True)
+          for a, b in zip(ours["f1"], theirs["f1"], strict=True)
+        ]
+        diffs += seed_diffs
+        per_seed.append(float(np.mean(seed_diffs)))
+      if not diffs:
+        continue
+      d = np.asarray(diffs)
+      n = d.size
+      mean = float(d.mean())
+      if n > 1:
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+      else:
+        half = math.nan
+      out.setdefault(strategy, {})[budget] = {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "n": int(n),
+        "better": int((d > 0).sum()),
+        "worse": int((d < 0).sum()),
+        "per_seed": per_seed,
+      }
+  return out
+
+
+def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) -> str:
+  """Markdown: mean paired difference [interval] per strategy and budget."""
+  if not paired:
+    return ""
+  budgets = sorted({b for points in paired.values() for b in points})
+  lines = [
+    "",
+    f"Paired differences of the headline F1, strategy minus `{baseline}` (same seed and "
+    f"category), mean [{confidence:.0%} interval] (pairs ahead / behind / n):",
+    "",
+    "| strategy | " + " | ".join(f"{b} labels" for b in budgets) + " |",
+    "|---|" + "---|" * len(budgets),
+  ]
+  for strategy, points in paired.items():
+    cells = []
+    for b in budgets:
+      p = points.get(b)
+      if p is None:
+        cells.append("-")
+      else:
+        cells.append(
+          f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
+          f"({p['better']}/{p['worse']}/{p['n']})"
+        )
+    lines.append("| " + " | ".join([strategy, *cells]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_paired(paired: Mapping, baseline: str, path: str) -> str | None:
+  """Mean paired difference vs labels per category with its interval as error bars."""
+  if not paired:
+    return None
+  figure, axes = _figure()
+  offsets = np.linspace(-1.5, 1.5, len(paired)) if len(paired) > 1 else [0.0]
+  for offset, (strategy, points) in zip(offsets, paired.items(), strict=True):
+    budgets = sorted(points)
+    mean = np.array([points[b]["mean"] for b in budgets])
+    low = np.array([points[b]["low"] for b in budgets])
+    high = np.array([points[b]["high"] for b in budgets])
+    axes.errorbar(
+      np.asarray(budgets) + offset,
+      mean,
+      yerr=[mean - low, high - mean],
+      marker="o",
+      capsize=3,
+      color=_color(strategy),
+      label=strategy,
+    )
+  axes.axhline(0.0, color="k", linewidth=0.8)
+  axes.set_xlabel("labels per category")
+  axes.set_ylabel(f"F1 minus {baseline}'s (same seed, category)")
+  axes.grid(alpha=0.3)
+  axes.set_title(f"Paired differences against {baseline}, 95% intervals")
+  axes.legend(fontsize=8, loc="best")
+  return _save(figure, path)
+
+
 def _nanmean(values) -> float:
   values = np.asarray(values, float)
   values = values[~np.isnan(values)]
@@ -560,8 +675,11 @@ _HEADLINES = {
 def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   """Collects every finished point, writes the table, results.json and the figures."""
   config = resolve_groups(config, workdir, log=log)
-  aggregated = aggregate(collect(config, workdir))
-  table = markdown_table(aggregated)
+  collected = collect(config, workdir)
+  aggregated = aggregate(collected)
+  baseline = config.get("baseline", "tropel")
+  paired = paired_differences(collected, baseline)
+  table = markdown_table(aggregated) + paired_table(paired, baseline)
   context = (
     f"Dataset {config.dataset}, groups {[tuple(g) for g in config.groups]}, seeds "
     f"{list(config.seeds)}, N={config.num_feature_updates} Q={config.rounds_per_update} "
@@ -574,6 +692,17 @@ def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(
       {s: {str(b): v for b, v in p.items()} for s, p in aggregated.items()},
+      f,
+      indent=1,
+      sort_keys=True,
+      allow_nan=True,
+    )
+  with open(os.path.join(workdir, "paired_differences.json"), "w") as f:
+    json.dump(
+      {
+        "baseline": baseline,
+        "differences": {s: {str(b): v for b, v in p.items()} for s, p in paired.items()},
+      },
       f,
       indent=1,
       sort_keys=True,
@@ -598,6 +727,7 @@ def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
       os.path.join(workdir, "fig5_ablations.png"),
       title="Figure 5: ablations",
     ),
+    plot_paired(paired, baseline, os.path.join(workdir, "paired_differences.png")),
   ]
   log(f"report: {os.path.join(workdir, 'results.md')}, {[f for f in figures if f]}")
   return aggregated

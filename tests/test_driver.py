@@ -130,6 +130,9 @@ def test_driver_runs_every_group_seed_and_strategy(finished):
     results = json.load(f)
   assert sorted(results) == ["ours_linear", "tropel"]
   assert sorted(results["tropel"], key=int) == ["10", "20"]  # i * Q * B, Q=2, B=5
+  with open(os.path.join(workdir, "paired_differences.json")) as f:
+    paired = json.load(f)
+  assert paired["baseline"] == "tropel" and set(paired["differences"]) == {"ours_linear"}
   assert results["tropel"]["20"]["n"] == 1
   with open(os.path.join(workdir, "results.md")) as f:
     assert "| tropel |" in f.read()
@@ -226,3 +229,27 @@ def test_paper_configs_select_groups_and_read_mocked_data(module_name, dataset, 
   assert compare.resolve_groups(config, workdir).groups == groups
   with pytest.raises(ValueError, match="expected at least 600"):
     compare.select_groups(labels, num_groups=50, group_size=12, min_count=1, max_count=40, seed=0)
+
+
+def test_paired_differences_pair_seed_and_category_with_t_intervals():
+  def points(*groups):
+    return [{"f1": list(g)} for g in groups]
+
+  collected = {
+    "tropel": {0: {50: points([0.1, 0.2], [0.3])}, 1: {50: points([0.0, 0.5], [0.5])}},
+    "ours": {
+      0: {50: points([0.3, 0.2], [0.4]), 100: points([1.0, 1.0], [1.0])},
+      1: {50: points([0.2, 0.4], [0.9])},
+    },
+  }
+  out = compare.paired_differences(collected, "tropel")
+  assert set(out) == {"ours"} and set(out["ours"]) == {50}  # no tropel point at 100
+  diffs = np.array([0.2, 0.0, 0.1, 0.2, -0.1, 0.4])  # seed 0 then 1, group by group
+  p = out["ours"][50]
+  np.testing.assert_allclose(p["mean"], diffs.mean())
+  half = 2.5705818366147395 * diffs.std(ddof=1) / np.sqrt(6)  # t(0.975, 5)
+  np.testing.assert_allclose([p["low"], p["high"]], [diffs.mean() - half, diffs.mean() + half])
+  assert (p["n"], p["better"], p["worse"]) == (6, 4, 1)
+  np.testing.assert_allclose(p["per_seed"], [0.1, 0.5 / 3])
+  assert "| ours | +0.133 [" in compare.paired_table(out, "tropel")
+  assert compare.paired_differences(collected, "random") == {}  # no such baseline: no table
