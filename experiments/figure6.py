@@ -1,0 +1,103 @@
+r"""Figure 6: F1 vs labels of Ours / Tropel from the self-supervised and the ImageNet start.
+
+    python experiments/figure6.py --self_supervised=runs/compare_self_supervised \
+        --imagenet=runs/compare_imagenet --out=fig6.png
+
+Reads two finished (or partly finished) `rare_jax.compare` workdirs, keeps the seeds both
+have, and plots the mean F1 over categories per seed, averaged over seeds, with a 95%
+Student-t interval over seeds. Prints the numbers as a Markdown table.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from scipy import stats
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rare_jax import compare  # noqa: E402
+
+_SELF = flags.DEFINE_string("self_supervised", None, "compare workdir from the SimCLR start")
+_IMAGENET = flags.DEFINE_string("imagenet", None, "compare workdir from the ImageNet start")
+_OUT = flags.DEFINE_string("out", "fig6_self_supervised.png", "PNG to write")
+
+CURVES = (  # (label, which workdir, strategy)
+  ("Ours-Self", "self", "ours"),
+  ("Tropel-Self", "self", "tropel"),
+  ("Ours (ImageNet)", "imagenet", "ours"),
+  ("Tropel (ImageNet)", "imagenet", "tropel"),
+)
+
+
+def per_seed_means(config, workdir: str) -> dict[str, dict[int, dict[int, float]]]:
+  """{strategy: {budget: {seed: mean F1 over every category of every group}}}."""
+  out: dict[str, dict[int, dict[int, float]]] = {}
+  for strategy, by_seed in compare.collect(config, workdir).items():
+    for seed, points in by_seed.items():
+      for budget, groups in points.items():
+        f1 = [v for p in groups for v in p["f1"]]
+        out.setdefault(strategy, {}).setdefault(budget, {})[seed] = float(np.mean(f1))
+  return out
+
+
+def interval(values) -> tuple[float, float]:
+  values = np.asarray(values, float)
+  mean = float(values.mean())
+  if values.size < 2:
+    return mean, math.nan
+  return mean, float(
+    stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+  )
+
+
+def main(argv):
+  del argv
+  from experiments.configs import compare_imagenet, compare_self_supervised
+
+  sources = {
+    "self": per_seed_means(compare_self_supervised.get_config(), _SELF.value),
+    "imagenet": per_seed_means(compare_imagenet.get_config(), _IMAGENET.value),
+  }
+  seeds = None
+  for name, strategy in ((n, s) for _, n, s in CURVES):
+    for by_seed in sources[name].get(strategy, {}).values():
+      seeds = set(by_seed) if seeds is None else seeds & set(by_seed)
+  if not seeds:
+    raise SystemExit("no seed has results in both workdirs for every curve")
+  figure, axes = compare._figure()
+  rows = {}
+  for label, name, strategy in CURVES:
+    points = sources[name].get(strategy, {})
+    budgets = sorted(b for b, by_seed in points.items() if seeds <= set(by_seed))
+    stats_ = [interval([points[b][s] for s in sorted(seeds)]) for b in budgets]
+    mean = np.array([m for m, _ in stats_])
+    half = np.array([h for _, h in stats_])
+    rows[label] = dict(zip(budgets, stats_, strict=True))
+    style = "-" if name == "self" else "--"
+    axes.errorbar(budgets, mean, yerr=half, marker="o", capsize=3, linestyle=style, label=label)
+  axes.set_xlabel("labels per category")
+  axes.set_ylabel(f"mean F1, 95% interval over {len(seeds)} seeds")
+  axes.set_ylim(0, 1)
+  axes.grid(alpha=0.3)
+  axes.set_title("Figure 6: self-supervised vs ImageNet start")
+  axes.legend(fontsize=8, loc="best")
+  compare._save(figure, _OUT.value)
+  budgets = sorted({b for r in rows.values() for b in r})
+  print(f"seeds {sorted(seeds)}; mean F1 ± half-width of the 95% interval over seeds")
+  print("| curve | " + " | ".join(f"{b} labels" for b in budgets) + " |")
+  print("|---|" + "---|" * len(budgets))
+  for label, r in rows.items():
+    cells = [f"{r[b][0]:.3f} ± {r[b][1]:.3f}" if b in r else "-" for b in budgets]
+    print(f"| {label} | " + " | ".join(cells) + " |")
+  with open(os.path.splitext(_OUT.value)[0] + ".json", "w") as f:
+    json.dump({k: {str(b): v for b, v in r.items()} for k, r in rows.items()}, f, indent=1)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["self_supervised", "imagenet"])
+  app.run(main)
