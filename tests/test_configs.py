@@ -1,0 +1,29 @@
+"""Every shipped experiment config builds valid settings (no run needed to find a bad one)."""
+
+import importlib
+import pkgutil
+
+import pytest
+
+from experiments import configs
+from rare_jax import compare, deep, runner, selfsup
+
+NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+
+
+def test_every_config_module_is_checked():
+  assert {"demo", "self_supervised", "compare_imagenet", "compare_self_supervised"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_builds_its_settings(name):
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  deep.DeepSettings.from_config(config.deep)  # raises ValueError on an invalid combination
+  if "self_supervised" in config:
+    selfsup.SelfSupSettings.from_config(config.self_supervised)
+  for strategy in config.strategies:
+    runner.strategy_spec(strategy)  # a known strategy
+  if "groups" in config:
+    if not tuple(config.groups):  # drawn at run time from the dataset (paper configs)
+      return
+    compare.check_config(config)
