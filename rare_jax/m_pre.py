@@ -44,8 +44,14 @@ class MPre:
   source: str  # "related_split", "pretrained" or "self_supervised"
 
 
+SELF_SUPERVISED = "self_supervised"  # the deep.init value of the self-supervised start
+
+
 def source(settings: deep.DeepSettings) -> str:
-  """ "related_split" (trained here) or "pretrained" (weights from a package or a file)."""
+  """ "related_split" (trained here on labels), "self_supervised" (trained here without
+  labels) or "pretrained" (weights from a package or a file)."""
+  if settings.init == SELF_SUPERVISED:
+    return "self_supervised"
   return "pretrained" if settings.init else "related_split"
 
 

@@ -236,3 +236,14 @@ def test_settings_from_config_and_validation():
     selfsup.SelfSupSettings.from_config({"epoch": 3})
   with pytest.raises(ValueError, match="temperature"):
     selfsup.SelfSupSettings(temperature=0.0)
+
+
+@pytest.mark.parametrize(
+  "init, expected",
+  [("", "related_split"), ("imagenet", "pretrained"), ("self_supervised", "self_supervised")],
+)
+def test_m_pre_source_of_each_init(init, expected):
+  from rare_jax import deep, m_pre
+
+  model = "efficientnet_lite0" if init == "imagenet" else "resnet_tiny"
+  assert m_pre.source(deep.DeepSettings(model=model, init=init)) == expected
