@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from PIL import Image
 
 from rare_jax import csvfile, linear, runner, stand_in
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.data import folder, sources, tasks
 from rare_jax.webapp import folder_run
 from rare_jax.webapp.labeler import describe_os_error
@@ -302,7 +302,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    quiet_library_logging()  # rare_jax's progress lines, not Orbax's INFO per save
 
   def log(line: str) -> None:
     print(csvfile.printable(line), file=sys.stderr, flush=True)

