@@ -416,7 +416,7 @@ FORMATS = ("csv", "json")
 
 
 def output_format(path: str, format_: str | None) -> str:
-  """"csv" or "json": `format_` if given, else from the file's extension (default csv)."""
+  """ "csv" or "json": `format_` if given, else from the file's extension (default csv)."""
   if format_ is not None:
     if format_ not in FORMATS:
       raise ValueError(f"format={format_!r}; expected one of {FORMATS}")
