@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rare_jax import csvfile, linear, models, runner, stand_in, workdirs
+from rare_jax import csvfile, linear, models, runner, stand_in, trunk_features, workdirs
 from rare_jax import embed as embed_lib
 from rare_jax.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.data import folder, pipeline, sources, tasks
@@ -203,6 +203,7 @@ def load_scorer(
     )
   if config.features == "pretrained":
     embedder = folder_run.embedder(config)
+    trunk_features.check_source(embedder, folder_run.pool_store_dir(workdir))  # same weights?
     raw_pool = embed_lib.FeatureStore.open(folder_run.pool_store_dir(workdir)).features
     mean, std = workdirs.feature_statistics(raw_pool, config.feature_normalization)
     size = int(config.image_size)

@@ -123,6 +123,20 @@ class TrunkEmbedder:
         yield {"image": self.normalize(images), "mask": mask, "index": index}
 
 
+def check_source(embedder: TrunkEmbedder, store_dir: str) -> None:
+  """Records in `store_dir/source.json` which trunk, weights (SHA-256) and image size made the
+  embeddings, or refuses (ValueError) an embedder that differs from the recorded one."""
+  record_or_check(
+    os.path.join(store_dir, "source.json"),
+    {
+      "model": embedder.model_name,
+      "weights_sha256": sha256(embedder.weights),
+      "image_size": embedder.image_size,
+    },
+    what="the cached embeddings (trunk, weights and image size)",
+  )
+
+
 def embed_files(
   embedder: TrunkEmbedder,
   files: Sequence[str],
@@ -140,15 +154,7 @@ def embed_files(
     ValueError: other weights than the store's, or a file that no longer decodes.
   """
   os.makedirs(store_dir, exist_ok=True)
-  record_or_check(
-    os.path.join(store_dir, "source.json"),
-    {
-      "model": embedder.model_name,
-      "weights_sha256": sha256(embedder.weights),
-      "image_size": embedder.image_size,
-    },
-    what="the cached embeddings (trunk, weights and image size)",
-  )
+  check_source(embedder, store_dir)
 
   def predict_fn(batch):
     return {"embedding": embedder.embed_normalized(batch["image"])}
