@@ -10,6 +10,7 @@ committed it, so a process killed mid-save leaves the previous steps intact.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,6 +18,29 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _OthersInfoFilter(std_logging.Filter):
+  """Lets warnings through, and INFO lines of rare_jax itself; drops the INFO of the libraries
+  (Orbax logs every save, JAX its backend probing)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    path = record.pathname.replace(os.sep, "/")
+    return "/rare_jax/" in path and "/orbax/" not in path
+
+
+def quiet_library_logging() -> None:
+  """For the commands: keep absl logging at INFO for rare_jax's own progress lines (embedding
+  rows, rate and ETA) while hiding Orbax's and JAX's INFO messages (a filter on the absl
+  handler, which every logger's records reach). Idempotent."""
+  from absl import logging as absl_logging
+
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _OthersInfoFilter) for f in handler.filters):
+    handler.addFilter(_OthersInfoFilter())
+  absl_logging.set_verbosity(absl_logging.INFO)
 
 
 class CheckpointStore:

@@ -568,6 +568,13 @@ class DeepUpdater:
     )
     return state
 
+  def trained_variables(self, version: int) -> dict:
+    """`{"params", "batch_stats"}` of the deep model after update `version` >= 1 (for
+    `rare_jax.predict`)."""
+    if version < 1:
+      raise ValueError(f"version={version}; expected a deep update >= 1 (0 is M_pre)")
+    return load_variables(self._paths(version)[0], self._like())
+
   def _pseudo_label_path(self, version: int) -> str:
     return os.path.join(self.run_dir, "deep", f"v{version}_pseudo_labels.json")
 

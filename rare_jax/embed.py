@@ -10,7 +10,7 @@ Arrays are `np.lib.format.open_memmap` files, read back memory-mapped.
 `embed_to_store` writes rows in the order the batches give them (padding rows dropped),
 flushes and records progress (rows and batches done) after every `commit_every` batches, and
 on a restart with the same batches resumes after the recorded batch instead of starting over.
-Progress is logged with absl logging (rows, rows/s).
+Progress is logged with absl logging, or to `log=` (rows, rows/s, ETA).
 
 Batches are dicts with `image` [B,H,W,C], `mask` bool [B] (false = padding) and `index`
 int64 [B] of fixed shape. `predict_fn(batch)` returns a dict with `embedding` [B', D] and
@@ -327,11 +327,13 @@ def embed_to_store(
       store.commit(rows_done=row, batches_done=batch_number)
     if progress and time.time() - t_log >= log_every_s:
       t_log = time.time()
+      rate = (row - rows_at_start) / max(t_log - t_start, 1e-9)
       say(
-        "embed: %d/%d rows (%.1f rows/s)",
+        "embed: %d/%d rows (%.1f rows/s, ETA %s)",
         row,
         num_rows,
-        (row - rows_at_start) / max(t_log - t_start, 1e-9),
+        rate,
+        format_eta((num_rows - row) / rate if rate > 0 else None),
       )
   if row != num_rows:
     raise ValueError(f"the batches held {row} rows, expected num_rows={num_rows}")
@@ -349,6 +351,18 @@ def embed_to_store(
       store_dir,
     )
   return _open_if_visible(store_dir)
+
+
+def format_eta(seconds: float | None) -> str:
+  """'1h02m', '3m05s', '12s'; '?' when unknown (no rate yet)."""
+  if seconds is None or not np.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
 
 
 def _open_if_visible(store_dir) -> FeatureStore | None:

@@ -68,7 +68,7 @@ def collect_labels(workdir: str) -> tuple[dict, list[dict[str, Any]]]:
   labels = [
     {"path": paths[i], "category": names[c], "answer": "yes", "round": 0}
     for c, seeds in enumerate(manifest["seed_ids"])
-    for i in seeds
+    for i in dict.fromkeys(seeds)  # several categories pad short seed lists by repeating
   ]
   for round_index, query_ids, answers in batches:
     for c, (ids, given) in enumerate(zip(query_ids, answers, strict=True)):

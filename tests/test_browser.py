@@ -105,6 +105,7 @@ def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
       "--name=Sandal",
       "--budget=10",
       "--batch_size=5",
+      "--features=pixel_pca",
       "--feature_dim=16",
       "--image_size=16",
     ],
@@ -201,6 +202,91 @@ def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
     assert driver.save_screenshot(SCREENSHOT)
     assert os.path.getsize(SCREENSHOT) > 10_000
+  finally:
+    if driver is not None:
+      driver.quit()
+    process.send_signal(signal.SIGTERM)
+    try:
+      process.wait(60)
+    except subprocess.TimeoutExpired:
+      process.kill()
+  assert process.returncode == 0, "".join(lines)
+
+
+@pytest.mark.slow
+def test_two_categories_on_one_page(tmp_path, tmp_path_factory):
+  """`--category NAME=SEEDS` twice: every question is under its category's heading, and each
+  category's button (its answers so far) jumps to its questions."""
+  _require_browser()
+  from selenium.webdriver.common.by import By
+
+  images, seed_files = folder.write_example_folder(
+    tmp_path, per_class=28, rare_count=20, num_seeds=5
+  )
+  bags = sorted(os.listdir(os.path.join(images, "Bag")))[:3]
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.label",
+      f"--images={images}",
+      f"--category=Sandal={os.path.dirname(seed_files[0])}",
+      f"--category=Bag={','.join(os.path.join(images, 'Bag', b) for b in bags)}",
+      f"--workdir={tmp_path / 'run'}",
+      "--budget=10",
+      "--batch_size=5",
+      "--features=pixel_pca",
+      "--feature_dim=16",
+      "--image_size=16",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  lines, url = [], None
+  for line in process.stdout:
+    lines.append(line)
+    match = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", line)
+    if match:
+      url = match.group(0)
+      break
+  assert url, "no URL printed:\n" + "".join(lines)
+  threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+  driver = None
+  try:
+    driver = _browser(tmp_path / "profile")
+    driver.get(url)
+    _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#categories .card")) == 10, "cards")
+    headings = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "section.category h2")]
+    assert headings == ["Is it Sandal?", "Is it Bag?"]
+    for index in (0, 1):
+      cards = driver.find_elements(By.CSS_SELECTOR, f"#category-{index} .card")
+      assert len(cards) == 5 and all(c.get_attribute("data-category") == str(index) for c in cards)
+    tabs = driver.find_elements(By.CSS_SELECTOR, "#category-tabs .tab")
+    assert [t.text.split(":")[0] for t in tabs] == ["Sandal", "Bag"]
+    assert tabs[1].text.startswith("Bag: 0/5 answered")
+    card = driver.find_elements(By.CSS_SELECTOR, "#category-1 .card")[0]
+    card.find_element(By.CLASS_NAME, "no-button").click()
+    _wait(
+      lambda: driver.find_elements(By.CSS_SELECTOR, "#category-tabs .tab")[1].text.startswith(
+        "Bag: 1/5 answered"
+      ),
+      "the Bag button to count the answer",
+    )
+    driver.find_elements(By.CSS_SELECTOR, "#category-tabs .tab")[1].click()
+    _wait(
+      lambda: (
+        driver.execute_script(
+          "return Math.abs(document.getElementById('category-1').getBoundingClientRect().top)"
+        )
+        < 5
+      ),
+      "the page to scroll to the Bag questions",
+    )
   finally:
     if driver is not None:
       driver.quit()

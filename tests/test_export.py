@@ -107,3 +107,19 @@ def test_command_line(workdir, tmp_path):
   result = run(f"--workdir={tmp_path}", f"--out={tmp_path / 'x.csv'}")
   assert result.returncode == 2 and "holds no labeling run" in result.stderr
   assert "Traceback" not in result.stderr and not (tmp_path / "x.csv").exists()
+
+
+def test_padded_seeds_of_several_categories_are_exported_once(workdir):
+  """Several categories pad shorter seed lists by repeating their seeds ([C, K] for the loop)."""
+  path = os.path.join(workdir, folder_run.MANIFEST)
+  manifest = json.loads(open(path).read())
+  manifest.update(seed_ids=[[5, 0], [3, 3]], category_names=["Sandal", "Bag"])
+  open(path, "w").write(json.dumps(manifest))
+  open(os.path.join(workdir, folder_run.STRATEGY, "answers.jsonl"), "w").close()
+  open(os.path.join(workdir, folder_run.STRATEGY, folder_run.JOURNAL), "w").close()
+  _, labels = export.collect_labels(workdir)
+  assert [(x["path"], x["category"]) for x in labels] == [
+    ("/seeds/s.png", "Sandal"),
+    ("a/1.png", "Sandal"),
+    ("c/3.png", "Bag"),
+  ]

@@ -214,3 +214,98 @@ def test_bad_settings_are_refused(example, tmp_path):
       eval_subfolder="Zebra",
       log=lambda _: None,
     )
+
+
+def test_pretrained_features_are_the_trunks_cached_embeddings(example, tmp_path):
+  """features="pretrained": the pool is EfficientNet-Lite0's embedding of each image (squeezed
+  to image_size), z-scored with the pool's statistics; cached and reused on a restart."""
+  from rare_jax import trunk_features, workdirs
+
+  root, seed_files = example
+  config = folder_run.make_config(
+    budget=6, batch_size=3, features="pretrained", image_size=32, embed_batch_size=16
+  )
+  assert config.model == "efficientnet_lite0" and config.init == "imagenet"
+  lines = []
+  workdir = str(tmp_path / "run")
+  run = folder_run.prepare_folder_run(
+    workdir, images=root, seeds=seed_files[0], config=config, log=lines.append
+  )
+  assert run.features.shape == (33 + 1, 1280) and run.projection is None
+  assert any("embedding 34 images with efficientnet_lite0" in line for line in lines)
+  assert any("embed: done, 34 rows" in line for line in lines), lines
+  embedder = trunk_features.TrunkEmbedder("efficientnet_lite0", "imagenet", 32, batch_size=16)
+  raw = embedder.embed(folder_run.read_resized(folder_run.pool_files(run.manifest), 32))
+  expected, _ = workdirs.normalize_features(raw, raw[:0], "standardize")
+  np.testing.assert_allclose(np.asarray(run.features), np.asarray(expected), atol=2e-4)
+  assert np.abs(np.asarray(run.features).mean(0)).max() < 1e-3  # standardised
+  source = json.loads((tmp_path / "run" / "features" / "pool" / "source.json").read_text())
+  assert source["model"] == "efficientnet_lite0" and source["image_size"] == 32
+  lines.clear()
+  again = folder_run.prepare_folder_run(
+    workdir, images=root, seeds=seed_files[0], config=config, log=lines.append
+  )
+  assert not any("embedding" in line for line in lines)  # cached
+  np.testing.assert_array_equal(np.asarray(again.features), np.asarray(run.features))
+  assert "efficientnet_lite0" in folder_run.describe_features(config)
+  with pytest.raises(ValueError, match="features='pca'"):
+    folder_run.make_config(features="pca")
+  with pytest.raises(ValueError, match="no installable ImageNet weights"):
+    folder_run.make_config(features="pretrained", model="resnet50")
+  with pytest.raises(ValueError, match="is not a file"):
+    folder_run.make_config(features="pretrained", model="resnet50", init=str(tmp_path / "no.pth"))
+
+
+def test_several_categories_with_their_own_seeds(example, tmp_path):
+  root, seed_files = example
+  bag_seeds = [os.path.join(root, "Bag", p) for p in sorted(os.listdir(os.path.join(root, "Bag")))]
+  bag_seeds = [p for p in bag_seeds if p.endswith(".png") and "broken" not in p and "link" not in p]
+  config = folder_run.make_config(budget=4, batch_size=2, feature_dim=8, image_size=10)
+  categories = [("Sandal", os.path.dirname(seed_files[0])), ("Bag", ",".join(bag_seeds[:3]))]
+  lines = []
+  run = folder_run.prepare_folder_run(
+    str(tmp_path / "run"), images=root, config=config, categories=categories, log=lines.append
+  )
+  assert run.category_names == ["Sandal", "Bag"]
+  assert run.seed_ids.shape == (2, 3)  # Sandal's 2 outside seeds padded by repeating one
+  assert [run.seed_count(0), run.seed_count(1)] == [2, 3]
+  assert sorted(set(run.seed_ids[0].tolist())) == [33, 34]  # the outside seeds, added last
+  assert all(run.display_path(i).startswith("Bag/") for i in run.seed_ids[1])
+  assert run.val_ground_truth.shape == (2, 0)
+  assert any("Sandal: 2 seed positives, Bag: 3 seed positives" in line for line in lines)
+  # A restart with other categories is refused; the same ones reopen it.
+  with pytest.raises(ValueError, match="other seeds or categories"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "run"), images=root, config=config, categories=categories[:1]
+    )
+  with pytest.raises(ValueError, match="has categories"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "run"),
+      images=root,
+      config=config,
+      categories=[("Sandals", categories[0][1]), categories[1]],
+    )
+  folder_run.prepare_folder_run(
+    str(tmp_path / "run"), images=root, config=config, categories=categories, log=lines.append
+  )
+  with pytest.raises(ValueError, match="repeat"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "x"), images=root, config=config, categories=[categories[0]] * 2
+    )
+  with pytest.raises(ValueError, match="not both"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "x"), images=root, seeds=seed_files[0], config=config, categories=categories
+    )
+  # A seed folder of one sub-folder per category.
+  seeds = tmp_path / "seeds"
+  for name in ("Cat", "Dog"):
+    (seeds / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(seeds / name / "a.png")
+  assert folder_run.categories_from_seed_folder(str(seeds)) == [
+    ("Cat", str(seeds / "Cat")),
+    ("Dog", str(seeds / "Dog")),
+  ]
+  assert folder_run.categories_from_seed_folder(str(seeds / "Cat")) is None
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(seeds / "loose.png")
+  with pytest.raises(ValueError, match="directly"):
+    folder_run.categories_from_seed_folder(str(seeds))

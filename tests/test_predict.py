@@ -292,3 +292,129 @@ def test_out_a_directory_is_a_clear_error(folder_workdir, tmp_path):
   assert "Traceback" not in result.stderr and "is a directory" in result.stderr
   assert "scored" not in result.stderr  # refused before the work
   assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def deep_workdir(tmp_path_factory):
+  """A `python -m rare_jax.run` workdir of strategy `ours` after one deep update."""
+  workdir = tmp_path_factory.mktemp("deep") / "run"
+  config = os.path.join(REPO, "experiments", "configs", "tiny_deep.py")
+  result = subprocess.run(
+    [sys.executable, "-m", "rare_jax.run", f"--config={config}", f"--workdir={workdir}"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "deep head mean F1" in result.stdout
+  return str(workdir)
+
+
+def test_deep_run_scores_a_folder_in_both_formats(deep_workdir, folder_workdir, tmp_path):
+  images = folder_workdir[0]
+  for head, out in (("linear", tmp_path / "scores.csv"), ("deep", tmp_path / "scores.json")):
+    result = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "rare_jax.predict",
+        f"--workdir={deep_workdir}",
+        f"--images={images}",
+        f"--out={out}",
+        f"--head={head}",
+      ],
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{head} head on deep model v1" in result.stderr and "ETA" in result.stderr
+  header, rows = _read_csv(tmp_path / "scores.csv")
+  assert header == ["id", "path", "score"] and len(rows) == 102
+  document = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+  assert document["categories"] == [{"id": 1, "name": "Sandal"}]
+  assert document["info"]["head"] == "deep" and document["info"]["round"] == 2
+  assert len(document["images"]) == len(document["annotations"]) == 102
+  names = {image["id"]: image["file_name"] for image in document["images"]}
+  assert {r[1] for r in rows} == set(names.values())
+  scores = [a["score"] for a in document["annotations"]]
+  assert scores == sorted(scores, reverse=True)
+  for annotation in document["annotations"]:
+    assert annotation["label"] == ("yes" if annotation["score"] >= 0.5 else "no")
+    assert names[annotation["image_id"]].count("/") == 1
+
+
+def test_deep_run_reproduces_the_runs_own_scores(deep_workdir, folder_workdir):
+  """The linear head on the pool equals the loop's final scores (fitted on the v1 features);
+  the deep head on the validation images equals the run's stored main_probs."""
+  from rare_jax import embed
+
+  context = workdirs.load(deep_workdir)
+  task = context.task
+  like = runner.abstract_state(context.features, task.seed_positives, int(context.config.seed))
+  with CheckpointStore(os.path.join(deep_workdir, "ours", "checkpoints")) as store:
+    state, _ = store.restore(store.latest_step(), like)
+  scorer = predict.load_scorer(deep_workdir, log=lambda _: None)
+  assert scorer.head == "linear" and scorer.round == 2
+  rows = predict.score_dataset(
+    scorer, "rare_fashion_mnist", "train[:3000]", data_dir=None, log=lambda _: None
+  )
+  got = np.array([rows[i][2] for i in task.pool_ids])
+  expected = 1 / (1 + np.exp(-np.asarray(state.scores[0], np.float64)))
+  np.testing.assert_allclose(got, expected, atol=2e-4)
+  deep = predict.load_scorer(deep_workdir, head="deep", log=lambda _: None)
+  rows = predict.score_dataset(
+    deep, "rare_fashion_mnist", "test[:600]", data_dir=None, log=lambda _: None
+  )
+  val = embed.FeatureStore.open(os.path.join(deep_workdir, "ours", "features", "v1", "val"))
+  got = np.array([rows[i][2] for i in task.val_ids])
+  np.testing.assert_allclose(got, np.asarray(val["main_probs"])[:, 0], atol=2e-5)
+  with pytest.raises(ValueError, match="head='deep' needs a run with deep updates"):
+    predict.load_scorer(folder_workdir[1], head="deep", log=lambda _: None)
+  with pytest.raises(ValueError, match="head='last'"):
+    predict.load_scorer(deep_workdir, head="last", log=lambda _: None)
+
+
+def test_pretrained_folder_run_scores_like_its_pool(folder_workdir, tmp_path):
+  """A folder run on EfficientNet-Lite0 embeddings: predict embeds the folder again with the
+  same trunk and the pool's statistics and reproduces the model's probabilities."""
+  images, _, first, _ = folder_workdir
+  config = folder_run.make_config(
+    budget=10, batch_size=5, features="pretrained", image_size=32, embed_batch_size=16
+  )
+  workdir = str(tmp_path / "run")
+  run = folder_run.prepare_folder_run(
+    workdir,
+    images=images,
+    seeds=",".join(first.manifest["seed_files"]),
+    config=config,
+    eval_subfolder="Sandal",
+    log=lambda _: None,
+  )
+  features = np.asarray(run.features)
+  rng = np.random.default_rng(1)
+  weights = rng.normal(size=(1, features.shape[1])) / np.sqrt(features.shape[1])
+  _save_model(workdir, features, run.seed_ids, weights, [0.1])
+  scorer = predict.load_scorer(workdir, log=lambda _: None)
+  assert "efficientnet_lite0" in scorer.kind and scorer.head == "linear"
+  rows = predict.score_folder(scorer, images, log=lambda _: None)
+  expected = 1 / (1 + np.exp(-(features.astype(np.float64) @ weights[0] + 0.1)))
+  got = np.array([score for _, _, score in sorted(rows)])
+  np.testing.assert_allclose(got, expected[:102], atol=1e-4)
+  out = str(tmp_path / "top.json")
+  top = predict.select_rows(rows, top_k=5, threshold=None)
+  predict.write_json(
+    out, ("id", "path", "score"), top, scorer=scorer, workdir=workdir, source=images
+  )
+  document = json.loads(open(out, encoding="utf-8").read())
+  assert [a["image_id"] for a in document["annotations"]] == [r[0] for r in top]
+  assert [i["file_name"] for i in document["images"]] == [r[1] for r in top]
+  assert (
+    predict.output_format("x.JSON", None) == "json" and predict.output_format("x", None) == "csv"
+  )
+  with pytest.raises(ValueError, match="format='xml'"):
+    predict.output_format("x.csv", "xml")

@@ -419,6 +419,7 @@ def test_sigkill_after_a_submitted_batch_then_restart_keeps_it(example, tmp_path
     f"--workdir={workdir}",
     "--budget=10",
     "--batch_size=5",
+    "--features=pixel_pca",
     "--feature_dim=16",
     "--image_size=16",
   ]
@@ -503,6 +504,7 @@ def test_bad_flags_and_files_are_clear_errors_before_any_work(
     f"--seeds={','.join(seed_files)}",
     "--budget=20",
     "--batch_size=5",
+    "--features=pixel_pca",
     "--feature_dim=16",
     "--image_size=16",
   ]
@@ -564,3 +566,48 @@ def test_bad_flags_and_files_are_clear_errors_before_any_work(
     assert "reading the images" not in outputs[name], (name, outputs[name])
   assert "\\xff\\xfe.png" in outputs["odd names, ascii terminal"]
   assert "caf\\xe9.png" in outputs["odd names, ascii terminal"]
+
+
+def test_two_categories_in_one_session_keep_their_own_counts(example, tmp_path):
+  """`--category NAME=SEEDS` twice: each question names its category, and each category has
+  its own queries, labels used and positives found."""
+  images, seed_files = example
+  bags = sorted(os.listdir(os.path.join(images, "Bag")))[:3]
+  config = folder_run.make_config(budget=10, batch_size=5, feature_dim=16, image_size=16)
+  run = folder_run.prepare_folder_run(
+    str(tmp_path / "run"),
+    images=images,
+    config=config,
+    categories=[
+      ("Sandal", ",".join(seed_files)),
+      ("Bag", ",".join(os.path.join(images, "Bag", b) for b in bags)),
+    ],
+    log=lambda _: None,
+  )
+  session = LabelingSession(run, log=lambda _: None)
+  app = server.create_app(session, token=TOKEN)
+  session.start()
+  try:
+    client = app.test_client()
+    state = wait_for(lambda: (s := get_state(client))["phase"] == "labeling" and s, "a query")
+    assert [c["name"] for c in state["categories"]] == ["Sandal", "Bag"]
+    assert [c["seeds"] for c in state["categories"]] == [5, 3]
+    serial = state["serial"]
+    answers = {}
+    for c, prefix in ((0, "Sandal/"), (1, "Bag/")):
+      query = state["categories"][c]["query"]
+      assert len(query) == 5
+      for q in query:
+        answers[c, q["id"]] = q["path"].startswith(prefix)
+        body = {"serial": serial, "category": c, "id": q["id"], "answer": answers[c, q["id"]]}
+        assert post(client, "/api/answer", body).status_code == 200
+    assert post(client, "/api/submit", {"serial": serial}).status_code == 200
+    state = wait_for(lambda: (s := get_state(client))["serial"] == serial + 1 and s, "round 2")
+    for c in (0, 1):
+      category = state["categories"][c]
+      found = sum(v for (k, _), v in answers.items() if k == c)
+      assert category["labels_used"] == 5 and category["positives_found"] == found
+      assert category["negatives"] == 5 - found
+    assert state["budget"] == 10
+  finally:
+    session.stop()

