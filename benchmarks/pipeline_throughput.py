@@ -19,7 +19,7 @@ memory. End-to-end: `pipeline.iterate_batches` over stored/encoded images, for e
 Worker start-up and compilation are excluded (`--warmup` batches are not timed). The
 baseline is measured again right after each end-to-end measurement (the machine is shared:
 the load drifts); prints both rates, their ratio and peak RSS (this process; the largest
-worker's VmHWM, read before the workers exit).
+worker's VmHWM, sampled at every batch).
 
   python benchmarks/pipeline_throughput.py                     # the full matrix (~10 min)
   python benchmarks/pipeline_throughput.py --sources=tfds --modes=device --workers=0,1
@@ -135,7 +135,10 @@ def run_task(task, functions, state, batches, *, raw, warmup):
   labels = np.zeros((size, 3), np.float32)
   count, start = 0, None
   out = None
+  worker_rss = 0.0
   for i, batch in enumerate(batches):
+    # Sampled while the batches come: a grain worker exits once its share is made.
+    worker_rss = max(worker_rss, workers_peak_rss_gib())
     if i == warmup:
       jax.block_until_ready(out)
       start = time.perf_counter()
@@ -146,7 +149,7 @@ def run_task(task, functions, state, batches, *, raw, warmup):
     if start is not None:
       count += size
   jax.block_until_ready(out)
-  return count / (time.perf_counter() - start), state
+  return count / (time.perf_counter() - start), state, worker_rss
 
 
 def synthetic_batches(task, steps):
@@ -178,7 +181,8 @@ def main(argv):
 
   def synthetic(task, state):
     batches = synthetic_batches(task, steps)
-    return run_task(task, functions, state, batches, raw=False, warmup=FLAGS.warmup)
+    rate, state, _ = run_task(task, functions, state, batches, raw=False, warmup=FLAGS.warmup)
+    return rate, state
 
   with tempfile.TemporaryDirectory() as tmp:
     data = {}
@@ -206,10 +210,9 @@ def main(argv):
               host_preprocess=mode == "host",
               **({} if mode == "device" else OPTIONS),
             )
-            rate, state = run_task(
+            rate, state, worker_rss = run_task(
               task, functions, state, batches, raw=mode == "device", warmup=FLAGS.warmup
             )
-            worker_rss = workers_peak_rss_gib()  # Before the workers exit.
             workers_peak = max(workers_peak, worker_rss)
             batches.close()
             # The baseline right after, under the same (shared machine's) load.
