@@ -413,3 +413,20 @@ def test_undecoded_batches_preprocessed_on_device_match_the_host(fm_test):
     np.testing.assert_allclose(np.asarray(step(b["image"]))[mask], a["image"][mask], atol=1e-5)
   with pytest.raises(ValueError, match="channels=1 for images with 3 channels"):
     on_device.preprocess(np.zeros((1, 2, 2, 3), np.uint8), channels=1)
+
+
+def test_step_batches_serve_make_of_the_step_asked():
+  made = []
+
+  def make(step):
+    made.append(step)
+    return {"step": np.array([step])}
+
+  get_batch = pipeline.StepBatches(make, end=8)
+  try:
+    assert [int(get_batch(s)["step"][0]) for s in (0, 1, 2, 5, 6, 0)] == [0, 1, 2, 5, 6, 0]
+  finally:
+    get_batch.close()
+  assert {0, 1, 2, 5, 6} <= set(made)
+  with pytest.raises(ValueError, match="step 8"):
+    get_batch(8)

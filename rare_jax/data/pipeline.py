@@ -383,3 +383,42 @@ def iterate_batches(
     return iter(batches.to_iter_dataset(read).mp_prefetch(options))
 
   return BatchIterator(dataset, start)
+
+
+class StepBatches:
+  """`get_batch(step)` for `train.fit`, with the batches of the following steps made ahead by
+  grain (a prefetch thread: `make` may be a closure). Steps asked in order come from the
+  prefetched stream; any other step restarts it there, so the batch of a step is always
+  `make(step)` (exact resumption). `close()` stops the thread.
+
+  Args:
+    make: step -> batch (host arrays), a function of the step only.
+    end: one past the last step.
+    prefetch: batches made ahead.
+  """
+
+  def __init__(self, make: Callable[[int], dict], *, end: int, prefetch: int = 2):
+    if prefetch < 1:
+      raise ValueError(f"prefetch={prefetch}; expected >= 1")
+    self._make = make
+    self._end = int(end)
+    self._prefetch = int(prefetch)
+    self._iterator = None
+    self._expected = None
+
+  def __call__(self, step: int) -> dict:
+    step = int(step)
+    if not 0 <= step < self._end:
+      raise ValueError(f"step {step}; expected 0 <= step < {self._end}")
+    if self._iterator is None or step != self._expected:
+      self.close()
+      read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)
+      steps = grain.MapDataset.range(step, self._end).map(self._make)
+      self._iterator = iter(steps.to_iter_dataset(read))
+    self._expected = step + 1
+    return next(self._iterator)
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
