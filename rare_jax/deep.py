@@ -12,6 +12,7 @@ store's recorded progress, so a killed run loses at most an epoch or a chunk of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -290,7 +291,9 @@ def _train(
     local = sharding.process_shard(np.arange(settings.batch_size))
     return {k: v[local] for k, v in batch.items()}
 
-  with CheckpointStore(directory) as store:
+  # The next steps' batches are read and decoded in a grain thread while this one trains.
+  get_batch = pipeline.StepBatches(get_batch, end=total)
+  with CheckpointStore(directory) as store, contextlib.closing(get_batch):
     latest = store.latest_step()
     if latest is not None:
       if latest > total:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from rare_jax.data import fashion_mnist, pipeline, sources
+from rare_jax.data import fashion_mnist, on_device, pipeline, sources
 
 NAME = "rare_fashion_mnist"
 
@@ -377,3 +377,56 @@ def test_images_of_several_sizes_need_image_size():
       sources.load_arrays(source)
     batch = next(pipeline.iterate_batches(source, range(6), batch_size=6, image_size=(5, 7)))
   assert batch["image"].shape == (6, 5, 7, 3) and batch["mask"].all()
+
+
+def test_batch_iterator_resumes_from_its_state(fm_test):
+  ids = np.random.default_rng(2).permutation(10_000)[:50]
+  options = dict(batch_size=8, image_size=12, mean=0.5, std=0.25)
+  iterator = pipeline.iterate_batches(fm_test, ids, **options)
+  first = [next(iterator) for _ in range(3)]
+  state = iterator.get_state()
+  rest = list(iterator)
+  assert len(rest) == pipeline.num_batches(50, 8) - 3
+  for workers in (0, 1):
+    resumed = pipeline.iterate_batches(fm_test, ids, num_workers=workers, **options)
+    resumed.set_state(state)
+    again = list(resumed)
+    assert len(again) == len(rest)
+    for a, b in zip(rest, again, strict=True):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  np.testing.assert_array_equal(first[0]["index"], ids[:8])
+
+
+def test_undecoded_batches_preprocessed_on_device_match_the_host(fm_test):
+  ids = np.arange(0, 10_000, 1111)
+  options = dict(image_size=(20, 36), channels=3, mean=pipeline.IMAGENET_MEAN)
+  options["std"] = pipeline.IMAGENET_STD
+  host = list(pipeline.iterate_batches(fm_test, ids, batch_size=4, **options))
+  raw = list(pipeline.iterate_batches(fm_test, ids, batch_size=4, host_preprocess=False))
+  step = jax.jit(lambda images: on_device.preprocess(images, **options))
+  for a, b in zip(host, raw, strict=True):
+    assert b["image"].dtype == np.uint8 and b["image"].shape == (4, 28, 28, 1)
+    np.testing.assert_array_equal(a["index"], b["index"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+    mask = a["mask"]
+    np.testing.assert_allclose(np.asarray(step(b["image"]))[mask], a["image"][mask], atol=1e-5)
+  with pytest.raises(ValueError, match="channels=1 for images with 3 channels"):
+    on_device.preprocess(np.zeros((1, 2, 2, 3), np.uint8), channels=1)
+
+
+def test_step_batches_serve_make_of_the_step_asked():
+  made = []
+
+  def make(step):
+    made.append(step)
+    return {"step": np.array([step])}
+
+  get_batch = pipeline.StepBatches(make, end=8)
+  try:
+    assert [int(get_batch(s)["step"][0]) for s in (0, 1, 2, 5, 6, 0)] == [0, 1, 2, 5, 6, 0]
+  finally:
+    get_batch.close()
+  assert {0, 1, 2, 5, 6} <= set(made)
+  with pytest.raises(ValueError, match="step 8"):
+    get_batch(8)

@@ -1,27 +1,27 @@
-"""Batches of preprocessed images by index list: fixed shapes, deterministic order.
+"""Batches of preprocessed images by index list: fixed shapes, deterministic order, on grain.
 
 `iterate_batches(data, ids, batch_size=...)` yields, in the order of `ids`,
 `{"image": float32[B, H, W, C], "mask": bool[B], "index": int64[B], "label": int64[B]}`.
 Every batch has the same shape: the last one is padded (mask False, index and label -1,
-image zeros) instead of dropped, so a jitted consumer compiles once. Preprocessing is plain
-NumPy (no JAX, so that worker processes never start XLA): uint8 -> [0, 1], optional
-resize (linear with antialiasing, the same weights as `jax.image.resize(..., "linear")`),
-optional grayscale -> 3 channels, then `(x - mean) / std`. With `num_workers > 0` batches are
-made in worker processes (forkserver/spawn: never fork a process running XLA threads) and
-come back in the same order, identical to `num_workers=0`.
+image zeros) instead of dropped, so a jitted consumer compiles once. Batch i is element i of
+a grain `MapDataset` (`batch_dataset`); `iterate_batches` reads it with a prefetching thread
+or grain's spawned worker processes (batch i from worker i % n, so the output is identical
+for any worker count), and its iterator's `get_state()` resumes at the next batch.
+Preprocessing is plain NumPy: uint8 -> [0, 1], optional resize (linear with antialiasing,
+the same weights as `jax.image.resize(..., "linear")`), optional grayscale -> 3 channels,
+then `(x - mean) / std`. With `host_preprocess=False` the batches keep the decoded uint8
+images and `rare_jax.data.on_device.preprocess` does the rest inside the consumer's jit.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import multiprocessing
-import pickle
-from collections.abc import Iterator, Sequence
-from concurrent import futures
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import grain
 import numpy as np
+from absl import flags
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,16 +178,141 @@ def _normalise_data(source_or_arrays):
   return source_or_arrays, len(source_or_arrays)
 
 
-_WORKER_DATA: Any = None
+class _BatchMaker:
+  """Batch `i` of `chunks` (a picklable grain map: spawned workers unpickle it)."""
+
+  def __init__(self, data, chunks, batch_size, options, host_preprocess):
+    self.data = data
+    self.chunks = chunks
+    self.batch_size = batch_size
+    self.options = options
+    self.host_preprocess = host_preprocess
+
+  def __call__(self, i: int) -> dict[str, np.ndarray]:
+    chunk = self.chunks[int(i)]
+    if self.host_preprocess:
+      return make_batch(self.data, chunk, batch_size=self.batch_size, **self.options)
+    return make_raw_batch(self.data, chunk, batch_size=self.batch_size)
 
 
-def _init_worker(pickled_data: bytes) -> None:
-  global _WORKER_DATA
-  _WORKER_DATA = pickle.loads(pickled_data)
+def make_raw_batch(data, batch_ids: np.ndarray, *, batch_size: int) -> dict[str, np.ndarray]:
+  """`make_batch` without preprocessing: the decoded uint8 images, padded with zeros; for
+  `rare_jax.data.on_device.preprocess` in the consumer's jitted step."""
+  images, labels = _read(data, batch_ids)
+  if isinstance(images, list):
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+      raise ValueError(
+        f"images of batch have shapes {sorted(shapes)}; expected one shape for undecoded "
+        "batches (host_preprocess=True resizes them on the host)"
+      )
+    images = np.stack(images)
+  count = len(batch_ids)
+  out = np.zeros((batch_size, *images.shape[1:]), dtype=np.uint8)
+  out[:count] = images
+  mask = np.arange(batch_size) < count
+  index = np.full(batch_size, -1, dtype=np.int64)
+  index[:count] = batch_ids
+  label = np.full(batch_size, -1, dtype=np.int64)
+  label[:count] = labels
+  return {"image": out, "mask": mask, "index": index, "label": label}
 
 
-def _worker_batch(batch_ids: np.ndarray, batch_size: int, options: dict) -> dict[str, np.ndarray]:
-  return make_batch(_WORKER_DATA, batch_ids, batch_size=batch_size, **options)
+def batch_dataset(
+  source_or_arrays,
+  ids: Sequence[int] | np.ndarray,
+  *,
+  batch_size: int,
+  image_size: int | Sequence[int] | None = None,
+  channels: int | None = None,
+  mean: float | Sequence[float] = 0.0,
+  std: float | Sequence[float] = 1.0,
+  host_preprocess: bool = True,
+) -> grain.MapDataset:
+  """The padded batches of `iterate_batches` as a grain `MapDataset` (element i = batch i)."""
+  data, size = _normalise_data(source_or_arrays)
+  ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
+  if ids.size and (ids.min() < 0 or ids.max() >= size):
+    bad = ids[(ids < 0) | (ids >= size)][0]
+    raise ValueError(f"id {bad} out of range; expected 0 <= id < {size} (the data's length)")
+  options = {"image_size": _as_size(image_size), "channels": channels, "mean": mean, "std": std}
+  if host_preprocess and np.any(np.asarray(std, dtype=np.float32) <= 0):
+    raise ValueError(f"std={np.asarray(std).tolist()}; expected positive values")
+  chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+  maker = _BatchMaker(data, chunks, int(batch_size), options, host_preprocess)
+  return grain.MapDataset.range(len(chunks)).map(maker)
+
+
+def _let_grain_read_its_flag() -> None:
+  """grain 0.2.18's `mp_prefetch` reads the absl flag `grain_enable_multiprocess_worker_profiling`,
+  which raises before flags are parsed (pytest, scripts without absl.app). Marking that one
+  flag present keeps its default, as grain's own workers do for their flags."""
+  name = "grain_enable_multiprocess_worker_profiling"
+  if not flags.FLAGS.is_parsed() and name in flags.FLAGS:
+    flags.FLAGS[name].present = True
+
+
+class BatchIterator:
+  """Iterates a grain pipeline of batches; checks they share one shape.
+
+  `get_state()` is `{"next_batch": k}` (JSON-able): `set_state` on a new iterator over the same
+  ids resumes at batch k with any worker count (grain's own iterator state depends on the
+  pipeline's structure, hence on the worker count, so it is not what gets saved).
+  """
+
+  def __init__(self, dataset: grain.MapDataset, start: Callable[[grain.MapDataset], Any]):
+    self._dataset = dataset
+    self._start = start
+    self._next = 0
+    self._iterator = None
+    self._shape = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._start(self._dataset[self._next :])
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      self.close()
+      raise
+    if self._shape is None:
+      self._shape = batch["image"].shape
+    elif batch["image"].shape != self._shape:
+      self.close()
+      raise ValueError(
+        f"batch of images {batch['image'].shape} after batches of {self._shape}; expected one "
+        "shape: pass image_size"
+      )
+    self._next += 1
+    return batch
+
+  def __len__(self) -> int:
+    """Batches left."""
+    return len(self._dataset) - self._next
+
+  def get_state(self) -> dict:
+    return {"next_batch": self._next}
+
+  def set_state(self, state: dict) -> None:
+    """Continues at `state["next_batch"]` (from `get_state`)."""
+    position = state.get("next_batch") if isinstance(state, dict) else None
+    if not isinstance(position, int) or not 0 <= position <= len(self._dataset):
+      raise ValueError(
+        f"state {state!r}; expected {{'next_batch': k}} with 0 <= k <= {len(self._dataset)}"
+      )
+    self.close()
+    self._next = position
+
+  def close(self) -> None:
+    """Stops grain's threads and worker processes (also done when the batches run out)."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
 
 
 def iterate_batches(
@@ -201,8 +326,10 @@ def iterate_batches(
   std: float | Sequence[float] = 1.0,
   num_workers: int = 0,
   prefetch: int = 2,
-) -> Iterator[dict[str, np.ndarray]]:
-  """Yields fixed-shape batches of the examples `ids`, in the order of `ids`.
+  num_threads: int = 1,
+  host_preprocess: bool = True,
+) -> BatchIterator:
+  """Yields fixed-shape batches of the examples `ids`, in the order of `ids`, through grain.
 
   Args:
     source_or_arrays: a `Source` (or anything with `__len__` and `__getitems__` returning
@@ -214,56 +341,84 @@ def iterate_batches(
     channels: 3 turns grayscale into 3 channels; None keeps them.
     mean: normalisation after scaling to [0, 1], e.g. `IMAGENET_MEAN`.
     std: normalisation, e.g. `IMAGENET_STD`.
-    num_workers: 0 makes batches in this process; more uses worker processes (same output).
-    prefetch: batches in flight per worker.
+    num_workers: grain worker processes (spawned; batch i is made by worker i % num_workers,
+      same output); 0 makes batches in this process.
+    prefetch: batches buffered (per worker with workers; else in this process).
+    num_threads: threads making batches in this process when num_workers is 0 (0: made on
+      `next`, in the caller's thread).
+    host_preprocess: False leaves resize/normalisation to the consumer: images stay uint8 as
+      decoded (one shape per batch), for `on_device.preprocess` inside a jitted step.
 
-  Yields:
-    `{"image": float32[B, H, W, C], "mask": bool[B], "index": int64[B], "label": int64[B]}`;
-    padding rows have mask False, index -1, label -1 and a zero image.
+  Returns:
+    A `BatchIterator` over `{"image": float32[B, H, W, C], "mask": bool[B], "index": int64[B],
+    "label": int64[B]}`; padding rows have mask False, index -1, label -1 and a zero image.
   """
-  data, size = _normalise_data(source_or_arrays)
-  ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-  if int(batch_size) != batch_size or batch_size < 1:
-    raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
-  if ids.size and (ids.min() < 0 or ids.max() >= size):
-    bad = ids[(ids < 0) | (ids >= size)][0]
-    raise ValueError(f"id {bad} out of range; expected 0 <= id < {size} (the data's length)")
   if num_workers < 0:
     raise ValueError(f"num_workers={num_workers}; expected >= 0")
-  options = {"image_size": _as_size(image_size), "channels": channels, "mean": mean, "std": std}
-  chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
-  if num_workers == 0:
-    batches = (make_batch(data, chunk, batch_size=batch_size, **options) for chunk in chunks)
-  else:
-    batches = _batches_in_workers(data, chunks, batch_size, options, num_workers, prefetch)
-  shape = None
-  for batch in batches:
-    if shape is None:
-      shape = batch["image"].shape
-    elif batch["image"].shape != shape:
-      raise ValueError(
-        f"batch of images {batch['image'].shape} after batches of {shape}; expected one "
-        "shape: pass image_size"
-      )
-    yield batch
-
-
-def _batches_in_workers(data, chunks, batch_size, options, num_workers, prefetch):
-  methods = multiprocessing.get_all_start_methods()
-  context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-  executor = futures.ProcessPoolExecutor(
-    max_workers=num_workers,
-    mp_context=context,
-    initializer=_init_worker,
-    initargs=(pickle.dumps(data),),
+  if num_threads < 0 or prefetch < 0:
+    raise ValueError(f"num_threads={num_threads}, prefetch={prefetch}; expected >= 0")
+  dataset = batch_dataset(
+    source_or_arrays,
+    ids,
+    batch_size=batch_size,
+    image_size=image_size,
+    channels=channels,
+    mean=mean,
+    std=std,
+    host_preprocess=host_preprocess,
   )
-  pending = collections.deque()
-  try:
-    for chunk in chunks:
-      pending.append(executor.submit(_worker_batch, chunk, batch_size, options))
-      if len(pending) >= num_workers * max(prefetch, 1):
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-  finally:
-    executor.shutdown(wait=True, cancel_futures=True)
+  if num_workers > 0:
+    _let_grain_read_its_flag()
+
+  def start(batches: grain.MapDataset):
+    if num_workers == 0:
+      threads = num_threads if prefetch else 0
+      read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch if threads else 0)
+      return iter(batches.to_iter_dataset(read))
+    # Workers make whole batches; no extra reading threads inside them.
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    options = grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)
+    )
+    return iter(batches.to_iter_dataset(read).mp_prefetch(options))
+
+  return BatchIterator(dataset, start)
+
+
+class StepBatches:
+  """`get_batch(step)` for `train.fit`, with the batches of the following steps made ahead by
+  grain (a prefetch thread: `make` may be a closure). Steps asked in order come from the
+  prefetched stream; any other step restarts it there, so the batch of a step is always
+  `make(step)` (exact resumption). `close()` stops the thread.
+
+  Args:
+    make: step -> batch (host arrays), a function of the step only.
+    end: one past the last step.
+    prefetch: batches made ahead.
+  """
+
+  def __init__(self, make: Callable[[int], dict], *, end: int, prefetch: int = 2):
+    if prefetch < 1:
+      raise ValueError(f"prefetch={prefetch}; expected >= 1")
+    self._make = make
+    self._end = int(end)
+    self._prefetch = int(prefetch)
+    self._iterator = None
+    self._expected = None
+
+  def __call__(self, step: int) -> dict:
+    step = int(step)
+    if not 0 <= step < self._end:
+      raise ValueError(f"step {step}; expected 0 <= step < {self._end}")
+    if self._iterator is None or step != self._expected:
+      self.close()
+      read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)
+      steps = grain.MapDataset.range(step, self._end).map(self._make)
+      self._iterator = iter(steps.to_iter_dataset(read))
+    self._expected = step + 1
+    return next(self._iterator)
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
