@@ -361,13 +361,19 @@ def test_run_dir_of_other_features_or_settings_is_refused(problem, engines, tmp_
   assert int(_final_state(problem, run_dir).round) == 3
 
 
-def test_pool_sharded_over_8_devices_gives_the_one_device_run_bit_for_bit(problem):
+@pytest.fixture(scope="module")
+def sharded_engine(engines):
+  """engines["adaptive"]'s loop with the pool split over 8 devices."""
+  return runner.Engine(engines["adaptive"].config, mesh=sharding.make_mesh([("data", 8)]))
+
+
+def test_pool_sharded_over_8_devices_gives_the_one_device_run_bit_for_bit(
+  problem, engines, sharded_engine
+):
   """query/observe/refit with the pool split over a mesh's data axis: each device holds P/8 of
   the features and of every [C, P] array, and every state equals the one-device run's."""
   features, seed_ids, truth = problem
-  config = loop.LoopConfig(batch_size=4, querying="adaptive", pseudo_negative_factor=2.0)
-  mesh = sharding.make_mesh([("data", 8)])
-  single, sharded = runner.Engine(config), runner.Engine(config, mesh=mesh)
+  single, sharded = engines["adaptive"], sharded_engine
   rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(DIM, DIM)))[0]
   new_features = jnp.asarray(np.asarray(features) @ rotation.astype(np.float32) + 0.5)
   runs = []
@@ -396,3 +402,17 @@ def test_pool_sharded_over_8_devices_gives_the_one_device_run_bit_for_bit(proble
     assert runner.differing_leaves(a, b) == [], round_index
   with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
     sharded.place_features(features[:-4])
+
+
+def test_run_strategy_with_a_sharded_engine_resumes_to_the_one_device_state(
+  problem, engines, sharded_engine, tmp_path
+):
+  run_ours_linear(problem, tmp_path / "one", engine=engines["adaptive"])
+  run_ours_linear(problem, tmp_path / "split", engine=sharded_engine, stop_after=2)
+  run_ours_linear(problem, tmp_path / "split", engine=sharded_engine)  # restores round 2
+  assert (
+    runner.differing_leaves(
+      _final_state(problem, tmp_path / "one"), _final_state(problem, tmp_path / "split")
+    )
+    == []
+  )
