@@ -166,7 +166,9 @@ def _split_bfloat16(vectors: jax.Array) -> jax.Array:
   return jnp.concatenate([hi, mid, lo], axis=-1).astype(jnp.bfloat16)
 
 
-def _features_times(features: jax.Array, columns: jax.Array, contract_rows: bool) -> jax.Array:
+def features_times(
+  features: jax.Array, columns: jax.Array, contract_rows: bool = False
+) -> jax.Array:
   """`features @ columns` (`[N, D] x [D, K] -> [N, K]`) or `features.T @ columns` if
   `contract_rows` (`[N, K] -> [D, K]`), accumulated in the compute dtype."""
   out_dtype = _compute_dtype(features.dtype)
@@ -190,11 +192,11 @@ def _features_times(features: jax.Array, columns: jax.Array, contract_rows: bool
 
 
 def _matvec(features: jax.Array, vector: jax.Array) -> jax.Array:
-  return _features_times(features, vector[:, None], contract_rows=False)[:, 0]
+  return features_times(features, vector[:, None], contract_rows=False)[:, 0]
 
 
 def _rmatvec(features: jax.Array, vector: jax.Array) -> jax.Array:
-  return _features_times(features, vector[:, None], contract_rows=True)[:, 0]
+  return features_times(features, vector[:, None], contract_rows=True)[:, 0]
 
 
 def decision_function(features: jax.Array, model: LinearModel) -> jax.Array:
@@ -218,7 +220,7 @@ def decision_function(features: jax.Array, model: LinearModel) -> jax.Array:
   if bias.shape != weights.shape[:-1]:
     raise ValueError(f"model.bias of shape {bias.shape}; expected {weights.shape[:-1]}")
   columns = weights.T if weights.ndim == 2 else weights[:, None]
-  logits = _features_times(features, columns, contract_rows=False)
+  logits = features_times(features, columns, contract_rows=False)
   logits = logits + bias.astype(logits.dtype)
   return logits if weights.ndim == 2 else logits[:, 0]
 

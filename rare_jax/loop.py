@@ -249,8 +249,9 @@ def observe(
 
   warm = _where_fitted(fitted(state), state.linear, jax.tree.map(jnp.zeros_like, state.linear))
   fit = both_classes(labels, pseudo_negative)
+  ids, member = training_set(labels, pseudo_negative, train_size)
   model, scores = _fit_and_score(
-    labels, pseudo_negative, features, warm, fit, config=config, train_size=train_size
+    labels, ids, member, features[ids], features, warm, fit, config=config
   )
   # A category still without both classes keeps its previous model and ranking.
   return state.replace(
@@ -275,17 +276,16 @@ def refit(
   """
   fit = both_classes(state.labels, state.pseudo_negative)
   zeros = jax.tree.map(jnp.zeros_like, state.linear)
+  ids, member = training_set(state.labels, state.pseudo_negative, train_size)
+  rows = features[ids]  # [C, train_size, D]: the only rows gathered from the pool
   model, scores = _fit_and_score(
-    state.labels,
-    state.pseudo_negative,
-    features,
-    zeros,
-    fit,
-    config=config,
-    train_size=train_size,
+    state.labels, ids, member, rows, features, zeros, fit, config=config
   )
+  # The seeds are in the training set (labels from round 0): their centroid from its rows.
   seeds = jnp.logical_and(state.label_round == 0, state.labels == 1)
-  cosine = select.cosine_scores_to_members(features, seeds)
+  cosine = select.cosine_scores_to_rows(
+    features, rows, jnp.logical_and(member, jnp.take_along_axis(seeds, ids, axis=-1))
+  )
   return state.replace(
     linear=_where_fitted(fit, model, zeros),
     has_model=jnp.ones((), bool),
@@ -300,18 +300,18 @@ def _where_fitted(fit: jax.Array, model: linear.LinearModel, other: linear.Linea
   )
 
 
-def _fit_and_score(labels, pseudo_negative, features, init, fit, *, config, train_size):
+def _fit_and_score(labels, ids, valid, rows, features, init, fit, *, config):
   """Algorithm 1 lines 15-18: fit on L_p (1), L_n and W_n (0); score the pool in one pass.
 
-  Categories where `fit` (`[C]` bool) is False get no examples (their one-class fit would be
-  degenerate and, running to `max_iters`, would hold up the batched solver); the caller keeps
-  another model for them.
+  `ids`, `valid` are the training set (`training_set`), `rows` its gathered features. Categories
+  where `fit` (`[C]` bool) is False get no examples (their one-class fit would be degenerate
+  and, running to `max_iters`, would hold up the batched solver); the caller keeps another
+  model for them.
   """
-  ids, valid = training_set(labels, pseudo_negative, train_size)
   valid = jnp.logical_and(valid, fit[:, None])
   targets = (jnp.take_along_axis(labels, ids, axis=-1) == 1).astype(jnp.float32)
   model = linear.fit_logistic_batched(
-    features[ids],
+    rows,
     targets,
     valid.astype(jnp.float32),
     l2=config.l2,

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rare_jax import fingerprint, labelers, linear, loop, metrics
 from rare_jax.checkpoint import CheckpointStore, record_or_check
@@ -138,21 +139,90 @@ def num_rounds(config) -> int:
 
 
 class Engine:
-  """The jitted `query` and `observe` of one `LoopConfig` (compiled once, reused every round)."""
+  """The jitted `query` and `observe` of one `LoopConfig` (compiled once, reused every round).
 
-  def __init__(self, config: loop.LoopConfig):
+  With a `mesh`, the pool is sharded over its `axis` (jit in/out shardings): the features
+  `[P, D]` by rows and the state's `[C, P]` arrays by columns, so each device holds P / devices
+  of them; the models, the queries and the gathered training sets are replicated. Rankings,
+  top-B queries and the bottom-50% draw run shard-wise plus small merges (XLA's partitioned
+  top-k, integer counts of the bisection), and every row-wise float product is formulated to
+  round the same whatever the split: a sharded run is bitwise the run on one device
+  (tests/test_loop.py). P must be a multiple of the axis size (pad the pool otherwise).
+  """
+
+  def __init__(self, config: loop.LoopConfig, *, mesh=None, axis: str = "data"):
     self.config = config
-    self.query = jax.jit(functools.partial(loop.query, config=config))
-    self.observe = jax.jit(
-      functools.partial(loop.observe, config=config), static_argnames=("train_size",)
-    )
-    self.refit = jax.jit(
-      functools.partial(loop.refit, config=config), static_argnames=("train_size",)
-    )
+    self.mesh = mesh
+    self.axis = axis
+    observe = functools.partial(_observe_positional, config=config)
+    refit = functools.partial(_refit_positional, config=config)
+    query = functools.partial(loop.query, config=config)
+    if mesh is None:
+      self.features_sharding = self.state_shardings = None
+      self.query = jax.jit(query)
+      self.observe = jax.jit(observe, static_argnums=4)
+      self.refit = jax.jit(refit, static_argnums=2)
+      self._init = jax.jit(_init_positional, static_argnums=2)
+    else:
+      if axis not in mesh.axis_names:
+        raise ValueError(f"axis {axis!r} not in mesh axes {mesh.axis_names}")
+      rep = NamedSharding(mesh, PartitionSpec())
+      pool = NamedSharding(mesh, PartitionSpec(None, axis))
+      self.features_sharding = NamedSharding(mesh, PartitionSpec(axis, None))
+      self.state_shardings = loop.LoopState(
+        round=rep,
+        seed=rep,
+        labels=pool,
+        label_round=pool,
+        pseudo_negative=pool,
+        linear=linear.LinearModel(weights=rep, bias=rep),
+        has_model=rep,
+        scores=pool,
+      )
+      states, features = self.state_shardings, self.features_sharding
+      self.query = jax.jit(query, in_shardings=(states,), out_shardings=rep)
+      self.observe = jax.jit(
+        observe,
+        static_argnums=4,
+        in_shardings=(states, rep, rep, features),
+        out_shardings=states,
+      )
+      self.refit = jax.jit(
+        refit, static_argnums=2, in_shardings=(states, features), out_shardings=states
+      )
+      self._init = jax.jit(
+        _init_positional,
+        static_argnums=2,
+        in_shardings=(features, rep),
+        out_shardings=states,
+      )
     self._counts = jax.jit(loop.label_counts)
     self._sizes = jax.jit(
       lambda labels, pseudo: jnp.sum((labels >= 0) | pseudo, axis=-1, dtype=jnp.int32)
     )
+
+  def place_features(self, features) -> jax.Array:
+    """The features as this engine's functions take them (rows over the mesh's axis)."""
+    if self.mesh is None:
+      return jnp.asarray(features)
+    devices = self.mesh.shape[self.axis]
+    if features.shape[0] % devices:
+      raise ValueError(
+        f"pool size {features.shape[0]} is not a multiple of the {devices} devices of mesh "
+        f"axis {self.axis!r}: pad the pool"
+      )
+    return jax.device_put(features, self.features_sharding)
+
+  def place_state(self, state: loop.LoopState) -> loop.LoopState:
+    """`state` with this engine's shardings (a no-op when it has them already)."""
+    if self.mesh is None:
+      return state
+    return jax.device_put(state, self.state_shardings)
+
+  def init(self, features, seed_ids, *, seed: int) -> loop.LoopState:
+    """`loop.init`, jitted (and sharded with a mesh)."""
+    loop.check_seed_ids(seed_ids, features.shape[0])
+    return self._init(self.place_features(features), jnp.asarray(seed_ids), int(seed))
 
   def step(self, state: loop.LoopState, query_ids, answers, features) -> loop.LoopState:
     """`observe` with the bucketed training-set size computed for this round's answers."""
@@ -164,16 +234,31 @@ class Engine:
       state.pool_size,
       config=self.config,
     )
-    return self.observe(state, query_ids, answers, features, train_size=train_size)
+    state, features = self.place_state(state), self.place_features(features)
+    return self.observe(state, query_ids, answers, features, train_size)
 
   def refit_on(self, state: loop.LoopState, features) -> loop.LoopState:
     """`refit` on new features, with the bucketed size of the current training set."""
     sizes = jax.device_get(self._sizes(state.labels, state.pseudo_negative))
-    return self.refit(state, features, train_size=linear.bucket_size(int(np.max(sizes))))
+    state, features = self.place_state(state), self.place_features(features)
+    return self.refit(state, features, linear.bucket_size(int(np.max(sizes))))
 
   def compilations(self) -> int:
     """Number of compiled variants of `query` and `observe` so far."""
     return self.query._cache_size() + self.observe._cache_size()
+
+
+def _observe_positional(state, query_ids, answers, features, train_size, *, config):
+  # jit takes no keyword arguments with in_shardings: the static size is positional.
+  return loop.observe(state, query_ids, answers, features, config=config, train_size=train_size)
+
+
+def _init_positional(features, seed_ids, seed):
+  return loop.init(features, seed_ids, seed=seed)
+
+
+def _refit_positional(state, features, train_size, *, config):
+  return loop.refit(state, features, config=config, train_size=train_size)
 
 
 def abstract_state(features: jax.Array, seed_ids: np.ndarray, seed: int):
@@ -247,6 +332,7 @@ def run_strategy(
       f"engine of {engine.config} given for strategy {strategy!r}, expected "
       f"{loop_config(config, strategy)}"
     )
+  features = engine.place_features(features)
   total = num_rounds(config)
   per_update = int(config.rounds_per_update)
   os.makedirs(run_dir, exist_ok=True)
@@ -275,7 +361,7 @@ def run_strategy(
     latest = store.latest_step()
     if latest is None:
       fingerprint.record(run_dir, started_with)
-      state = loop.init(features, seed_ids, seed=seed)
+      state = engine.init(features, seed_ids, seed=seed)
       store.save(0, state, {"round": 0, "strategy": strategy})
       latest = 0
       recorded = {}
@@ -286,6 +372,7 @@ def run_strategy(
       if not fingerprint.check(run_dir, started_with):
         fingerprint.record(run_dir, started_with)  # a run from before fingerprints
       state, _ = store.restore(latest, abstract_state(features, seed_ids, seed))
+      state = engine.place_state(state)
       if updater is not None and latest >= per_update:
         features, val_features = updater.features(latest // per_update)
       recorded = read_answers(answers_path)

@@ -11,13 +11,77 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rare_jax import linear
+
 # Querying rules. "adaptive": paper lines 9-12; "most_likely_positive": Tropel's rule;
 # "random": uniform over the unlabeled pool (the floor of active learning, not in the paper).
 QUERYING_RULES = ("adaptive", "most_likely_positive", "random")
 
 
+def _sum_last_axis(x: jax.Array) -> jax.Array:
+  """Sum over the last axis by pairwise halving: elementwise adds in an order fixed by the
+  width alone (XLA's reductions vectorise by shape). Fuses into one pass."""
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    folded = x[..., :half] + x[..., half : 2 * half]
+    x = jnp.concatenate([folded, x[..., 2 * half :]], axis=-1) if x.shape[-1] % 2 else folded
+  return x[..., 0]
+
+
+def _exact_square_terms(x: jax.Array) -> jax.Array:
+  """`[..., 3K]` float32 terms whose sum is `x * x` summed over the last axis, each product
+  exact: x = hi + lo with 12 significant bits each, x^2 = hi^2 + 2 hi lo + lo^2."""
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  hi = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)
+  lo = x - hi  # exact
+  return jnp.concatenate([hi * hi, (2 * hi) * lo, lo * lo], axis=-1)
+
+
+_SQUARES_BLOCK = 16  # columns per step of `_sum_of_squares` (one 64-byte line of float32)
+
+
+def _sum_of_squares(x: jax.Array) -> jax.Array:
+  """`sum(x * x, -1)` in float32, bitwise the same however the rows are split over devices.
+
+  A plain reduction is not: XLA vectorises it by shape, and LLVM contracts `a * b + c` into
+  fused multiply-adds in a loop's vectorised body but not in its scalar tail, so a pool sharded
+  over 8 devices rounded some rows differently. Here every product is exact (a contraction
+  cannot change it) and the adds run elementwise in an order fixed by the width alone:
+  pairwise within blocks of 16 columns, blocks accumulated left to right by a loop, so the
+  temporaries are `[rows, 48]` whatever D is (no `[P, D]` copy of the pool).
+  """
+  width = x.shape[-1]
+  blocks, rest = divmod(width, _SQUARES_BLOCK)
+  if rest:
+    total = _sum_last_axis(_exact_square_terms(x[..., blocks * _SQUARES_BLOCK :]))
+  else:
+    total = jnp.zeros(x.shape[:-1], jnp.float32)
+  if blocks == 0:
+    return total
+
+  def add_block(index, total):
+    block = jax.lax.dynamic_slice_in_dim(x, index * _SQUARES_BLOCK, _SQUARES_BLOCK, axis=-1)
+    return total + _sum_last_axis(_exact_square_terms(block))
+
+  return jax.lax.fori_loop(0, blocks, add_block, total)
+
+
+def _inverse_norms(x: jax.Array) -> jax.Array:
+  """`1 / |row|` of rows (1e6 for zero rows)."""
+  return jax.lax.rsqrt(jnp.maximum(_sum_of_squares(x), 1e-12))
+
+
 def _normalize_rows(x: jax.Array) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+  return x * _inverse_norms(x)[..., None]
+
+
+def _cosine_to_centroids(features: jax.Array, centroids: jax.Array) -> jax.Array:
+  """`[C, P]` cosine of each pool row to unit `centroids` `[C, D]`: one matmul pass over the
+  features (their dtype, f32 accuracy) and one for the row norms; row-wise only, so a pool
+  sharded by rows gives bitwise the scores of one device."""
+  dots = linear.features_times(features, centroids.T)  # [P, C]
+  return (dots * _inverse_norms(features)[:, None]).T
 
 
 def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
@@ -30,20 +94,23 @@ def cosine_scores(features: jax.Array, seed_ids: jax.Array) -> jax.Array:
   Returns:
     `[C, P]` float32 scores (higher = more likely positive).
   """
-  normalized = _normalize_rows(features.astype(jnp.float32))
-  centroids = _normalize_rows(jnp.mean(normalized[seed_ids], axis=1))  # [C, D]
-  return centroids @ normalized.T
+  return cosine_scores_to_rows(features, features[seed_ids], jnp.ones(seed_ids.shape, bool))
 
 
-def cosine_scores_to_members(features: jax.Array, members: jax.Array) -> jax.Array:
-  """`cosine_scores` with each category's seeds given as a `[C, P]` bool mask.
+def cosine_scores_to_rows(features: jax.Array, rows: jax.Array, member: jax.Array) -> jax.Array:
+  """`cosine_scores` with each category's seeds given as gathered unit rows.
 
-  For code that knows the seeds only as a mask (`LoopState`: labels from round 0); equal to
-  `cosine_scores` up to float rounding when the seed ids of a category are distinct.
+  Args:
+    features: `[P, D]` pool features.
+    rows: `[C, N, D]` feature rows gathered from the pool (e.g. a training set).
+    member: `[C, N]` bool: which rows are seeds (the others are left out of the mean).
+
+  Returns:
+    `[C, P]` float32 scores; equal to `cosine_scores` up to float rounding.
   """
-  normalized = _normalize_rows(features.astype(jnp.float32))
-  sums = members.astype(jnp.float32) @ normalized  # [C, D]; the mean's scale is normalised away
-  return _normalize_rows(sums) @ normalized.T
+  unit = _normalize_rows(rows.astype(jnp.float32))
+  sums = jnp.sum(jnp.where(member[..., None], unit, 0.0), axis=1)  # the mean's scale cancels
+  return _cosine_to_centroids(features, _normalize_rows(sums))
 
 
 def query_priority(scores: jax.Array, *, labels: jax.Array, use_positive_rule: jax.Array):

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rare_jax import labelers, linear, loop, runner, select, workdirs
+from rare_jax import labelers, linear, loop, runner, select, sharding, workdirs
 from rare_jax.checkpoint import CheckpointStore
 
 POOL, DIM, CATEGORIES, SEEDS = 600, 8, 2, 5
@@ -359,3 +359,60 @@ def test_run_dir_of_other_features_or_settings_is_refused(problem, engines, tmp_
     == []
   )
   assert int(_final_state(problem, run_dir).round) == 3
+
+
+@pytest.fixture(scope="module")
+def sharded_engine(engines):
+  """engines["adaptive"]'s loop with the pool split over 8 devices."""
+  return runner.Engine(engines["adaptive"].config, mesh=sharding.make_mesh([("data", 8)]))
+
+
+def test_pool_sharded_over_8_devices_gives_the_one_device_run_bit_for_bit(
+  problem, engines, sharded_engine
+):
+  """query/observe/refit with the pool split over a mesh's data axis: each device holds P/8 of
+  the features and of every [C, P] array, and every state equals the one-device run's."""
+  features, seed_ids, truth = problem
+  single, sharded = engines["adaptive"], sharded_engine
+  rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(DIM, DIM)))[0]
+  new_features = jnp.asarray(np.asarray(features) @ rotation.astype(np.float32) + 0.5)
+  runs = []
+  for engine in (single, sharded):
+    labeler = labelers.SimulatedLabeler(truth)
+    pool = engine.place_features(features)
+    state = engine.init(pool, seed_ids, seed=0)
+    states = [state]
+    for round_index in range(1, 5):
+      ids = np.asarray(engine.query(state))
+      state = engine.step(state, ids, labeler.answer(ids), pool)
+      if round_index == 2:  # a deep update's new features: refit and rescore
+        pool = engine.place_features(new_features)
+        state = engine.refit_on(state, pool)
+      states.append(state)
+    runs.append((states, pool))
+  (one, _), (split, pool) = runs
+  assert pool.sharding.spec == jax.sharding.PartitionSpec("data", None)
+  assert {s.data.shape for s in pool.addressable_shards} == {(POOL // 8, DIM)}
+  for name in ("labels", "label_round", "pseudo_negative", "scores"):
+    array = getattr(split[-1], name)
+    assert len(array.addressable_shards) == 8, name
+    assert {s.data.shape for s in array.addressable_shards} == {(CATEGORIES, POOL // 8)}, name
+  assert np.asarray(split[-1].labels >= 0).sum() > CATEGORIES * (SEEDS + 4 * 4 - 1)
+  for round_index, (a, b) in enumerate(zip(one, split, strict=True)):
+    assert runner.differing_leaves(a, b) == [], round_index
+  with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
+    sharded.place_features(features[:-4])
+
+
+def test_run_strategy_with_a_sharded_engine_resumes_to_the_one_device_state(
+  problem, engines, sharded_engine, tmp_path
+):
+  run_ours_linear(problem, tmp_path / "one", engine=engines["adaptive"])
+  run_ours_linear(problem, tmp_path / "split", engine=sharded_engine, stop_after=2)
+  run_ours_linear(problem, tmp_path / "split", engine=sharded_engine)  # restores round 2
+  assert (
+    runner.differing_leaves(
+      _final_state(problem, tmp_path / "one"), _final_state(problem, tmp_path / "split")
+    )
+    == []
+  )
