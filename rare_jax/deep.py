@@ -639,8 +639,9 @@ class DeepUpdater:
       pseudo_negative & unlabeled,
       self.task.ground_truth(),
     )
-    os.makedirs(os.path.dirname(self._pseudo_label_path(version)), exist_ok=True)
-    write_json_atomic(self._pseudo_label_path(version), error_rates)
+    if sharding.is_primary():
+      os.makedirs(os.path.dirname(self._pseudo_label_path(version)), exist_ok=True)
+      write_json_atomic(self._pseudo_label_path(version), error_rates)
     self.log(
       f"deep update {version}: trainBGSplit on {len(examples.pool_positions)} images "
       f"({int(examples.label_mask.sum())} (image, category) labels), "
