@@ -25,6 +25,11 @@ backslash escapes (`\xff`); see `rare_jax/csvfile.py`.
 Errors (a workdir that holds no run, a damaged checkpoint or config.json, `--out` a directory)
 are one line on stderr naming the file: exit status 2; a failed write (disk full): exit status
 1, and no partial CSV or temporary file is left.
+
+Multi-host: it accepts the flags of `rare_jax.distributed_flags` (--coordinator_address, ...)
+so that a launcher may start it in every process, but it does not split the work: every
+process scores every image (a linear model on pixel features is cheap) and process 0 alone
+writes the CSV and logs.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from rare_jax import csvfile, linear, runner, stand_in
+from rare_jax import csvfile, distributed_flags, linear, runner, sharding, stand_in
 from rare_jax.checkpoint import CheckpointStore
 from rare_jax.data import folder, sources, tasks
 from rare_jax.webapp import folder_run
@@ -296,16 +301,20 @@ _CATEGORY = flags.DEFINE_string(
   "category", None, "Category name or index (needed when the run has several)."
 )
 flags.mark_flags_as_required(["workdir", "out"])
+distributed_flags.define()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed_flags.initialize()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  primary = sharding.is_primary()
 
   def log(line: str) -> None:
-    print(csvfile.printable(line), file=sys.stderr, flush=True)
+    if primary:
+      print(csvfile.printable(line), file=sys.stderr, flush=True)
 
   if (_IMAGES.value is None) == (_DATASET.value is None):
     raise app.UsageError("pass exactly one of --images=DIR or --dataset=NAME")
@@ -334,6 +343,8 @@ def main(argv):
     log(f"error: {error}")
     sys.exit(2)
   rows = select_rows(rows, top_k=_TOP_K.value, threshold=_THRESHOLD.value)
+  if not primary:
+    return
   try:
     write_csv(_OUT.value, header, rows)
   except ValueError as error:
