@@ -5,6 +5,11 @@ arrays (restored into an abstract target, so shapes, dtypes and shardings are ch
 JSON-able metadata dict. Saves are synchronous: an asynchronous save that fails was measured to
 hang the process at exit (see ../shared/STYLE.md), and a step is only visible once Orbax has
 committed it, so a process killed mid-save leaves the previous steps intact.
+
+Multi-host: every process calls `save` and `restore` (Orbax synchronises them; each process
+writes its shards of global arrays). Host-local arrays, such as the loop state that every
+process computes alike, are saved as NumPy (written by process 0) and restored onto the
+devices of the `like` target.
 """
 
 from __future__ import annotations
