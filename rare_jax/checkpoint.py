@@ -5,6 +5,11 @@ arrays (restored into an abstract target, so shapes, dtypes and shardings are ch
 JSON-able metadata dict. Saves are synchronous: an asynchronous save that fails was measured to
 hang the process at exit (see ../shared/STYLE.md), and a step is only visible once Orbax has
 committed it, so a process killed mid-save leaves the previous steps intact.
+
+Multi-host: every process calls `save` and `restore` (Orbax synchronises them; each process
+writes its shards of global arrays). Host-local arrays, such as the loop state that every
+process computes alike, are saved as NumPy (written by process 0) and restored onto the
+devices of the `like` target.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -78,6 +84,8 @@ class CheckpointStore:
       raise ValueError(
         f"checkpoint step {step} already exists in {self.directory}; refusing to overwrite"
       )
+    if jax.process_count() > 1:  # host-local arrays as NumPy: Orbax saves them from process 0
+      tree = jax.tree.map(lambda x: np.asarray(x) if _host_local(x) else x, tree)
     saved = self._manager.save(
       step,
       args=ocp.args.Composite(
@@ -101,6 +109,10 @@ class CheckpointStore:
     if step not in self._manager.all_steps():
       raise ValueError(f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
     abstract = jax.tree.map(_abstract, like)
+    local = jax.tree.map(lambda _: False, abstract)
+    if jax.process_count() > 1:  # saved as NumPy (see `save`): read as NumPy, then placed
+      local = jax.tree.map(_host_local, abstract)
+      abstract = jax.tree.map(lambda x, h: np.empty(x.shape, x.dtype) if h else x, abstract, local)
     try:
       restored = self._manager.restore(
         step,
@@ -114,7 +126,13 @@ class CheckpointStore:
         f"({type(error).__name__}: {error}); expected an intact checkpoint of this run (move "
         "the step's folder away to resume from the previous one)"
       ) from error
-    return restored.state, dict(restored.meta or {})
+    state = jax.tree.map(
+      lambda x, a, h: jax.device_put(x, a.sharding) if h else x,
+      restored.state,
+      jax.tree.map(_abstract, like),
+      local,
+    )
+    return state, dict(restored.meta or {})
 
   def close(self) -> None:
     self._manager.close()
@@ -124,6 +142,18 @@ class CheckpointStore:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _host_local(x: Any) -> bool:
+  """Whether `x` (an array or `ShapeDtypeStruct`) lives on this process's devices only.
+
+  In a multi-host run such arrays (the loop's state, computed redundantly by every process)
+  hold the same values everywhere; Orbax refuses to save them as `jax.Array`s.
+  """
+  sharding = getattr(x, "sharding", None)
+  if sharding is None:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
+  return sharding.is_fully_addressable
 
 
 def _abstract(x: Any) -> Any:

@@ -8,6 +8,8 @@ with their probabilities. Images are resized (shorter side to image_size / 0.875
 center-cropped to the trunk's resolution, then normalised as its weights expect
 (`rare_jax.models.pretrained`). Unreadable images and unknown models are reported by name;
 the exit status is 1 if any image could not be classified.
+
+One process only (a few images): it takes no multi-host flags.
 """
 
 from __future__ import annotations

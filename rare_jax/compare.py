@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rare_jax import labelers, metrics, runner, strategies, workdirs
+from rare_jax import labelers, metrics, runner, sharding, strategies, workdirs
 
 FIGURE_3 = ("ours", "ours_linear", "tropel", "tropel_deep", "kd_semi", "deep_prop", "random")
 FIGURE_5 = ("ours", "no_pseudo_neg", "no_bg_split", "no_linear_updates")
@@ -166,7 +166,7 @@ def run_all(config, workdir: str, *, log: Callable[[str], None] = print, report=
   config = resolve_groups(config, workdir, log=log)
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  timings = os.path.join(workdir, "timings.jsonl")
+  timings = os.path.join(workdir, "timings.jsonl") if sharding.is_primary() else None
   for seed in config.seeds:
     for group_index, group in enumerate(config.groups):
       sub = run_config(config, group, seed)
@@ -736,15 +736,27 @@ def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
 def main(argv):
   from absl import app, flags, logging
 
+  from rare_jax import distributed_flags, sharding
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed_flags.initialize()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value
   started = time.perf_counter()
+  # Multi-host: every process runs the strategies (collective deep steps and checkpoints);
+  # process 0 alone draws the groups (the others read groups.json), reports and prints.
+  primary = sharding.is_primary()
+  log = print if primary else (lambda _: None)
+  config = sharding.primary_first(
+    lambda: resolve_groups(config, workdir, log=log), f"compare:groups:{workdir}"
+  )
   if not _REPORT_ONLY.value:
-    run_all(config, workdir, report=lambda: report(config, workdir))
+    run_all(config, workdir, log=log, report=(lambda: report(config, workdir)) if primary else None)
+  if not primary:
+    return
   report(config, workdir)
   with open(os.path.join(workdir, "results.md")) as f:
     print(f.read())
@@ -761,6 +773,9 @@ def _define_flags():
   workdir = flags.DEFINE_string("workdir", None, "Directory of the comparison (created).")
   report_only = flags.DEFINE_bool("report_only", False, "Only rewrite the table and figures.")
   flags.mark_flags_as_required(["config", "workdir"])
+  from rare_jax import distributed_flags
+
+  distributed_flags.define()
   return config, workdir, report_only
 
 

@@ -245,7 +245,7 @@ def _train(
   epochs: int,
   learning_rate: float,
   step_fn,
-  make_batch: Callable[[np.ndarray, np.ndarray], dict],
+  make_batch: Callable[[np.ndarray, np.ndarray], dict],  # rows of a batch (this process's)
   directory: str,
   seed: int,
   initial_variables: dict | None,
@@ -283,13 +283,14 @@ def _train(
     )
   step = train.jit_step(step_fn, mesh=mesh, state_shardings=shardings, model=model, tx=tx)
 
+  local = sharding.process_shard(np.arange(settings.batch_size))
+
   def get_batch(step_index: int) -> dict:
     indices, mask = train.step_batch_indices(
       num_examples, settings.batch_size, step_index, seed=seed
     )
-    batch = make_batch(indices, mask)
-    local = sharding.process_shard(np.arange(settings.batch_size))
-    return {k: v[local] for k, v in batch.items()}
+    # Multi-host: this process loads only its rows of the global batch.
+    return make_batch(indices[local], mask[local])
 
   # The next steps' batches are read and decoded in a grain thread while this one trains.
   get_batch = pipeline.StepBatches(get_batch, end=total)
@@ -351,7 +352,7 @@ def pretrain(
 
   def make_batch(indices, mask):
     batch = pipeline.make_batch(
-      data.train, ids[indices], batch_size=settings.batch_size, **settings.preprocess
+      data.train, ids[indices], batch_size=len(indices), **settings.preprocess
     )
     return {"image": batch["image"], "label": labels[indices], "mask": mask}
 
@@ -399,7 +400,7 @@ def bgsplit_update(
 
   def make_batch(indices, mask):
     batch = pipeline.make_batch(
-      data.train, image_ids[indices], batch_size=settings.batch_size, **settings.preprocess
+      data.train, image_ids[indices], batch_size=len(indices), **settings.preprocess
     )
     batch = {
       "image": batch["image"],
@@ -450,8 +451,18 @@ def embed(
   size = settings.embed_batch_size
 
   def batches(first_batch: int):
-    return pipeline.iterate_batches(
-      data, ids[first_batch * size :], batch_size=size, **settings.preprocess
+    if jax.process_count() == 1:
+      return pipeline.iterate_batches(
+        data, ids[first_batch * size :], batch_size=size, **settings.preprocess
+      )
+    # Multi-host: this process loads only its rows of each batch (make_predict_fn gathers).
+    return pipeline.process_batches(
+      data,
+      ids[first_batch * size :],
+      batch_size=size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      **settings.preprocess,
     )
 
   dim = int(
@@ -649,8 +660,9 @@ class DeepUpdater:
       pseudo_negative & unlabeled,
       self.task.ground_truth(),
     )
-    os.makedirs(os.path.dirname(self._pseudo_label_path(version)), exist_ok=True)
-    write_json_atomic(self._pseudo_label_path(version), error_rates)
+    if sharding.is_primary():
+      os.makedirs(os.path.dirname(self._pseudo_label_path(version)), exist_ok=True)
+      write_json_atomic(self._pseudo_label_path(version), error_rates)
     self.log(
       f"deep update {version}: trainBGSplit on {len(examples.pool_positions)} images "
       f"({int(examples.label_mask.sum())} (image, category) labels), "

@@ -16,6 +16,7 @@ UTF-8 get backslash escapes such as `\xff`: see `rare_jax/csvfile.py`). The JSON
 `{"format", "images", "labels": [{path, category, answer, round}, ...]}` with `images` the
 labeled folder; its names are escaped the same way, not quoted. Both are written atomically.
 Errors are one line on stderr: exit status 2 for a bad workdir or --out, 1 for a failed write.
+One process only (it reads files, no JAX work): it takes no multi-host flags.
 """
 
 from __future__ import annotations

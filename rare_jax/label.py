@@ -37,6 +37,9 @@ Layout of DIR: see rare_jax/webapp/folder_run.py. The labels given so far:
 Errors are one line on stderr, never a traceback: a bad --host or --port (checked before any
 work), a disk that fills up or another failed write, exit status 1; a refused folder, seeds,
 workdir (another run's, a file, a damaged config.json or checkpoint), exit status 2.
+
+One process only: a labeling web app split over several hosts makes no sense, so it takes no
+multi-host flags (`rare_jax.distributed_flags`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rare_jax import deep, selfsup, train
+from rare_jax import deep, selfsup, sharding, train
 from rare_jax.checkpoint import record_or_check
 from rare_jax.data import tasks
 from rare_jax.models import pretrained
@@ -69,10 +69,14 @@ def load_pretrained(settings: deep.DeepSettings, input_shape: tuple[int, ...], d
     pretrained.weights_path(settings.model) if settings.init == "imagenet" else settings.init
   )
   # The cached features were made with these weights: a changed file must not be mixed in.
-  record_or_check(
-    os.path.join(directory, "source.json"),
-    {"model": settings.model, "init": settings.init, "sha256": _sha256(weights)},
-    what="M_pre (pretrained weights)",
+  source_json = os.path.join(directory, "source.json")
+  sharding.primary_first(  # process 0 records, the others check
+    lambda: record_or_check(
+      source_json,
+      {"model": settings.model, "init": settings.init, "sha256": _sha256(weights)},
+      what="M_pre (pretrained weights)",
+    ),
+    f"m_pre:source:{os.path.abspath(source_json)}",
   )
   model, variables = pretrained.load_classifier(
     settings.model, weights, dtype=settings.dtype, **settings.trunk_kwargs()

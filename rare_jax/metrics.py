@@ -242,10 +242,15 @@ class MetricsWriter:
   """Appends records to a metrics.jsonl file, one JSON object per line, flushed and fsynced.
 
   Opening repairs a file whose last line was torn by a killed writer (it is dropped), so the
-  next record starts on its own line. Use as a context manager or call `close()`.
+  next record starts on its own line. Use as a context manager or call `close()`. A path of
+  None writes nothing (the processes other than 0 of a multi-host run).
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike | None):
+    self._file = None
+    if path is None:
+      self.path = None
+      return
     self.path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(self.path))
     os.makedirs(parent, exist_ok=True)
@@ -257,12 +262,15 @@ class MetricsWriter:
     if not isinstance(record, Mapping):
       raise ValueError(f"record of type {type(record).__name__}; expected a dict")
     line = json.dumps(_jsonable(record), allow_nan=False, sort_keys=True)
+    if self._file is None:
+      return
     self._file.write(line + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
   def __enter__(self) -> MetricsWriter:
     return self

@@ -37,6 +37,11 @@ N images, `--threshold` those with score >= it; by default every image is writte
 Errors (a workdir that holds no run, a damaged checkpoint or config.json, `--out` a directory)
 are one line on stderr naming the file: exit status 2; a failed write (disk full): exit status
 1, and no partial CSV or temporary file is left.
+
+Multi-host: it accepts the flags of `rare_jax.distributed_flags` (--coordinator_address, ...)
+so that a launcher may start it in every process, but it does not split the work: every
+process scores every image (a linear model on pixel features is cheap) and process 0 alone
+writes the CSV and logs.
 """
 
 from __future__ import annotations
@@ -55,7 +60,17 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rare_jax import csvfile, linear, models, runner, stand_in, trunk_features, workdirs
+from rare_jax import (
+  csvfile,
+  distributed_flags,
+  linear,
+  models,
+  runner,
+  sharding,
+  stand_in,
+  trunk_features,
+  workdirs,
+)
 from rare_jax import embed as embed_lib
 from rare_jax.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.data import folder, pipeline, sources, tasks
@@ -496,16 +511,20 @@ _CATEGORY = flags.DEFINE_string(
   "category", None, "Category name or index (needed when the run has several)."
 )
 flags.mark_flags_as_required(["workdir", "out"])
+distributed_flags.define()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed_flags.initialize()
   if not flags.FLAGS["verbosity"].present:
     quiet_library_logging()  # rare_jax's progress lines, not Orbax's INFO per save
+  primary = sharding.is_primary()
 
   def log(line: str) -> None:
-    print(csvfile.printable(line), file=sys.stderr, flush=True)
+    if primary:
+      print(csvfile.printable(line), file=sys.stderr, flush=True)
 
   if (_IMAGES.value is None) == (_DATASET.value is None):
     raise app.UsageError("pass exactly one of --images=DIR or --dataset=NAME")
@@ -535,6 +554,8 @@ def main(argv):
     log(f"error: {error}")
     sys.exit(2)
   rows = select_rows(rows, top_k=_TOP_K.value, threshold=_THRESHOLD.value)
+  if not primary:
+    return
   try:
     if output_format(_OUT.value, _FORMAT.value) == "json":
       source = _IMAGES.value or f"{_DATASET.value}:{_SPLIT.value}"

@@ -9,6 +9,10 @@ predictions, the auxiliary labels) and the validation set into WORKDIR/features.
 with the same config and workdir then starts from these files instead of training again.
 Interrupted, it resumes from the last epoch's checkpoint and the feature stores' recorded
 progress.
+
+Multi-host: the same command in every process with the flags of `rare_jax.distributed_flags`
+(--coordinator_address, --num_processes, --process_id); each process loads its rows of every
+batch, Orbax saves collectively, process 0 writes the feature stores and prints.
 """
 
 from __future__ import annotations
@@ -16,26 +20,29 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rare_jax import workdirs
+from rare_jax import distributed_flags, sharding, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (ml_collections).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created).")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed_flags.define()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed_flags.initialize()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   config = _CONFIG.value
   if config.features != "m_pre":
     raise app.UsageError(f"config.features is {config.features!r}; pretraining needs 'm_pre'")
-  context = workdirs.prepare(_WORKDIR.value, config, log=print)
-  print(context.task.summary())
-  print(
+  log = print if sharding.is_primary() else (lambda _: None)
+  context = workdirs.prepare(_WORKDIR.value, config, log=log)
+  log(context.task.summary())
+  log(
     f"M_pre features: pool {tuple(context.features.shape)}, validation "
     f"{tuple(context.val_features.shape)}, {len(set(context.aux_labels.tolist()))} distinct "
     f"auxiliary labels on the pool -> {_WORKDIR.value}/features"

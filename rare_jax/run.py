@@ -8,6 +8,11 @@ runs N*Q rounds with the simulated labeler, writing `WORKDIR/<strategy>/{checkpo
 answers.jsonl,metrics.jsonl}` and `WORKDIR/f1_vs_labels.png`. Started again with the same
 command, it resumes every strategy from its newest checkpoint; a workdir holding another
 config is refused.
+
+Multi-host: start the same command in every process with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or --coordinator_address=auto); the workdir must be on a
+filesystem all processes see. Every process computes the (small, replicated) loop state and
+the sharded deep steps; process 0 alone writes files and prints progress.
 """
 
 from __future__ import annotations
@@ -18,31 +23,34 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rare_jax import labelers, metrics, runner, strategies, workdirs
+from rare_jax import distributed_flags, labelers, metrics, runner, sharding, strategies, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (ml_collections).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created).")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed_flags.define()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed_flags.initialize()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  log = print if sharding.is_primary() else _quiet
   config = _CONFIG.value
   workdir = _WORKDIR.value
   started = time.perf_counter()
-  context = workdirs.prepare(workdir, config, log=print)
-  print(context.task.summary())
+  context = workdirs.prepare(workdir, config, log=log)
+  log(context.task.summary())
   records_by_strategy = {}
   for strategy in config.strategies:
     if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
       # One model on every pool label: a level, not a curve (printed, not plotted).
       strategies.run_fully_supervised(
-        run_dir=os.path.join(workdir, strategy), context=context, log=print
+        run_dir=os.path.join(workdir, strategy), context=context, log=log
       )
       continue
     records_by_strategy[strategy] = runner.run_strategy(
@@ -54,7 +62,8 @@ def main(argv):
       seed_ids=context.task.seed_positives,
       val_ground_truth=context.task.val_ground_truth(),
       labeler=labelers.SimulatedLabeler(context.task.ground_truth()),
-      updater=context.updater(strategy, log=print),
+      updater=context.updater(strategy, log=log),
+      log=log,
     )
     deep_records = [
       dict(r["deep"], labels_per_category=r["labels_per_category"])
@@ -64,13 +73,18 @@ def main(argv):
     if deep_records:
       records_by_strategy[f"{strategy} (deep head)"] = deep_records
   plot = os.path.join(workdir, "f1_vs_labels.png")
-  metrics.plot_f1_vs_labels(
-    records_by_strategy, plot, category_names=list(context.task.category_names)
-  )
+  if sharding.is_primary():
+    metrics.plot_f1_vs_labels(
+      records_by_strategy, plot, category_names=list(context.task.category_names)
+    )
   for strategy, records in records_by_strategy.items():
     curve = ", ".join(f"{r['labels_per_category']}:{r['mean_f1']:.3f}" for r in records)
-    print(f"{strategy}: mean F1 by labels/category: {curve}")
-  print(f"wrote {plot} ({time.perf_counter() - started:.0f}s in all)")
+    log(f"{strategy}: mean F1 by labels/category: {curve}")
+  log(f"wrote {plot} ({time.perf_counter() - started:.0f}s in all)")
+
+
+def _quiet(_: str) -> None:
+  """The progress log of processes other than 0: nothing."""
 
 
 def run():

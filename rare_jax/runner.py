@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import fingerprint, labelers, linear, loop, metrics
+from rare_jax import fingerprint, labelers, linear, loop, metrics, sharding
 from rare_jax.checkpoint import CheckpointStore, record_or_check
 
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
@@ -357,28 +357,38 @@ def run_strategy(
       record["deep"] = deep_metrics
     return record
 
+  primary = sharding.is_primary()
+  sharding.barrier(f"run_strategy:open:{run_dir}")  # every process sees the same steps
   with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
     latest = store.latest_step()
     if latest is None:
-      fingerprint.record(run_dir, started_with)
+      if primary:
+        fingerprint.record(run_dir, started_with)
       state = engine.init(features, seed_ids, seed=seed)
-      store.save(0, state, {"round": 0, "strategy": strategy})
+      store.save(0, state, {"round": 0, "strategy": strategy})  # every process (collective)
       latest = 0
       recorded = {}
-      for path in (answers_path, metrics_path):
-        metrics.rewrite_up_to(path, 0)  # a fresh run: no stale lines from an older one
+      if primary:
+        for path in (answers_path, metrics_path):
+          metrics.rewrite_up_to(path, 0)  # a fresh run: no stale lines from an older one
     else:
       # Before anything is rewritten: resuming with other features or settings would mix runs.
-      if not fingerprint.check(run_dir, started_with):
+      if not fingerprint.check(run_dir, started_with) and primary:
         fingerprint.record(run_dir, started_with)  # a run from before fingerprints
       state, _ = store.restore(latest, abstract_state(features, seed_ids, seed))
       state = engine.place_state(state)
       if updater is not None and latest >= per_update:
         features, val_features = updater.features(latest // per_update)
       recorded = read_answers(answers_path)
-      for path in (answers_path, metrics_path):
-        metrics.rewrite_up_to(path, latest)
-      if latest > 0 and not any(m["round"] == latest for m in metrics.read_metrics(metrics_path)):
+      sharding.barrier(f"run_strategy:read:{run_dir}")  # all read before process 0 rewrites
+      if primary:
+        for path in (answers_path, metrics_path):
+          metrics.rewrite_up_to(path, latest)
+      if (
+        primary
+        and latest > 0
+        and not any(m["round"] == latest for m in metrics.read_metrics(metrics_path))
+      ):
         # Killed between the checkpoint and the metrics line: recompute it (deterministic).
         deep_metrics = None
         if updater is not None and latest % per_update == 0:
@@ -386,12 +396,13 @@ def run_strategy(
         with metrics.MetricsWriter(metrics_path) as writer:
           writer.write(record_of(state, latest, deep_metrics))
       log(f"[{strategy}] resuming from round {latest} of {total}")
+    sharding.barrier(f"run_strategy:start:{run_dir}")  # process 0's files are as resumed
 
     records = metrics.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     last = total if stop_after is None else min(total, stop_after)
     with (
-      metrics.MetricsWriter(answers_path) as answers_log,
-      metrics.MetricsWriter(metrics_path) as metrics_log,
+      metrics.MetricsWriter(answers_path if primary else None) as answers_log,
+      metrics.MetricsWriter(metrics_path if primary else None) as metrics_log,
     ):
       for round_index in range(latest + 1, last + 1):
         start = time.perf_counter()

@@ -222,9 +222,7 @@ def pretrain_self_supervised(
   model = simclr_model(settings, ssl)
 
   def make_batch(indices, mask):
-    batch = pipeline.make_batch(
-      data, ids[indices], batch_size=settings.batch_size, **settings.preprocess
-    )
+    batch = pipeline.make_batch(data, ids[indices], batch_size=len(indices), **settings.preprocess)
     return {"image": batch["image"], "mask": mask}
 
   state = deep._train(

@@ -13,17 +13,20 @@
 - `process_shard(ids, process_index, process_count)`: the contiguous block of a sequence of
   ids that one process loads.
 - `initialize_distributed(...)`: a thin wrapper around `jax.distributed.initialize`.
+- `is_primary()`, `barrier(name)`, `primary_first(fn, name)`: process 0 writes the run's
+  files (the others compute the same replicated values and write nothing); a barrier orders
+  "process 0 wrote" before "the others read".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -220,3 +223,25 @@ def initialize_distributed(
     process_id=process_id,
     local_device_ids=local_device_ids,
   )
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes files and logs progress."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to do in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def primary_first(fn: Callable[[], Any], name: str) -> Any:
+  """`fn()` on process 0, then, after the barrier `name`, on the others.
+
+  For create-or-reuse steps (a task file, a config record): process 0 creates the file, the
+  others then find it (on a shared filesystem) and only read or check it.
+  """
+  result = fn() if is_primary() else None
+  barrier(name)
+  return result if is_primary() else fn()

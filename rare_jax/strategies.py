@@ -31,7 +31,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rare_jax import linear, metrics, pseudo_labels
+from rare_jax import linear, metrics, pseudo_labels, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +273,7 @@ def run_fully_supervised(*, run_dir: str, context, log: Callable[[str], None] = 
     ),
     "seconds": round(time.perf_counter() - start, 3),
   }
-  with metrics.MetricsWriter(metrics_path) as writer:
+  with metrics.MetricsWriter(metrics_path if sharding.is_primary() else None) as writer:
     writer.write(record)
   log(
     f"[fully_supervised] every pool label, {updater.settings.epochs} epochs: linear mean F1 "

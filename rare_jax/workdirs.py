@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import deep, m_pre, runner, selfsup, stand_in, strategies
+from rare_jax import deep, m_pre, runner, selfsup, sharding, stand_in, strategies
 from rare_jax.data import sources, tasks
 
 FEATURE_KINDS = ("pixel_pca", "m_pre")
@@ -108,29 +108,46 @@ def prepare(
         f"got {config.features!r}"
       )
   runner.num_rounds(config)
-  os.makedirs(workdir, exist_ok=True)
-  runner.write_config(workdir, config_to_dict(config))
+  # Multi-host: process 0 writes config.json, task.json and pixel features; the others then
+  # read (or check) what it wrote.
+  sharding.primary_first(
+    lambda: _write_config(workdir, config), f"prepare:config:{os.path.abspath(workdir)}"
+  )
   data_dir = config.data_dir or None
-  if os.path.exists(os.path.join(workdir, "task.json")):
-    task = tasks.RareTask.load(workdir, data_dir=data_dir)
-  else:
-    log(f"building the task: {config.dataset}, categories {tuple(config.categories)}")
-    task = tasks.task_from_dataset(
-      config.dataset,
-      tuple(config.categories),
-      int(config.seed),
-      data_dir=data_dir,
-      pool_fraction=float(config.pool_fraction),
-      num_seed_positives=int(config.num_seed_positives),
-      # Datasets whose test split is unlabeled (iNaturalist, Places) evaluate on "validation".
-      train_split=config.get("train_split", "train"),
-      eval_split=config.get("eval_split", "test"),
-    )
-    task.save(workdir)
+  task = sharding.primary_first(
+    lambda: _task(workdir, config, data_dir, log), f"prepare:task:{os.path.abspath(workdir)}"
+  )
   if config.features == "pixel_pca":
-    features, val_features = _pixel_features(workdir, config, task, data_dir, log)
+    features, val_features = sharding.primary_first(
+      lambda: _pixel_features(workdir, config, task, data_dir, log),
+      f"prepare:features:{os.path.abspath(workdir)}",
+    )
     return RunContext(config, workdir, task, features, val_features)
   return _m_pre_context(workdir, config, task, data_dir, log)
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  runner.write_config(workdir, config_to_dict(config))
+
+
+def _task(workdir: str, config, data_dir: str | None, log) -> tasks.RareTask:
+  if os.path.exists(os.path.join(workdir, "task.json")):
+    return tasks.RareTask.load(workdir, data_dir=data_dir)
+  log(f"building the task: {config.dataset}, categories {tuple(config.categories)}")
+  task = tasks.task_from_dataset(
+    config.dataset,
+    tuple(config.categories),
+    int(config.seed),
+    data_dir=data_dir,
+    pool_fraction=float(config.pool_fraction),
+    num_seed_positives=int(config.num_seed_positives),
+    # Datasets whose test split is unlabeled (iNaturalist, Places) evaluate on "validation".
+    train_split=config.get("train_split", "train"),
+    eval_split=config.get("eval_split", "test"),
+  )
+  task.save(workdir)
+  return task
 
 
 def load(workdir: str, *, log: Callable[[str], None] = lambda _: None) -> RunContext:

@@ -308,6 +308,27 @@ def test_batches_have_fixed_shapes_padding_and_order(fm_test_arrays):
   assert list(pipeline.iterate_batches(fm_test_arrays, [], batch_size=3)) == []
 
 
+def test_process_batches_are_the_rows_of_each_batch(fm_test_arrays):
+  # 10 ids in batches of 8 over 2 processes: process 1's rows of the last batch are padding.
+  ids = np.array([5, 9, 4, 4, 0, 9999, 123, 7, 31, 2])
+  options = dict(batch_size=8, image_size=14, channels=3, mean=0.5, std=0.25)
+  whole = list(pipeline.iterate_batches(fm_test_arrays, ids, **options))
+  parts = [
+    list(pipeline.process_batches(fm_test_arrays, ids, process_index=i, process_count=2, **options))
+    for i in range(2)
+  ]
+  assert len(parts[0]) == len(parts[1]) == len(whole) == 2
+  for b, batch in enumerate(whole):
+    for key in batch:
+      joined = np.concatenate([parts[0][b][key], parts[1][b][key]])
+      np.testing.assert_array_equal(joined, batch[key], err_msg=f"batch {b} {key}")
+  assert not parts[1][1]["mask"].any() and parts[0][1]["mask"].sum() == 2
+  with pytest.raises(ValueError, match="process_index"):
+    next(
+      pipeline.process_batches(fm_test_arrays, ids, batch_size=8, process_index=2, process_count=2)
+    )
+
+
 def test_source_and_arrays_give_the_same_batches(fm_test, fm_test_arrays):
   ids = np.arange(0, 10_000, 997)
   options = dict(batch_size=4, image_size=32, channels=3, mean=0.5, std=0.25)

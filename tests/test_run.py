@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -131,3 +132,57 @@ def test_rerun_with_another_config_is_refused(uninterrupted):
   assert result.returncode != 0
   assert "holds a run of another config" in result.stderr
   assert sorted(os.listdir(uninterrupted / "ours_linear" / "checkpoints")) == before
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_metrics_of_one(uninterrupted, tmp_path):
+  """`rare_jax.run` as 2 jax.distributed processes x 4 CPU devices: process 0 alone writes,
+  and the run's answers, metrics and final states are those of the 1-process run."""
+  workdir, port = tmp_path / "two", _free_port()
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "rare_jax.run",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=400)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs, strict=True):
+    assert proc.returncode == 0, log[-3000:]
+  assert "[ours_linear] round   6/6" in logs[0]
+  assert "] round" not in logs[1] and "wrote" not in logs[1]  # process 1 logs no progress
+  assert (workdir / "f1_vs_labels.png").exists()
+  for strategy in ("ours_linear", "tropel"):
+    for name in ("answers.jsonl", "metrics.jsonl"):  # one writer: 6 lines, not 12
+      assert _lines(workdir / strategy / name) == _lines(uninterrupted / strategy / name)
+    a = _final_state(uninterrupted, strategy)
+    b = _final_state(workdir, strategy)  # saved by 2 processes, restored by 1
+    assert int(b.round) == 6
+    assert runner.differing_leaves(a, b) == []

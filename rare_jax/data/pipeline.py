@@ -16,7 +16,7 @@ images and `rare_jax.data.on_device.preprocess` does the rest inside the consume
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -383,6 +383,46 @@ def iterate_batches(
     return iter(batches.to_iter_dataset(read).mp_prefetch(options))
 
   return BatchIterator(dataset, start)
+
+
+def process_batches(
+  source_or_arrays,
+  ids: Sequence[int] | np.ndarray,
+  *,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  **options,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of every batch `iterate_batches` yields, loading only those rows.
+
+  Rows `np.array_split(range(batch_size), process_count)[process_index]` of each batch (the
+  block `rare_jax.sharding.process_shard` gives), with the same padding: a process whose rows
+  of the last batch are all padding gets a batch of padding rows. Options as for
+  `iterate_batches` (image_size, channels, mean, std).
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+      f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
+    )
+  if int(batch_size) != batch_size or batch_size < process_count:
+    raise ValueError(f"batch_size={batch_size!r}; expected an int >= process_count")
+  rows = np.array_split(np.arange(batch_size), process_count)[process_index]
+  lo, hi = int(rows[0]), int(rows[-1]) + 1
+  ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+  for start in range(0, len(ids), batch_size):
+    chunk = ids[start : start + batch_size]
+    mine = chunk[lo:hi]
+    if len(mine):
+      yield from iterate_batches(source_or_arrays, mine, batch_size=hi - lo, **options)
+      continue
+    # All padding: the shapes of one real image, then blanked as make_batch pads.
+    batch = next(iterate_batches(source_or_arrays, chunk[:1], batch_size=hi - lo, **options))
+    batch["image"][:] = 0
+    batch["mask"][:] = False
+    batch["index"][:] = -1
+    batch["label"][:] = -1
+    yield batch
 
 
 class StepBatches:
