@@ -611,3 +611,38 @@ def test_two_categories_in_one_session_keep_their_own_counts(example, tmp_path):
     assert state["budget"] == 10
   finally:
     session.stop()
+
+
+def test_deep_update_requests_are_durable_and_refused_where_they_cannot_run(live, tmp_path):
+  """A pixel-PCA run refuses the page's deep update (409). On a pretrained run a request
+  targets the batch being labeled, is on disk before it is acknowledged (a restarted session
+  reads it), is not repeated, and a request with no round left after it is refused."""
+  _, client, _ = live
+  response = post(client, "/api/deep_update", {})
+  assert response.status_code == 409 and "pretrained features" in response.get_json()["error"]
+  assert get_state(client)["model"]["deep_update"]["status"] == "unavailable"
+
+  images, seed_files = folder.write_example_folder(tmp_path, per_class=4, rare_count=6, num_seeds=3)
+  config = folder_run.make_config(
+    budget=10, batch_size=5, features="pretrained", image_size=32, embed_batch_size=16
+  )
+  run = folder_run.prepare_folder_run(
+    str(tmp_path / "run"),
+    images=images,
+    seeds=",".join(seed_files),
+    config=config,
+    log=lambda _: None,
+  )
+  session = LabelingSession(run, log=lambda _: None)  # not started: no loop, no training
+  assert session.state()["model"]["deep_update"]["status"] == "idle"
+  assert session.request_deep_update() == 1
+  assert session.request_deep_update() == 1
+  deep_update = session.state()["model"]["deep_update"]
+  assert deep_update["status"] == "queued" and "round 1" in deep_update["message"]
+  with open(os.path.join(run.run_dir, "deep_requests.json")) as f:
+    assert json.load(f) == {"after_rounds": [1]}
+  restarted = LabelingSession(run, log=lambda _: None)
+  assert [restarted._update_after(r) for r in (1, 2)] == [True, False]
+  # Round 1 decided: the next request would follow round 2, the last one.
+  with pytest.raises(AnswerRejected, match="no round is left"):
+    restarted.request_deep_update()
