@@ -7,7 +7,9 @@
     WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
     WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
-                                submitted.jsonl, the web labeler's journal
+                                submitted.jsonl, the web labeler's journal; with deep updates
+                                (folder_deep.py) deep_requests.json, deep/v{i}, features/v{i}
+    WORKDIR/features/pixels_S.npy   the pool at S x S, for deep updates (folder_deep.py)
 
 Features (`config.features`):
 - "pretrained" (the command's default): a pretrained trunk (`config.model`, `config.init`:
