@@ -397,7 +397,7 @@ class Labeling:
     assert status == 200, (status, data)
     return json.loads(data)
 
-  def wait_phase(self, predicate, what):
+  def wait_phase(self, predicate, what, timeout=120.0):
     def check():
       if self.process.poll() is not None:
         raise AssertionError(
@@ -406,7 +406,7 @@ class Labeling:
       state = self.call("/api/state")
       return state if predicate(state) else None
 
-    return wait_for(check, what)
+    return wait_for(check, what, timeout)
 
 
 @pytest.mark.slow
@@ -646,3 +646,65 @@ def test_deep_update_requests_are_durable_and_refused_where_they_cannot_run(live
   # Round 1 decided: the next request would follow round 2, the last one.
   with pytest.raises(AnswerRejected, match="no round is left"):
     restarted.request_deep_update()
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_deep_update_then_restart_resumes_it(tmp_path, tmp_path_factory):
+  """A deep update asked from the page, killed (SIGKILL) after its first epoch: the restarted
+  server redoes that round's update from the logged answers, resuming at epoch 2 (epoch 1 is
+  not trained again), then asks round 2 on the new features."""
+  images, seed_files = folder.write_example_folder(tmp_path, per_class=4, rare_count=6, num_seeds=3)
+  workdir = tmp_path / "run"
+  args = [
+    f"--images={images}",
+    f"--seeds={os.path.dirname(seed_files[0])}",
+    f"--workdir={workdir}",
+    "--budget=10",
+    "--batch_size=5",
+    "--features=pretrained",
+    "--image_size=32",
+    "--deep_epochs=2",
+  ]
+  env = _env(tmp_path_factory)
+  first = Labeling(args, env)
+  try:
+    state = first.wait_phase(lambda s: s["phase"] == "labeling", "the first query")
+    assert first.call("/api/deep_update", {})["deep_update_after_round"] == 1
+    serial = state["serial"]
+    query = state["categories"][0]["query"]
+    for q in query:
+      body = {"serial": serial, "category": 0, "id": q["id"], "answer": truth(q["path"])}
+      first.call("/api/answer", body)
+    first.call("/api/submit", {"serial": serial})
+    wait_for(
+      lambda: any("deep update 1: epoch 1/2" in line for line in first.lines),
+      "the first epoch of the update",
+      timeout=600,
+    )
+    running = first.call("/api/state")
+    assert running["phase"] == "updating" and running["model"]["deep_update"]["status"] == "running"
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(30)
+  finally:
+    if first.process.poll() is None:
+      first.process.kill()
+  assert first.process.returncode == -signal.SIGKILL
+
+  second = Labeling(args, env)
+  try:
+    state = second.wait_phase(
+      lambda s: s["phase"] == "labeling" and s["round"] == 2, "round 2 after the update", 600
+    )
+    log = "".join(second.lines)
+    assert "deep update 1: epoch 2/2" in log and "deep update 1: epoch 1/2" not in log, log
+    assert state["model"]["deep_update"]["status"] == "done"
+    assert state["categories"][0]["labels_used"] == 5
+    second.process.send_signal(signal.SIGTERM)
+    assert second.process.wait(60) == 0, "".join(second.lines)
+  finally:
+    if second.process.poll() is None:
+      second.process.kill()
+  run_dir = workdir / folder_run.STRATEGY
+  assert (run_dir / "features" / "v1" / "pool" / "meta.json").exists()
+  with CheckpointStore(run_dir / "checkpoints") as store:
+    assert store.latest_step() == 1
