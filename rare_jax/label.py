@@ -152,6 +152,7 @@ def main(argv):
       seed=_SEED.value,
       deep_epochs=_DEEP_EPOCHS.value,
       deep_every=_DEEP_EVERY.value,
+      deep_updates=_started_with_deep_settings(_WORKDIR.value),
     )
   except ValueError as error:
     raise app.UsageError(str(error)) from None
@@ -260,6 +261,16 @@ def _started_features(workdir: str) -> str | None:
   except ValueError:
     return None
   return {"pixel_pca_folder": "pixel_pca", "pretrained": "pretrained"}.get(config.get("features"))
+
+
+def _started_with_deep_settings(workdir: str) -> bool:
+  """False for a pretrained run started before deep updates existed: it resumes as it was
+  (its config.json has no deep settings), without the page's deep update."""
+  try:
+    config = folder_run.read_json_object(os.path.join(workdir, "config.json"))
+  except ValueError:
+    return True
+  return config.get("features") != "pretrained" or "deep_epochs" in config
 
 
 def _is_loopback(host: str) -> bool:

@@ -6,6 +6,7 @@ category). The in-process tests drive the Flask app with its test client; the ki
 test runs `python -m rare_jax.label` and talks to it over real HTTP on 127.0.0.1.
 """
 
+import dataclasses
 import errno
 import http.client
 import json
@@ -646,6 +647,15 @@ def test_deep_update_requests_are_durable_and_refused_where_they_cannot_run(live
   # Round 1 decided: the next request would follow round 2, the last one.
   with pytest.raises(AnswerRejected, match="no round is left"):
     restarted.request_deep_update()
+  # A pretrained run started before deep updates (no deep settings) resumes without them.
+  older = folder_run.make_config(
+    budget=10, batch_size=5, features="pretrained", image_size=32, deep_updates=False
+  )
+  assert "deep_epochs" not in older and "deep_epochs" in config
+  session = LabelingSession(dataclasses.replace(run, config=older), log=lambda _: None)
+  assert session.state()["model"]["deep_update"]["status"] == "unavailable"
+  with pytest.raises(AnswerRejected, match="started before deep updates"):
+    session.request_deep_update()
 
 
 @pytest.mark.slow

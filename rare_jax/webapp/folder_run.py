@@ -81,6 +81,7 @@ def make_config(
   deep_batch_size: int = 32,
   deep_learning_rate: float = 0.01,
   deep_frozen_blocks: int = 11,
+  deep_updates: bool = True,
 ) -> ml_collections.ConfigDict:
   """The config of a folder run: `budget` labels in rounds of `batch_size`.
 
@@ -93,6 +94,8 @@ def make_config(
       updates of "pretrained" runs (`folder_deep.py`): E epochs each, one after every
       `deep_every` rounds (0: only when asked from the page), the trunk's first
       `deep_frozen_blocks` blocks frozen (EfficientNet-Lite; 11 of 16 as the demo config).
+    deep_updates: False for a "pretrained" run started before deep updates existed (its
+      config.json has no deep settings; it keeps its linear-only loop).
 
   Raises:
     ValueError: a non-positive setting, a budget that is not a multiple of batch_size, an
@@ -150,6 +153,7 @@ def make_config(
     config.init = init
     config.embed_batch_size = int(embed_batch_size)
     config.feature_normalization = "standardize"
+  if features == "pretrained" and deep_updates:
     config.deep_epochs = int(deep_epochs)
     config.deep_every = int(deep_every)
     config.deep_batch_size = int(deep_batch_size)

@@ -74,7 +74,8 @@ class LabelingSession:
     self._lock = threading.Lock()
     self._thread: threading.Thread | None = None
     self._abstract_state = runner.abstract_state(run.features, run.seed_ids, int(run.config.seed))
-    self.deep_available = run.config.features == "pretrained"
+    # Pretrained runs; not those started before deep updates existed (no deep settings).
+    self.deep_available = run.config.features == "pretrained" and "deep_epochs" in run.config
     self.deep_every = int(run.config.get("deep_every", 0)) if self.deep_available else 0
     self._requests_path = os.path.join(run.run_dir, DEEP_REQUESTS)
     self._requests = self._read_requests()
@@ -230,9 +231,7 @@ class LabelingSession:
       AnswerRejected: 409 for a pixel-PCA run, an update running, or no round left after it.
     """
     if not self.deep_available:
-      raise AnswerRejected(
-        409, "deep updates need pretrained features (this run uses the pixel-PCA stand-in)"
-      )
+      raise AnswerRejected(409, f"no deep updates: {self._unavailable_reason()}")
     snapshot = self.labeler.snapshot()
     with self._lock:
       if self._deep["status"] == "running":
@@ -252,6 +251,11 @@ class LabelingSession:
         progress=0.0,
       )
     return target
+
+  def _unavailable_reason(self) -> str:
+    if self.run.config.features != "pretrained":
+      return "they need pretrained features (this run uses the pixel-PCA stand-in)"
+    return "this run was started before deep updates existed (start a new --workdir for them)"
 
   def _set_deep(self, **values) -> None:
     self._deep.update(values)
@@ -305,7 +309,7 @@ class LabelingSession:
     if not self.deep_available:
       deep_update = {
         "status": "unavailable",
-        "message": "needs pretrained features (this run uses the pixel-PCA stand-in)",
+        "message": self._unavailable_reason(),
         "progress": 0.0,
       }
     return {
