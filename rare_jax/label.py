@@ -268,7 +268,7 @@ def _started_with_deep_settings(workdir: str) -> bool:
   (its config.json has no deep settings), without the page's deep update."""
   try:
     config = folder_run.read_json_object(os.path.join(workdir, "config.json"))
-  except ValueError:
+  except (ValueError, OSError):  # a new workdir, or one refused later with a clear message
     return True
   return config.get("features") != "pretrained" or "deep_epochs" in config
 
