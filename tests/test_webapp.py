@@ -647,6 +647,13 @@ def test_deep_update_requests_are_durable_and_refused_where_they_cannot_run(live
   # Round 1 decided: the next request would follow round 2, the last one.
   with pytest.raises(AnswerRejected, match="no round is left"):
     restarted.request_deep_update()
+  # --deep_every=1: an update after every round but the last, without any request.
+  every = folder_run.make_config(
+    budget=15, batch_size=5, features="pretrained", image_size=32, deep_every=1
+  )
+  session = LabelingSession(dataclasses.replace(run, config=every), log=lambda _: None)
+  session._requests = set()
+  assert [session._update_after(r) for r in (1, 2, 3)] == [True, True, False]
   # A pretrained run started before deep updates (no deep settings) resumes without them.
   older = folder_run.make_config(
     budget=10, batch_size=5, features="pretrained", image_size=32, deep_updates=False
