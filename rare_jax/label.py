@@ -23,7 +23,12 @@ page asks about ("Is it NAME?"); by default the seed folder's name, or its paren
 when the seed folder has a generic name (seeds, examples, positives, ...), else "the category".
 
 Each submitted batch is written to disk before the page is told it is saved, and the model
-is refitted at once (no deep-model update exists yet for folder runs). Stop the server
+is refitted at once. With pretrained features the page's "Update the deep model" button (or
+`--deep_every=Q`: after every Q rounds) retrains the trunk by background splitting on the
+labels so far (`--deep_epochs` epochs at the features' image size; M_pre is the pretrained
+trunk, its ImageNet argmax the auxiliary labels), re-embeds the pool and continues on the new
+features; labeling waits meanwhile, with the progress on the page. A killed update resumes
+on restart. The page also offers the labels so far as a CSV / JSON download. Stop the server
 (Ctrl-C, SIGTERM, or kill it) and start the same command again: the run resumes where it was,
 losing at most the answers of a batch not yet submitted. When the budget is used, score
 images with `python -m rare_jax.predict --workdir=DIR --images=DIR --out=scores.csv`.
@@ -88,6 +93,12 @@ _IMAGE_SIZE = flags.DEFINE_integer(
   "image_size", None, "Side images are squeezed to for features (default 128; pixel_pca 32)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the run.")
+_DEEP_EPOCHS = flags.DEFINE_integer(
+  "deep_epochs", 2, "Epochs of each deep update (pretrained features; the page's button)."
+)
+_DEEP_EVERY = flags.DEFINE_integer(
+  "deep_every", 0, "A deep update after every this many rounds (0: only from the page)."
+)
 _CATEGORY = flags.DEFINE_multi_string(
   "category",
   None,
@@ -142,6 +153,9 @@ def main(argv):
       feature_dim=_FEATURE_DIM.value,
       image_size=_IMAGE_SIZE.value,
       seed=_SEED.value,
+      deep_epochs=_DEEP_EPOCHS.value,
+      deep_every=_DEEP_EVERY.value,
+      deep_updates=_started_with_deep_settings(_WORKDIR.value),
     )
   except ValueError as error:
     raise app.UsageError(str(error)) from None
@@ -250,6 +264,16 @@ def _started_features(workdir: str) -> str | None:
   except ValueError:
     return None
   return {"pixel_pca_folder": "pixel_pca", "pretrained": "pretrained"}.get(config.get("features"))
+
+
+def _started_with_deep_settings(workdir: str) -> bool:
+  """False for a pretrained run started before deep updates existed: it resumes as it was
+  (its config.json has no deep settings), without the page's deep update."""
+  try:
+    config = folder_run.read_json_object(os.path.join(workdir, "config.json"))
+  except (ValueError, OSError):  # a new workdir, or one refused later with a clear message
+    return True
+  return config.get("features") != "pretrained" or "deep_epochs" in config
 
 
 def _is_loopback(host: str) -> bool:

@@ -194,7 +194,13 @@ def load_scorer(
     step = store.latest_step()
     if step is None:
       raise ValueError(f"{directory} holds no checkpoint; expected a started run")
-    state, _ = store.restore(step, like)
+    state, meta = store.restore(step, like)
+  if config.get("features") == "pretrained" and int(meta.get("feature_version", 0)):
+    raise ValueError(
+      f"{workdir}: the labeling run's model lives on the features of deep update "
+      f"v{meta['feature_version']}, which predict cannot compute yet; expected a run without "
+      "deep updates (the labels: python -m rare_jax.export)"
+    )
   if head == "linear" and not bool(state.has_model):
     raise ValueError(f"{workdir}: no batch labeled yet (round 0): no linear model to score with")
   weights = np.asarray(state.linear.weights)[index]

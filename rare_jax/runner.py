@@ -294,6 +294,7 @@ def run_strategy(
   log: Callable[[str], None] = print,
   stop_after: int | None = None,
   engine: Engine | None = None,
+  update_after: Callable[[int], bool] | None = None,
 ) -> list[dict]:
   """Runs (or resumes) all rounds of one strategy; returns the metrics records.
 
@@ -314,12 +315,20 @@ def run_strategy(
     stop_after: stop after this many rounds in total (tests; None runs all).
     engine: an `Engine` of this strategy's `loop_config` to reuse (its compiled functions
       serve every strategy with the same `LoopConfig`); None makes one.
+    update_after: with `updater`, for any loop strategy: `update_after(r)` says whether a deep
+      update follows round r, instead of every `rounds_per_update` rounds (the labeling app:
+      an update asked from the page). It must answer the same for a round on a restart. Each
+      checkpoint records its feature version (`feature_version` in its metadata), which a
+      resumed run reads back.
   """
   if strategy_spec(strategy)["kind"] != "loop":
     raise ValueError(
       f"strategy {strategy!r} runs no loop: use rare_jax.strategies.run_fully_supervised"
     )
-  if STRATEGIES[strategy]["deep_updates"] != (updater is not None):
+  if update_after is not None:
+    if updater is None:
+      raise ValueError("update_after without an updater; expected a DeepUpdater with it")
+  elif STRATEGIES[strategy]["deep_updates"] != (updater is not None):
     raise ValueError(
       f"strategy {strategy!r} {'needs' if updater is None else 'takes no'} deep updater"
     )
@@ -348,8 +357,15 @@ def run_strategy(
     val_features=val_features,
     seed_ids=seed_ids,
     val_ground_truth=val_ground_truth,
-    rounds_per_update=None if updater is None else per_update,
+    rounds_per_update=None if updater is None or update_after is not None else per_update,
   )
+
+  def updates_after(round_index: int) -> bool:
+    if updater is None:
+      return False
+    if update_after is not None:
+      return bool(update_after(round_index))
+    return round_index % per_update == 0
 
   def record_of(state, round_index, deep_metrics):
     record = _round_record(state, round_index, config, val_features, val_ground_truth)
@@ -365,8 +381,9 @@ def run_strategy(
       if primary:
         fingerprint.record(run_dir, started_with)
       state = engine.init(features, seed_ids, seed=seed)
-      store.save(0, state, {"round": 0, "strategy": strategy})  # every process (collective)
-      latest = 0
+      # Every process saves (collective).
+      store.save(0, state, {"round": 0, "strategy": strategy, "feature_version": 0})
+      latest = version = 0
       recorded = {}
       if primary:
         for path in (answers_path, metrics_path):
@@ -375,10 +392,13 @@ def run_strategy(
       # Before anything is rewritten: resuming with other features or settings would mix runs.
       if not fingerprint.check(run_dir, started_with) and primary:
         fingerprint.record(run_dir, started_with)  # a run from before fingerprints
-      state, _ = store.restore(latest, abstract_state(features, seed_ids, seed))
+      state, meta = store.restore(latest, abstract_state(features, seed_ids, seed))
       state = engine.place_state(state)
-      if updater is not None and latest >= per_update:
-        features, val_features = updater.features(latest // per_update)
+      version = latest // per_update if updater is not None else 0
+      if update_after is not None:
+        version = int(meta.get("feature_version", 0))
+      if version > 0:
+        features, val_features = updater.features(version)
       recorded = read_answers(answers_path)
       sharding.barrier(f"run_strategy:read:{run_dir}")  # all read before process 0 rewrites
       if primary:
@@ -391,8 +411,8 @@ def run_strategy(
       ):
         # Killed between the checkpoint and the metrics line: recompute it (deterministic).
         deep_metrics = None
-        if updater is not None and latest % per_update == 0:
-          deep_metrics = updater.evaluate(latest // per_update)
+        if version > 0 and updates_after(latest):
+          deep_metrics = updater.evaluate(version)
         with metrics.MetricsWriter(metrics_path) as writer:
           writer.write(record_of(state, latest, deep_metrics))
       log(f"[{strategy}] resuming from round {latest} of {total}")
@@ -423,15 +443,22 @@ def run_strategy(
         )
         state = engine.step(state, query_ids, answers, features)
         deep_metrics = None
-        if updater is not None and round_index % per_update == 0:
-          features, val_features, deep_metrics = updater.update(state, round_index // per_update)
+        if updates_after(round_index):
+          version += 1
+          features, val_features, deep_metrics = updater.update(state, version)
           state = engine.refit_on(state, features)
-        store.save(round_index, state, {"round": round_index, "strategy": strategy})
+        store.save(
+          round_index,
+          state,
+          {"round": round_index, "strategy": strategy, "feature_version": version},
+        )
         record = record_of(state, round_index, deep_metrics)
         record["seconds"] = round(time.perf_counter() - start, 3)
         metrics_log.write(record)
         records.append(record)
-        deep = "" if deep_metrics is None else f" | deep head mean F1 {deep_metrics['mean_f1']:.3f}"
+        deep = ""
+        if deep_metrics is not None and "mean_f1" in deep_metrics:
+          deep = f" | deep head mean F1 {deep_metrics['mean_f1']:.3f}"
         log(
           f"[{strategy}] round {round_index:3d}/{total} | labels/category "
           f"{record['labels_per_category']:4d} | positives found {record['positives_found']} | "

@@ -1,8 +1,11 @@
 """End to end in a real headless browser: Debian's chromium, driven by Selenium through Debian's
-chromedriver (no browser download). The test starts `python -m rare_jax.label` on a folder of
-Fashion-MNIST PNGs, opens the printed URL, labels a round by clicking and by keys (with an
-undo), submits it with Enter, sees the next round's images and the updated counts, and saves a
-screenshot of the app to docs/labeling_app.png (shown in the README).
+chromedriver (no browser download). The tests start `python -m rare_jax.label` and open the
+printed URL: on a folder of Fashion-MNIST PNGs, one labels a round by clicking and by keys (with
+an undo), submits it with Enter and sees the next round's images and the updated counts;
+another asks about two categories; the last, on crops of real photographs with pretrained
+features, labels two categories, starts a deep update from the page, follows its progress to
+done, downloads the labels from the page's link and saves a screenshot of the app to
+docs/labeling_app.png (shown in the README).
 
 Needs `apt-get install -y chromium chromium-driver` (CI's set-up does it); without them this
 test fails, saying so.
@@ -20,6 +23,7 @@ import time
 import pytest
 
 from rare_jax.data import folder
+from tests import photo_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(REPO, "docs", "labeling_app.png")
@@ -73,6 +77,39 @@ def _wait(predicate, what, timeout=120.0):
       last_error = error
     time.sleep(0.1)
   raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
+
+
+def _start(args, env):
+  """Starts `python -m rare_jax.label ARGS`; returns (process, its output lines, the URL)."""
+  process = subprocess.Popen(
+    [sys.executable, "-m", "rare_jax.label", *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  lines, url = [], None
+  for line in process.stdout:
+    lines.append(line)
+    match = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", line)
+    if match:
+      url = match.group(0)
+      break
+  if not url:
+    process.kill()
+    raise AssertionError("no URL printed:\n" + "".join(lines))
+  threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+  return process, lines, url
+
+
+def _stop(process, lines):
+  process.send_signal(signal.SIGTERM)
+  try:
+    process.wait(60)
+  except subprocess.TimeoutExpired:
+    process.kill()
+  assert process.returncode == 0, "".join(lines)
 
 
 def _truth(path):
@@ -188,20 +225,6 @@ def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
     assert all(
       img.get_property("naturalWidth") > 0 for img in driver.find_elements(By.CSS_SELECTOR, "img")
     )
-    # Two right answers of round 2 for the picture, then the screenshot of the whole page.
-    for index in (0, 1):
-      value = _truth(second_round[index][1])
-      body.send_keys("y" if value else "n")
-      _wait(
-        lambda i=index, v=value: ("yes" if v else "no") in card_state()[i][2].split(),
-        f"card {index} of round 2 answered",
-      )
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    inner = driver.execute_script("return window.innerHeight")
-    driver.set_window_size(1280, 1000 - int(inner) + min(int(height), 2000))
-    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-    assert driver.save_screenshot(SCREENSHOT)
-    assert os.path.getsize(SCREENSHOT) > 10_000
   finally:
     if driver is not None:
       driver.quit()
@@ -296,3 +319,115 @@ def test_two_categories_on_one_page(tmp_path, tmp_path_factory):
     except subprocess.TimeoutExpired:
       process.kill()
   assert process.returncode == 0, "".join(lines)
+
+
+@pytest.mark.slow
+def test_photos_deep_update_and_export(tmp_path, tmp_path_factory):
+  """Two categories on crops of real photos with pretrained features (EfficientNet-Lite0 at
+  32x32, the tests' tiny size): the page's button queues a deep update, the submitted batch
+  starts it, its progress reaches done and the next round comes; the page's download link
+  gives the labels; the screenshot of this page is the README's."""
+  _require_browser()
+  from selenium.webdriver.common.by import By
+
+  images, seeds = photo_folder.write_photo_folder(tmp_path / "photos", per_photo=12)
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  base = tmp_path_factory.getbasetemp()
+  env["JAX_COMPILATION_CACHE_DIR"] = str(
+    (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+  )
+  workdir = tmp_path / "run"
+  process, lines, url = _start(
+    [
+      f"--images={images}",
+      f"--category=Cat={seeds['cat']}",
+      f"--category=Rocket={seeds['rocket']}",
+      f"--workdir={workdir}",
+      "--budget=8",
+      "--batch_size=4",
+      "--features=pretrained",
+      "--image_size=32",
+      "--deep_epochs=1",
+    ],
+    env,
+  )
+  driver = None
+  try:
+    driver = _browser(tmp_path / "profile")
+    driver.get(url)
+
+    def cards(category):
+      return driver.find_elements(By.CSS_SELECTOR, f"#category-{category} .card")
+
+    def text(selector):
+      return driver.find_element(By.CSS_SELECTOR, selector).text
+
+    def deep_status():
+      return driver.find_element(By.ID, "deep-section").get_attribute("data-status")
+
+    _wait(lambda: len(cards(0)) == 4 and len(cards(1)) == 4, "the first batch", timeout=240)
+    assert deep_status() == "idle"
+    driver.find_element(By.ID, "deep-update").click()
+    _wait(lambda: deep_status() == "queued", "the deep update to be queued")
+    assert "round 1" in text("#deep-status")
+
+    def answer_card(category, index):
+      """Answers card `index` of `category` truthfully (fresh elements: the page re-renders)."""
+      card = cards(category)[index]
+      path = card.find_element(By.TAG_NAME, "img").get_attribute("alt")
+      value = path.startswith(("cat/", "rocket/")[category])
+      card.find_element(By.CLASS_NAME, "yes-button" if value else "no-button").click()
+      _wait(
+        lambda: ("yes" if value else "no") in cards(category)[index].get_attribute("class").split(),
+        f"card {index} of category {category} answered",
+      )
+      return path, value
+
+    first = {}
+    for category in (0, 1):
+      for index in range(4):
+        path, value = answer_card(category, index)
+        first[(category, path)] = value
+    _wait(lambda: text("#answered") == "8 of 8 answered", "all eight answered")
+    driver.find_element(By.TAG_NAME, "body").send_keys("\n")
+    _wait(lambda: deep_status() == "done", "the deep update to finish", timeout=600)
+    assert driver.find_element(By.ID, "deep-progress").get_property("value") == 1
+    _wait(lambda: text("#round") == "2" and len(cards(0)) == 4, "the second round", timeout=120)
+    log = "".join(lines)
+    assert "deep update 1: epoch 1/1" in log and "re-embedded" in log
+    assert os.path.exists(workdir / "ours_linear" / "features" / "v1" / "pool" / "meta.json")
+    # The page's download link: the labels so far (6 seeds, 8 answers), as export writes them.
+    href = driver.find_element(By.ID, "export-csv").get_attribute("href")
+    csv_text = driver.execute_async_script(
+      "const done = arguments[arguments.length - 1];"
+      "fetch(arguments[0]).then((r) => r.text()).then(done, (e) => done(String(e)));",
+      href,
+    )
+    rows = [line.split(",") for line in csv_text.strip().splitlines()]
+    assert rows[0] == ["path", "category", "answer", "round"]
+    assert sum(r[3] == "0" for r in rows[1:]) == 6
+    answered = {(r[1], r[0]): r[2] for r in rows[1:] if r[3] == "1"}
+    assert answered == {
+      (("Cat", "Rocket")[c], p): "yes" if v else "no" for (c, p), v in first.items()
+    }
+    # Two answers of round 2 for the picture, then the screenshot of the whole page.
+    for category in (0, 1):
+      answer_card(category, 0)
+    _wait(lambda: text("#answered") == "2 of 8 answered", "two answers of round 2")
+    _wait(
+      lambda: all(
+        img.get_property("naturalWidth") > 0 for img in driver.find_elements(By.CSS_SELECTOR, "img")
+      ),
+      "every image loaded",
+    )
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    inner = driver.execute_script("return window.innerHeight")
+    driver.set_window_size(1280, 1000 - int(inner) + min(int(height), 2400))
+    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+    assert driver.save_screenshot(SCREENSHOT)
+    assert os.path.getsize(SCREENSHOT) > 10_000
+  finally:
+    if driver is not None:
+      driver.quit()
+    _stop(process, lines)

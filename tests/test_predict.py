@@ -32,8 +32,8 @@ def _env():
   return env
 
 
-def _save_model(workdir, features, seed_ids, weights, bias, *, seed=0):
-  """Writes checkpoint 1 of `ours_linear` holding this linear model (as a round would)."""
+def _save_model(workdir, features, seed_ids, weights, bias, *, seed=0, step=1, meta=None):
+  """Writes checkpoint `step` of `ours_linear` holding this linear model (as a round would)."""
   state = loop.init(jax.numpy.asarray(features), np.asarray(seed_ids), seed=seed)
   state = state.replace(
     round=jax.numpy.ones((), jax.numpy.int32),
@@ -44,7 +44,7 @@ def _save_model(workdir, features, seed_ids, weights, bias, *, seed=0):
     ),
   )
   with CheckpointStore(os.path.join(workdir, "ours_linear", "checkpoints")) as store:
-    store.save(1, state, {"round": 1})
+    store.save(step, state, {"round": 1, **(meta or {})})
   return state
 
 
@@ -418,3 +418,8 @@ def test_pretrained_folder_run_scores_like_its_pool(folder_workdir, tmp_path):
   )
   with pytest.raises(ValueError, match="format='xml'"):
     predict.output_format("x.csv", "xml")
+  # After a deep update from the labeling page the model lives on features predict cannot
+  # compute yet: refused, not scored with the wrong features.
+  _save_model(workdir, features, run.seed_ids, weights, [0.1], step=2, meta={"feature_version": 1})
+  with pytest.raises(ValueError, match="deep update v1"):
+    predict.load_scorer(workdir, log=lambda _: None)

@@ -6,6 +6,7 @@ category). The in-process tests drive the Flask app with its test client; the ki
 test runs `python -m rare_jax.label` and talks to it over real HTTP on 127.0.0.1.
 """
 
+import dataclasses
 import errno
 import http.client
 import json
@@ -397,7 +398,7 @@ class Labeling:
     assert status == 200, (status, data)
     return json.loads(data)
 
-  def wait_phase(self, predicate, what):
+  def wait_phase(self, predicate, what, timeout=120.0):
     def check():
       if self.process.poll() is not None:
         raise AssertionError(
@@ -406,7 +407,7 @@ class Labeling:
       state = self.call("/api/state")
       return state if predicate(state) else None
 
-    return wait_for(check, what)
+    return wait_for(check, what, timeout)
 
 
 @pytest.mark.slow
@@ -611,3 +612,116 @@ def test_two_categories_in_one_session_keep_their_own_counts(example, tmp_path):
     assert state["budget"] == 10
   finally:
     session.stop()
+
+
+def test_deep_update_requests_are_durable_and_refused_where_they_cannot_run(live, tmp_path):
+  """A pixel-PCA run refuses the page's deep update (409). On a pretrained run a request
+  targets the batch being labeled, is on disk before it is acknowledged (a restarted session
+  reads it), is not repeated, and a request with no round left after it is refused."""
+  _, client, _ = live
+  response = post(client, "/api/deep_update", {})
+  assert response.status_code == 409 and "pretrained features" in response.get_json()["error"]
+  assert get_state(client)["model"]["deep_update"]["status"] == "unavailable"
+
+  images, seed_files = folder.write_example_folder(tmp_path, per_class=4, rare_count=6, num_seeds=3)
+  config = folder_run.make_config(
+    budget=10, batch_size=5, features="pretrained", image_size=32, embed_batch_size=16
+  )
+  run = folder_run.prepare_folder_run(
+    str(tmp_path / "run"),
+    images=images,
+    seeds=",".join(seed_files),
+    config=config,
+    log=lambda _: None,
+  )
+  session = LabelingSession(run, log=lambda _: None)  # not started: no loop, no training
+  assert session.state()["model"]["deep_update"]["status"] == "idle"
+  assert session.request_deep_update() == 1
+  assert session.request_deep_update() == 1
+  deep_update = session.state()["model"]["deep_update"]
+  assert deep_update["status"] == "queued" and "round 1" in deep_update["message"]
+  with open(os.path.join(run.run_dir, "deep_requests.json")) as f:
+    assert json.load(f) == {"after_rounds": [1]}
+  restarted = LabelingSession(run, log=lambda _: None)
+  assert [restarted._update_after(r) for r in (1, 2)] == [True, False]
+  # Round 1 decided: the next request would follow round 2, the last one.
+  with pytest.raises(AnswerRejected, match="no round is left"):
+    restarted.request_deep_update()
+  # --deep_every=1: an update after every round but the last, without any request.
+  every = folder_run.make_config(
+    budget=15, batch_size=5, features="pretrained", image_size=32, deep_every=1
+  )
+  session = LabelingSession(dataclasses.replace(run, config=every), log=lambda _: None)
+  session._requests = set()
+  assert [session._update_after(r) for r in (1, 2, 3)] == [True, True, False]
+  # A pretrained run started before deep updates (no deep settings) resumes without them.
+  older = folder_run.make_config(
+    budget=10, batch_size=5, features="pretrained", image_size=32, deep_updates=False
+  )
+  assert "deep_epochs" not in older and "deep_epochs" in config
+  session = LabelingSession(dataclasses.replace(run, config=older), log=lambda _: None)
+  assert session.state()["model"]["deep_update"]["status"] == "unavailable"
+  with pytest.raises(AnswerRejected, match="started before deep updates"):
+    session.request_deep_update()
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_deep_update_then_restart_resumes_it(tmp_path, tmp_path_factory):
+  """A deep update asked from the page, killed (SIGKILL) after its first epoch: the restarted
+  server redoes that round's update from the logged answers, resuming at epoch 2 (epoch 1 is
+  not trained again), then asks round 2 on the new features."""
+  images, seed_files = folder.write_example_folder(tmp_path, per_class=4, rare_count=6, num_seeds=3)
+  workdir = tmp_path / "run"
+  args = [
+    f"--images={images}",
+    f"--seeds={os.path.dirname(seed_files[0])}",
+    f"--workdir={workdir}",
+    "--budget=10",
+    "--batch_size=5",
+    "--features=pretrained",
+    "--image_size=32",
+    "--deep_epochs=2",
+  ]
+  env = _env(tmp_path_factory)
+  first = Labeling(args, env)
+  try:
+    state = first.wait_phase(lambda s: s["phase"] == "labeling", "the first query")
+    assert first.call("/api/deep_update", {})["deep_update_after_round"] == 1
+    serial = state["serial"]
+    query = state["categories"][0]["query"]
+    for q in query:
+      body = {"serial": serial, "category": 0, "id": q["id"], "answer": truth(q["path"])}
+      first.call("/api/answer", body)
+    first.call("/api/submit", {"serial": serial})
+    wait_for(
+      lambda: any("deep update 1: epoch 1/2" in line for line in first.lines),
+      "the first epoch of the update",
+      timeout=600,
+    )
+    running = first.call("/api/state")
+    assert running["phase"] == "updating" and running["model"]["deep_update"]["status"] == "running"
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(30)
+  finally:
+    if first.process.poll() is None:
+      first.process.kill()
+  assert first.process.returncode == -signal.SIGKILL
+
+  second = Labeling(args, env)
+  try:
+    state = second.wait_phase(
+      lambda s: s["phase"] == "labeling" and s["round"] == 2, "round 2 after the update", 600
+    )
+    log = "".join(second.lines)
+    assert "deep update 1: epoch 2/2" in log and "deep update 1: epoch 1/2" not in log, log
+    assert state["model"]["deep_update"]["status"] == "done"
+    assert state["categories"][0]["labels_used"] == 5
+    second.process.send_signal(signal.SIGTERM)
+    assert second.process.wait(60) == 0, "".join(second.lines)
+  finally:
+    if second.process.poll() is None:
+      second.process.kill()
+  run_dir = workdir / folder_run.STRATEGY
+  assert (run_dir / "features" / "v1" / "pool" / "meta.json").exists()
+  with CheckpointStore(run_dir / "checkpoints") as store:
+    assert store.latest_step() == 1

@@ -7,7 +7,9 @@
     WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
     WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
-                                submitted.jsonl, the web labeler's journal
+                                submitted.jsonl, the web labeler's journal; with deep updates
+                                (folder_deep.py) deep_requests.json, deep/v{i}, features/v{i}
+    WORKDIR/features/pixels_S.npy   the pool at S x S, for deep updates (folder_deep.py)
 
 Features (`config.features`):
 - "pretrained" (the command's default): a pretrained trunk (`config.model`, `config.init`:
@@ -74,6 +76,12 @@ def make_config(
   l2: float = 1.0,
   pca_fit_images: int = 5000,
   embed_batch_size: int = 32,
+  deep_epochs: int = 2,
+  deep_every: int = 0,
+  deep_batch_size: int = 32,
+  deep_learning_rate: float = 0.01,
+  deep_frozen_blocks: int = 11,
+  deep_updates: bool = True,
 ) -> ml_collections.ConfigDict:
   """The config of a folder run: `budget` labels in rounds of `batch_size`.
 
@@ -82,6 +90,12 @@ def make_config(
       `python -m rare_jax.label` uses by default) or "pixel_pca" (the stand-in: `feature_dim`,
       `pca_fit_images`; the default here, seconds to compute, for tests and quick runs).
     image_size: side images are squeezed to (None: 128 for "pretrained", 32 for "pixel_pca").
+    deep_epochs, deep_every, deep_batch_size, deep_learning_rate, deep_frozen_blocks: deep
+      updates of "pretrained" runs (`folder_deep.py`): E epochs each, one after every
+      `deep_every` rounds (0: only when asked from the page), the trunk's first
+      `deep_frozen_blocks` blocks frozen (EfficientNet-Lite; 11 of 16 as the demo config).
+    deep_updates: False for a "pretrained" run started before deep updates existed (its
+      config.json has no deep settings; it keeps its linear-only loop).
 
   Raises:
     ValueError: a non-positive setting, a budget that is not a multiple of batch_size, an
@@ -98,9 +112,17 @@ def make_config(
     ("image_size", image_size),
     ("pca_fit_images", pca_fit_images),
     ("embed_batch_size", embed_batch_size),
+    ("deep_epochs", deep_epochs),
+    ("deep_batch_size", deep_batch_size),
   ):
     if int(value) != value or value < 1:
       raise ValueError(f"{name}={value!r}; expected a positive int")
+  if int(deep_every) != deep_every or deep_every < 0:
+    raise ValueError(f"deep_every={deep_every!r}; expected an int >= 0 (0: only from the page)")
+  if int(deep_frozen_blocks) != deep_frozen_blocks or not 0 <= deep_frozen_blocks <= 16:
+    raise ValueError(f"deep_frozen_blocks={deep_frozen_blocks!r}; expected an int in 0..16")
+  if not deep_learning_rate > 0:
+    raise ValueError(f"deep_learning_rate={deep_learning_rate!r}; expected a positive float")
   if budget % batch_size:
     raise ValueError(
       f"budget={budget} is not a multiple of batch_size={batch_size}; expected whole rounds "
@@ -131,9 +153,17 @@ def make_config(
     config.init = init
     config.embed_batch_size = int(embed_batch_size)
     config.feature_normalization = "standardize"
+  if features == "pretrained" and deep_updates:
+    config.deep_epochs = int(deep_epochs)
+    config.deep_every = int(deep_every)
+    config.deep_batch_size = int(deep_batch_size)
+    config.deep_learning_rate = float(deep_learning_rate)
+    config.deep_frozen_blocks = int(deep_frozen_blocks)
   config.strategies = (STRATEGY,)
   config.budget = int(budget)
-  config.num_feature_updates = 1  # no deep update for folder runs yet
+  # Deep updates of folder runs follow the page's requests and deep_every (runner's
+  # update_after), not this fixed schedule.
+  config.num_feature_updates = 1
   config.rounds_per_update = int(budget) // int(batch_size)
   config.batch_size = int(batch_size)
   config.pseudo_negative_factor = float(pseudo_negative_factor)

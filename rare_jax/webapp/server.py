@@ -12,6 +12,10 @@ browsers fetch on their own without the token: an empty 204. Routes:
     POST /api/answer        {"serial", "category", "id", "answer": true|false}
     POST /api/undo          {"serial"}: takes back the last answer of the open batch
     POST /api/submit        {"serial"}: hands the complete batch to the loop
+    POST /api/deep_update   {}: a deep update after the batch being labeled (pretrained runs);
+                             409 for pixel-PCA runs, one running, or no round left after it
+    GET  /export/labels.csv, /export/labels.json   the labels given so far, as a download
+                             (what `python -m rare_jax.export` writes)
 
 POST bodies are JSON objects of at most `max_request_bytes` (413 beyond). Refusals are JSON
 `{"error": ...}` with a status that says why: 400 malformed, 401 token, 404 unknown image or
@@ -25,15 +29,18 @@ from __future__ import annotations
 
 import errno
 import hmac
+import os
 import pathlib
 import socket
 import string
+import tempfile
 import threading
 from typing import Any
 
 import flask
 from werkzeug import exceptions, serving
 
+from rare_jax import export
 from rare_jax.webapp.labeler import AnswerRejected
 from rare_jax.webapp.session import LabelingSession
 
@@ -132,6 +139,26 @@ def create_app(
   def submit():
     session.labeler.submit(_int(_json_body(), "serial"))
     return flask.jsonify(session.state())
+
+  @app.post("/api/deep_update")
+  def deep_update():
+    after_round = session.request_deep_update()
+    return flask.jsonify(dict(session.state(), deep_update_after_round=after_round))
+
+  @app.get("/export/labels.<any('csv', 'json'):fmt>")
+  def export_labels(fmt):
+    try:
+      manifest, labels = export.collect_labels(session.run.workdir)
+      with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, f"labels.{fmt}")
+        export.write_labels(path, manifest, labels, fmt)
+        data = pathlib.Path(path).read_bytes()
+    except (ValueError, OSError) as error:
+      return _error(500, f"cannot export the labels: {error}")
+    mimetype = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+    response = flask.Response(data, mimetype=mimetype)
+    response.headers["Content-Disposition"] = f'attachment; filename="labels.{fmt}"'
+    return response
 
   @app.errorhandler(AnswerRejected)
   def _rejected(error):

@@ -7,9 +7,14 @@ published the session reads the newest checkpoint (the state the query was compu
 what the page shows: labels used, positives found, the current top-scoring images.
 
 Model updates: after a submitted batch the linear model is refitted at once (the loop's
-`observe`). A background deep update (retrain the network, re-embed, keep labeling on the
-current ranking meanwhile) does not exist yet; its seam is `_after_round` plus the `model`
-entry of `state()`, which the page shows as is.
+`observe`). Runs on pretrained features can also update the deep model (background
+splitting, `folder_deep.py`): asked from the page (`request_deep_update`: after the batch
+being labeled is submitted) or every `config.deep_every` rounds. The update runs in the loop
+thread between two rounds, so labeling waits for it (the page shows its progress), and the
+next round is queried on the new features. Requests are written to `deep_requests.json`
+before they are acknowledged, and the runner's `update_after` reads them, so a run killed
+during an update redoes that round's update on restart (resuming from its last epoch and
+embedded chunk) and gives the same features.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import threading
 import traceback
 from collections.abc import Callable
@@ -26,10 +32,21 @@ import numpy as np
 from PIL import Image
 
 from rare_jax import runner
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.data import folder
 from rare_jax.webapp import folder_run
-from rare_jax.webapp.labeler import LABELING, LabelingStopped, WebLabeler, describe_os_error
+from rare_jax.webapp.labeler import (
+  DONE,
+  LABELING,
+  UPDATING,
+  AnswerRejected,
+  LabelingStopped,
+  WebLabeler,
+  describe_os_error,
+)
+
+DEEP_REQUESTS = "deep_requests.json"
+_EPOCH = re.compile(r"^deep update (\d+): epoch (\d+)/(\d+)")
 
 # Longest side of the images the app serves (re-encoded; the originals are never sent).
 THUMBNAIL_SIZE = 256
@@ -57,6 +74,14 @@ class LabelingSession:
     self._lock = threading.Lock()
     self._thread: threading.Thread | None = None
     self._abstract_state = runner.abstract_state(run.features, run.seed_ids, int(run.config.seed))
+    # Pretrained runs; not those started before deep updates existed (no deep settings).
+    self.deep_available = run.config.features == "pretrained" and "deep_epochs" in run.config
+    self.deep_every = int(run.config.get("deep_every", 0)) if self.deep_available else 0
+    self._requests_path = os.path.join(run.run_dir, DEEP_REQUESTS)
+    self._requests = self._read_requests()
+    self._decided = 0  # the newest round whose update_after was answered
+    self._deep: dict[str, Any] = {"status": "idle", "message": "", "progress": 0.0}
+    self._deep_changes = 0
 
   # The loop.
 
@@ -79,6 +104,11 @@ class LabelingSession:
 
   def _loop(self) -> None:
     try:
+      updater = None
+      if self.deep_available:
+        from rare_jax.webapp import folder_deep  # jax model code: only for pretrained runs
+
+        updater = _ProgressUpdater(self, folder_deep.make_updater(self.run, log=self._deep_log))
       runner.run_strategy(
         run_dir=self.run.run_dir,
         config=self.run.config,
@@ -89,6 +119,8 @@ class LabelingSession:
         val_ground_truth=self.run.val_ground_truth,
         labeler=_RefreshingLabeler(self),
         log=self.log,
+        updater=updater,
+        update_after=None if updater is None else self._update_after,
       )
       self._refresh()
       self.labeler.finish(
@@ -124,7 +156,19 @@ class LabelingSession:
       step = store.latest_step()
       if step is None:
         return
-      state, _ = store.restore(step, self._abstract_state)
+      state, meta = store.restore(step, self._abstract_state)
+    version = int(meta.get("feature_version", 0))
+    if version:
+      with self._lock:
+        idle = self._deep["status"] not in ("running", "queued")
+        if idle and self._deep.get("updates_done") != version:
+          self._set_deep(
+            status="done",
+            progress=1.0,
+            version=version,
+            updates_done=version,
+            message=f"the rounds use the features of deep model v{version}",
+          )
     labels = np.asarray(state.labels)
     scores = np.asarray(state.scores, np.float64)
     seeds = (np.asarray(state.label_round) == 0) & (labels == 1)
@@ -159,6 +203,81 @@ class LabelingSession:
         "categories": categories,
       }
 
+  # Deep updates.
+
+  def _read_requests(self) -> set[int]:
+    if not os.path.exists(self._requests_path):
+      return set()
+    data = folder_run.read_json_object(self._requests_path)
+    rounds = data.get("after_rounds")
+    if not isinstance(rounds, list) or not all(isinstance(r, int) for r in rounds):
+      raise ValueError(f"{self._requests_path}: after_rounds={rounds!r}; expected a list of ints")
+    return set(rounds)
+
+  def _update_after(self, round_index: int) -> bool:
+    """The runner's `update_after`: the page's requests, or every `deep_every` rounds."""
+    with self._lock:
+      self._decided = max(self._decided, round_index)
+      if round_index >= self.total_rounds:
+        return False  # no round left to use new features
+      every = self.deep_every and round_index % self.deep_every == 0
+      return bool(every or round_index in self._requests)
+
+  def request_deep_update(self) -> int:
+    """Asks for a deep update after the batch being labeled (or the next one, while the loop
+    is between batches); returns that round. Written to disk before it returns.
+
+    Raises:
+      AnswerRejected: 409 for a pixel-PCA run, an update running, or no round left after it.
+    """
+    if not self.deep_available:
+      raise AnswerRejected(409, f"no deep updates: {self._unavailable_reason()}")
+    snapshot = self.labeler.snapshot()
+    with self._lock:
+      if self._deep["status"] == "running":
+        raise AnswerRejected(409, "a deep update is running already")
+      done = self._progress["rounds_done"] if self._progress else 0
+      target = max(done + 1, self._decided + 1)
+      if snapshot["phase"] == DONE or target >= self.total_rounds:
+        raise AnswerRejected(
+          409, "no round is left after this batch to use new features; expected an earlier request"
+        )
+      if target not in self._requests:
+        write_json_atomic(self._requests_path, {"after_rounds": sorted(self._requests | {target})})
+        self._requests.add(target)
+      self._set_deep(
+        status="queued",
+        message=f"starts when round {target}'s batch is submitted",
+        progress=0.0,
+      )
+    return target
+
+  def _unavailable_reason(self) -> str:
+    if self.run.config.features != "pretrained":
+      return "they need pretrained features (this run uses the pixel-PCA stand-in)"
+    return "this run was started before deep updates existed (start a new --workdir for them)"
+
+  def _set_deep(self, **values) -> None:
+    self._deep.update(values)
+    self._deep_changes += 1
+
+  def _deep_log(self, line: str) -> None:
+    self.log(line)
+    match = _EPOCH.match(line)
+    with self._lock:
+      if self._deep["status"] != "running":
+        return
+      epochs = int(match.group(3)) if match else None
+      if match:
+        done = int(match.group(2))
+        self._set_deep(
+          progress=round(done / (epochs + 1), 3), message=f"training: epoch {done}/{epochs} done"
+        )
+      elif line.startswith("embed:") or "trainBGSplit on" in line:
+        self._set_deep(message=line)
+      message = f"Deep update {self._deep.get('version')}: {self._deep['message']}"
+    self.labeler.set_phase(UPDATING, message)
+
   # What the server calls.
 
   def state(self) -> dict[str, Any]:
@@ -184,8 +303,18 @@ class LabelingSession:
       entry["query"] = [dict(q, path=self.run.display_path(q["id"])) for q in query]
       categories.append(entry)
     rounds_done = progress["rounds_done"] if progress else 0
+    with self._lock:
+      deep_update = dict(self._deep)
+      deep_changes = self._deep_changes
+    if not self.deep_available:
+      deep_update = {
+        "status": "unavailable",
+        "message": self._unavailable_reason(),
+        "progress": 0.0,
+      }
     return {
-      "version": snapshot["version"],
+      # Changes of the deep update count too: the page re-renders on a new version.
+      "version": snapshot["version"] + deep_changes,
       "phase": snapshot["phase"],
       "message": snapshot["message"],
       "serial": snapshot["serial"],
@@ -199,7 +328,7 @@ class LabelingSession:
       "model": {
         "kind": "linear (logistic regression), refitted after every batch",
         "features": folder_run.describe_features(self.run.config),
-        "deep_update": "not available yet",
+        "deep_update": deep_update,
         "has_model": bool(progress and progress["has_model"]),
       },
     }
@@ -227,6 +356,43 @@ def _thumbnail(path: str) -> tuple[bytes, str]:
     return buffer.getvalue(), "image/png"
   image.save(buffer, format="JPEG", quality=88)
   return buffer.getvalue(), "image/jpeg"
+
+
+class _ProgressUpdater:
+  """A `DeepUpdater` whose updates the page follows (status, epoch progress, re-embedding)."""
+
+  def __init__(self, session: LabelingSession, updater):
+    self._session = session
+    self._updater = updater
+
+  def features(self, version: int):
+    return self._updater.features(version)
+
+  def evaluate(self, version: int) -> dict:
+    return self._updater.evaluate(version)
+
+  def update(self, state, version: int):
+    session = self._session
+    with session._lock:
+      session._set_deep(
+        status="running", version=version, progress=0.0, message="starting (a restart resumes it)"
+      )
+    session.labeler.set_phase(UPDATING, f"Deep update {version} running: labeling waits for it.")
+    try:
+      result = self._updater.update(state, version)
+    except BaseException:
+      with session._lock:
+        session._set_deep(status="failed", message="stopped; a restart resumes it")
+      raise
+    with session._lock:
+      session._set_deep(
+        status="done",
+        progress=1.0,
+        message=f"the next rounds use the features of deep model v{version}",
+        updates_done=version,
+      )
+    session.labeler.set_phase(UPDATING, f"Deep update {version} done; refitting.")
+    return result
 
 
 class _RefreshingLabeler:

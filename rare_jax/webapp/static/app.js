@@ -259,8 +259,16 @@
     $("submit").classList.toggle("ready", labeling() && complete());
     renderTop();
     const model = state.model;
-    $("model").textContent =
-      `Model: ${model.kind}. Features: ${model.features}. Deep update: ${model.deep_update}.`;
+    $("model").textContent = `Model: ${model.kind}. Features: ${model.features}.`;
+    const deep = model.deep_update;
+    $("deep-section").dataset.status = deep.status;
+    $("deep-status").textContent = `${deep.status}: ${deep.message}`;
+    $("deep-progress").value = deep.progress;
+    $("deep-update").disabled = !["idle", "done", "failed"].includes(deep.status);
+  }
+
+  function deepUpdate() {
+    enqueue(() => api("api/deep_update", {}).then(accept));
   }
 
   document.addEventListener("keydown", (event) => {
@@ -278,6 +286,7 @@
   window.addEventListener("DOMContentLoaded", () => {
     $("undo").addEventListener("click", undo);
     $("submit").addEventListener("click", submit);
+    $("deep-update").addEventListener("click", deepUpdate);
     refresh(true);
     window.setInterval(() => refresh(false), 700);
   });
