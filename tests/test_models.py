@@ -259,3 +259,20 @@ def test_linear_main_head_reproduces_the_linear_models(heads):
   )
   with pytest.raises(ValueError, match="do not fit"):
     deep.linear_main_head(variables, jax.tree.map(lambda a: a[:2], linear_model))
+
+
+def test_linear_main_head_drops_dimensions_constant_over_the_pool(heads):
+  from rare_jax import deep, linear
+
+  _, _, _, variables = heads[:4]
+  mean, std = np.zeros(4), np.array([1.0, 1e-6, 0.5, 2.0])  # dimension 1 is constant
+  weights = np.ones((3, 4))
+  linear_model = linear.LinearModel(
+    weights=jnp.asarray(weights, jnp.float32), bias=jnp.zeros(3, jnp.float32)
+  )
+  kernel = np.asarray(
+    deep.linear_main_head(variables, linear_model, mean=mean, std=std)["params"]["main_head"][
+      "kernel"
+    ]
+  )
+  np.testing.assert_allclose(kernel[:, 0], [1.0, 0.0, 2.0, 0.5])  # not 1e6 on dimension 1
