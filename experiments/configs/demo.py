@@ -12,7 +12,7 @@ and the main head started from the linear models (README, "Deviations from the p
 Strategies: `ours` (adaptive queries, pseudo-negatives, a background-splitting deep update
 every Q=5 rounds with re-embedding), `ours_linear` (the same on M_pre's frozen features) and
 `tropel`. N=2 feature updates x Q=5 rounds x B=10 queries per category. Expected run time:
-about 10 minutes on a 2-core CPU after set-up (measured 588 s, 2026-12-02).
+about 7 minutes on an idle 2-core CPU after set-up (measured 405 s, 2026-12-02).
 """
 
 import ml_collections
