@@ -141,6 +141,11 @@ def check_config(config) -> None:
     raise ValueError(f"config.groups must not share a category, got {groups}")
   if not tuple(config.seeds):
     raise ValueError("config.seeds must name at least one seed")
+  baseline = config.get("baseline")
+  if baseline is not None and baseline not in tuple(config.strategies):
+    raise ValueError(
+      f"config.baseline={baseline!r} is not one of config.strategies {tuple(config.strategies)}"
+    )
   for strategy in config.strategies:
     spec = runner.strategy_spec(strategy)
     runner.loop_config(config, strategy)

@@ -98,6 +98,11 @@ def test_check_config_refuses_bad_sweeps():
   with pytest.raises(ValueError, match="must not share a category"):
     compare.check_config(config)
   config = compare_tiny.get_config()
+  with config.unlocked():
+    config.baseline = "kd_semi"
+  with pytest.raises(ValueError, match="config.baseline='kd_semi' is not one of"):
+    compare.check_config(config)
+  config = compare_tiny.get_config()
   config.strategies = ("ours",)
   with pytest.raises(ValueError, match="needs config.features='m_pre'"):
     compare.check_config(config)
