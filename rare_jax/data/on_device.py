@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rare_jax.data import pipeline
+
 
 def preprocess(
   images: jax.Array,
@@ -35,10 +37,8 @@ def preprocess(
   if images.ndim != 4:
     raise ValueError(f"images of shape {images.shape}; expected [B, H, W, C]")
   x = images.astype(jnp.float32)
-  if image_size is not None:
-    size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
-    if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-      raise ValueError(f"image_size={image_size!r}; expected a positive int or (height, width)")
+  size = pipeline.as_size(image_size)
+  if size is not None:
     if tuple(x.shape[1:3]) != size:
       shape = (x.shape[0], int(size[0]), int(size[1]), x.shape[3])
       x = jax.image.resize(x, shape, method="linear", antialias=True)

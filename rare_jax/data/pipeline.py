@@ -56,7 +56,8 @@ def resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return np.einsum("oh,bhwc,pw->bopc", rows, images, cols, optimize=True).astype(np.float32)
 
 
-def _as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+def as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+  """`image_size` as (height, width), None kept; ValueError for anything else."""
   if image_size is None:
     return None
   size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
@@ -87,7 +88,7 @@ def preprocess(
   if np.any(std <= 0):
     raise ValueError(f"std={std.tolist()}; expected positive values")
   x = np.asarray(images, dtype=np.float32)
-  size = _as_size(image_size)
+  size = as_size(image_size)
   if size is not None:
     x = resize(x, size)  # Linear, weights summing to 1: commutes with the affine map below.
   in_channels = x.shape[-1]
@@ -237,7 +238,7 @@ def batch_dataset(
   if ids.size and (ids.min() < 0 or ids.max() >= size):
     bad = ids[(ids < 0) | (ids >= size)][0]
     raise ValueError(f"id {bad} out of range; expected 0 <= id < {size} (the data's length)")
-  options = {"image_size": _as_size(image_size), "channels": channels, "mean": mean, "std": std}
+  options = {"image_size": as_size(image_size), "channels": channels, "mean": mean, "std": std}
   if host_preprocess and np.any(np.asarray(std, dtype=np.float32) <= 0):
     raise ValueError(f"std={np.asarray(std).tolist()}; expected positive values")
   chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
