@@ -251,8 +251,12 @@ def _train(
   initial_variables: dict | None,
   log: Callable[[str], None],
   what: str,
+  step_model=None,
 ):
-  """Shared driver of pretraining and BG-split updates: seeded epochs, resumable, logged."""
+  """Shared driver of pretraining and BG-split updates: seeded epochs, resumable, logged.
+
+  The variables are `model`'s (made for `data`'s images); the steps apply `step_model`
+  (default `model`), e.g. its trainable part reading cached frozen activations."""
   mesh = make_mesh(settings)
   steps_per_epoch = math.ceil(num_examples / settings.batch_size)
   total = epochs * steps_per_epoch
@@ -281,7 +285,9 @@ def _train(
         jax.tree.map(jnp.copy, initial_variables["batch_stats"]), shardings.batch_stats
       ),
     )
-  step = train.jit_step(step_fn, mesh=mesh, state_shardings=shardings, model=model, tx=tx)
+  step = train.jit_step(
+    step_fn, mesh=mesh, state_shardings=shardings, model=step_model or model, tx=tx
+  )
 
   local = sharding.process_shard(np.arange(settings.batch_size))
 
@@ -392,18 +398,28 @@ def bgsplit_update(
   seed: int,
   log: Callable[[str], None] = print,
   what: str = "trainBGSplit",
+  frozen: np.ndarray | None = None,
 ) -> train.TrainState:
-  """Algorithm 1 line 19: E epochs of background splitting from `start_variables` (M_{i-1})."""
+  """Algorithm 1 line 19: E epochs of background splitting from `start_variables` (M_{i-1}).
+
+  `frozen`: the pool's cached frozen activations (`frozen_inputs`, row = pool position); the
+  steps then run `model`'s trainable part on them instead of the whole network on images
+  (the same values: the frozen part is a fixed function of the image).
+  """
   if len(examples.pool_positions) == 0:
     raise ValueError("trainBGSplit needs at least one labeled or pseudo-labeled image")
   image_ids = np.asarray(pool_ids)[examples.pool_positions]
+  step_model = model if frozen is None else trainable_part(model)
 
   def make_batch(indices, mask):
-    batch = pipeline.make_batch(
-      data.train, image_ids[indices], batch_size=len(indices), **settings.preprocess
-    )
+    if frozen is None:
+      images = pipeline.make_batch(
+        data.train, image_ids[indices], batch_size=len(indices), **settings.preprocess
+      )["image"]
+    else:
+      images = np.asarray(frozen[examples.pool_positions[indices]], np.float32)
     batch = {
-      "image": batch["image"],
+      "image": images,
       "labels": examples.labels[indices],
       "label_mask": examples.label_mask[indices] & mask[:, None],
       "aux_labels": examples.aux_labels[indices],
@@ -427,7 +443,60 @@ def bgsplit_update(
     initial_variables=start_variables,
     log=log,
     what=what,
+    step_model=step_model,
   )
+
+
+def caches_frozen_part(settings: DeepSettings) -> bool:
+  """Whether updates train and re-embed from cached frozen activations: an EfficientNet-Lite
+  trunk with `frozen_blocks` > 0, whose stem and first blocks are a fixed function of the image
+  in every update (no gradient, BatchNorm on its running statistics)."""
+  return settings.model.startswith("efficientnet") and int(settings.frozen_blocks) > 0
+
+
+def trainable_part(model: models.BGSplitModel) -> models.BGSplitModel:
+  """`model` reading the frozen blocks' output instead of images (same variables)."""
+  return model.clone(trunk=model.trunk.clone(part="trainable"))
+
+
+def frozen_inputs(
+  settings: DeepSettings,
+  variables: dict,
+  data,
+  ids: np.ndarray,
+  store_dir: str,
+  *,
+  log: Callable[[str], None] | None = None,
+) -> np.ndarray:
+  """`[N, h, w, c]` float32 (memory-mapped): the output of the trunk's frozen part (stem and
+  the first `frozen_blocks` blocks) on images `ids` of `data`, computed once into `store_dir`
+  (resumable) from `variables` (any model's `{"params", "batch_stats"}` with a "trunk")."""
+  if not caches_frozen_part(settings):
+    raise ValueError(
+      f"deep.model={settings.model!r} with frozen_blocks={settings.frozen_blocks} has no "
+      "frozen part to cache; expected an EfficientNet-Lite trunk with frozen_blocks >= 1"
+    )
+  trunk = settings.trunk().clone(part="frozen")
+  tree = {k: {"trunk": variables[k]["trunk"]} for k in ("params", "batch_stats")}
+  shape = jax.eval_shape(
+    functools.partial(trunk.apply, {k: v["trunk"] for k, v in tree.items()}),
+    jax.ShapeDtypeStruct(input_shape(settings, data), jnp.float32),
+  ).shape[1:]
+  mesh = make_mesh(settings)
+  state = jax.device_put(
+    train.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=tree["params"],
+      batch_stats=tree["batch_stats"],
+      opt_state=(),
+    ),
+    sharding.replicated(mesh),
+  )
+  embed(models.TrunkOutput(trunk=trunk), state, data, ids, store_dir, settings, log=log)
+  store = embed_lib.FeatureStore.open(store_dir)
+  if not store.complete or store.num_rows != len(ids):
+    raise ValueError(f"{store_dir}: incomplete frozen activations ({store.num_rows} rows)")
+  return store.features.reshape(len(ids), *shape)
 
 
 def embed(
@@ -440,9 +509,13 @@ def embed(
   *,
   outputs: tuple[str, ...] = ("embedding",),
   log: Callable[[str], None] | None = None,
+  inputs: np.ndarray | None = None,
 ) -> embed_lib.FeatureStore:
   """Cached features of `ids` (resumable), with the model's other `outputs` per row; progress
-  goes to `log` (None: absl logging)."""
+  goes to `log` (None: absl logging).
+
+  `inputs`: the model's float inputs `[N, ...]` (e.g. cached frozen activations for the
+  trainable part), indexed by `ids` instead of reading images from `data`."""
   mesh = make_mesh(settings)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   predict = train.jit_predict(model=model, mesh=mesh, state_shardings=shardings)
@@ -451,6 +524,8 @@ def embed(
   size = settings.embed_batch_size
 
   def batches(first_batch: int):
+    if inputs is not None:
+      return _array_batches(inputs, ids, size, first_batch)
     if jax.process_count() == 1:
       return pipeline.iterate_batches(
         data, ids[first_batch * size :], batch_size=size, **settings.preprocess
@@ -465,12 +540,26 @@ def embed(
       **settings.preprocess,
     )
 
+  shape = input_shape(settings, data) if inputs is None else (1, *inputs.shape[1:])
   dim = int(
-    jax.eval_shape(lambda: model.apply(state.variables, jnp.zeros(input_shape(settings, data))))[
-      "embedding"
-    ].shape[-1]
+    jax.eval_shape(lambda: model.apply(state.variables, jnp.zeros(shape)))["embedding"].shape[-1]
   )
   return embed_lib.embed_to_store(predict_fn, batches, store_dir, len(ids), dim, log=log)
+
+
+def _array_batches(inputs: np.ndarray, ids: np.ndarray, batch_size: int, first_batch: int):
+  """`pipeline.iterate_batches`' batches of float `inputs[ids]`: this process's rows of each
+  padded global batch (`sharding.process_shard`)."""
+  rows = sharding.process_shard(np.arange(batch_size))
+  for start in range(first_batch * batch_size, len(ids), batch_size):
+    chunk = np.full(batch_size, -1, np.int64)
+    count = min(batch_size, len(ids) - start)
+    chunk[:count] = ids[start : start + count]
+    chunk = chunk[rows]
+    real = chunk >= 0
+    images = np.zeros((len(chunk), *inputs.shape[1:]), np.float32)
+    images[real] = inputs[chunk[real]]
+    yield {"image": images, "mask": real, "index": chunk}
 
 
 def load_variables(directory: str, like_state: train.TrainState) -> dict:
@@ -567,6 +656,48 @@ class DeepUpdater:
     self.pseudo_labeler = pseudo_labeler
     self.pool_outputs = tuple(pool_outputs)
     self.model = bgsplit_model(settings, len(task.categories), num_aux_classes)
+    self._frozen = None  # frozen_activations(), computed when an update first needs them
+
+  def frozen_activations(self) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pool, validation) outputs of the trunk's frozen part (`frozen_inputs`), computed once
+    per run from M_pre's trunk into `run_dir/features/frozen/`; None without a frozen part.
+
+    Every update starts from M_pre's frozen parameters and leaves them unchanged (checked in
+    `update`), so these are the frozen part's outputs in every version.
+    """
+    if not caches_frozen_part(self.settings):
+      return None
+    if self._frozen is None:
+      directory = os.path.join(self.run_dir, "features", "frozen")
+      self._frozen = tuple(
+        frozen_inputs(
+          self.settings,
+          self.m_pre_variables,
+          data,
+          ids,
+          os.path.join(directory, name),
+          log=self.log,
+        )
+        for name, data, ids in (
+          ("pool", self.data.train, self.task.pool_ids),
+          ("val", self.data.eval, self.task.val_ids),
+        )
+      )
+    return self._frozen
+
+  def _check_frozen_unchanged(self, variables: dict) -> None:
+    names = self.model.trunk.frozen_modules()
+    for kind in ("params", "batch_stats"):
+      ours, pre = variables[kind]["trunk"], self.m_pre_variables[kind]["trunk"]
+      for name in sorted(names & set(pre)):
+        same = jax.tree.map(
+          lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ours[name], pre[name]
+        )
+        if not all(jax.tree.leaves(same)):
+          raise ValueError(
+            f"the frozen trunk module {name!r} ({kind}) differs from M_pre's; the cached "
+            f"frozen activations in {self.run_dir}/features/frozen do not apply"
+          )
 
   def _paths(self, version: int) -> tuple[str, str, str]:
     features = os.path.join(self.run_dir, "features", f"v{version}")
@@ -649,6 +780,9 @@ class DeepUpdater:
     # The fully supervised baseline has no linear models (no loop): its head starts fresh.
     if self.settings.main_head_init == "linear" and hasattr(state, "linear"):
       start = self._linear_main_head(start, state, version - 1)
+    frozen = self.frozen_activations()
+    if frozen is not None:
+      self._check_frozen_unchanged(start)
     labels = np.asarray(jax.device_get(state.labels))
     pseudo_negative = np.asarray(jax.device_get(state.pseudo_negative))
     pseudo_positive = pseudo_weights = None
@@ -690,27 +824,32 @@ class DeepUpdater:
       seed=self.seed * 1000 + version,
       log=self.log,
       what=f"deep update {version}",
+      frozen=None if frozen is None else frozen[0],
     )
     start_time = time.perf_counter()
+    # From the cached frozen activations (rows in pool / validation order) or from images.
+    model = self.model if frozen is None else trainable_part(self.model)
     pool = embed(
-      self.model,
+      model,
       deep_state,
       self.data.train,
-      self.task.pool_ids,
+      self.task.pool_ids if frozen is None else np.arange(len(self.task.pool_ids)),
       pool_dir,
       self.settings,
       outputs=self.pool_outputs,
       log=self.log,
+      inputs=None if frozen is None else frozen[0],
     )
     val = embed(
-      self.model,
+      model,
       deep_state,
       self.data.eval,
-      self.task.val_ids,
+      self.task.val_ids if frozen is None else np.arange(len(self.task.val_ids)),
       val_dir,
       self.settings,
       outputs=("embedding", "main_probs"),
       log=self.log,
+      inputs=None if frozen is None else frozen[1],
     )
     self.log(
       f"deep update {version}: re-embedded {pool.num_rows} pool and {val.num_rows} "

@@ -82,7 +82,7 @@ def test_unknown_model_names_are_refused():
 @pytest.mark.parametrize(
   "kernel_size, height, width, stride", [(3, 9, 10, 2), (5, 8, 8, 2), (3, 7, 7, 1), (5, 6, 9, 1)]
 )
-def test_shifted_depthwise_equals_native_conv(kernel_size, height, width, stride):
+def test_shifted_and_dense_depthwise_equal_native_conv(kernel_size, height, width, stride):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, height, width, 6)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
@@ -99,30 +99,30 @@ def test_shifted_depthwise_equals_native_conv(kernel_size, height, width, stride
     )
 
   shifted = functools.partial(efficientnet.depthwise_shifted, stride=stride)
+  dense = functools.partial(efficientnet.depthwise_dense, stride=stride)
 
   @jax.jit
   def values_and_grads(x, kernel):
     out = {}
-    for name, f in (("shifted", shifted), ("native", native)):
+    for name, f in (("shifted", shifted), ("dense", dense), ("native", native)):
       loss = lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
       out[name] = (f(x, kernel), *jax.grad(loss, argnums=(0, 1))(x, kernel))
     return out
 
   out = values_and_grads(x, kernel)
-  for got, want in zip(out["shifted"], out["native"], strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  for mode in ("shifted", "dense"):
+    for got, want in zip(out[mode], out["native"], strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=mode)
 
 
 def test_lite_modes_share_parameters_and_values():
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 33, 33, 3)), jnp.float32)
   native, variables = pretrained.load_classifier("efficientnet_lite0", depthwise="native")
-  shifted = Classifier(trunk=get_trunk("efficientnet_lite0", depthwise="shifted"), num_classes=1000)
-  np.testing.assert_allclose(
-    jax.jit(shifted.apply)(variables, x)["logits"],
-    jax.jit(native.apply)(variables, x)["logits"],
-    rtol=1e-4,
-    atol=1e-4,
-  )
+  want = jax.jit(native.apply)(variables, x)["logits"]
+  for mode in ("shifted", "dense", "auto"):  # auto on the CPU: dense on maps <= 4x4
+    other = Classifier(trunk=get_trunk("efficientnet_lite0", depthwise=mode), num_classes=1000)
+    got = jax.jit(other.apply)(variables, x)["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=mode)
   bad = Classifier(trunk=get_trunk("efficientnet_lite0", depthwise="grouped"), num_classes=1000)
   with pytest.raises(ValueError, match="depthwise mode"):
     jax.eval_shape(bad.apply, variables, x)

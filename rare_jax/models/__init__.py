@@ -8,7 +8,7 @@ Which trunks have pretrained weights, their resolution and preprocessing: `pretr
 
 from __future__ import annotations
 
-from rare_jax.models.bgsplit import BGSplitModel, Classifier, init_from_pretrained
+from rare_jax.models.bgsplit import BGSplitModel, Classifier, TrunkOutput, init_from_pretrained
 from rare_jax.models.efficientnet import (
   EfficientNetLite,
   efficientnet_lite0,
@@ -47,6 +47,7 @@ __all__ = [
   "BasicBlock",
   "BottleneckBlock",
   "Classifier",
+  "TrunkOutput",
   "EfficientNetLite",
   "ResNet",
   "get_trunk",

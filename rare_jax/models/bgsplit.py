@@ -67,6 +67,21 @@ class Classifier(nn.Module):
     return {"embedding": embedding, "logits": self.head(embedding)}
 
 
+class TrunkOutput(nn.Module):
+  """A trunk alone, its output flattened per example as `embedding`.
+
+  With an EfficientNet-Lite trunk of `part="frozen"` this computes the frozen blocks' output
+  that `deep.frozen_inputs` caches; variables are `{"params": {"trunk": ...}, ...}` like the
+  other models', so a `Classifier`'s or `BGSplitModel`'s trunk variables apply as they are.
+  """
+
+  trunk: nn.Module
+
+  def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
+    out = self.trunk(x, train=train, mask=mask)
+    return {"embedding": out.reshape(out.shape[0], -1).astype(jnp.float32)}
+
+
 def init_from_pretrained(
   bgsplit_variables: dict[str, Any],
   pretrained_variables: dict[str, Any],

@@ -9,10 +9,15 @@ Its parameters match the published ImageNet checkpoints (`rare_jax.models.pretra
 
 Depthwise convolutions: XLA:CPU runs a grouped convolution (`feature_group_count` = channels)
 very slowly (measured 2026-12-02 on 2 cores, Lite0 shapes at 64x64, batch 64: forward 74 img/s,
-train 20 img/s). Written as k*k shifted multiply-adds it ran at 1,000 / 118 img/s. `depthwise`
-chooses: "native" (the grouped convolution, for accelerators), "shifted", or "auto" (shifted
-on the CPU backend, native elsewhere). Both have the same parameters and give the same values
-(tests/test_efficientnet.py).
+train 20 img/s). Written as k*k shifted multiply-adds it ran at 1,000 / 118 img/s. The
+gradient of the shifted form is slow on the small maps of the last blocks (the transpose of
+each of the k*k slices is a padded copy): on a 3x3 map of 1152 channels, batch 128, 592 ms
+against 51 ms for the same convolution written as one dense `[out positions, in positions]`
+matrix per channel ("dense", an einsum; forward 23 vs 18 ms; 2-core CPU, shared, 2026-12-02).
+`depthwise` chooses: "native" (the grouped convolution, for accelerators), "shifted",
+"dense", or "auto" (on the CPU backend dense for maps of at most `DENSE_MAX_POSITIONS`
+positions, shifted for larger ones; native elsewhere). All have the same parameters and give
+the same values up to float rounding (tests/test_pretrained.py).
 
 Padding rows: as in `resnet.py`, `__call__` takes an optional example `mask` [B]; in training
 BatchNorm statistics come from the real examples only. Drop-connect is not applied (the
@@ -28,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # (repeats, kernel, stride, expansion, input filters, output filters) of EfficientNet-B0,
@@ -41,7 +47,10 @@ _BLOCKS = (
   (4, 5, 2, 6, 112, 192),
   (1, 3, 1, 6, 192, 320),
 )
-DEPTHWISE_MODES = ("auto", "native", "shifted")
+DEPTHWISE_MODES = ("auto", "native", "shifted", "dense")
+# "auto" on the CPU: the dense form up to this many input positions (4x4). Measured at 6x6 it
+# trained 9x faster but ran forward 1.4x slower, and frozen blocks only run forward.
+DENSE_MAX_POSITIONS = 16
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -104,8 +113,45 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array
   return out
 
 
+def _depthwise_taps(height, width, k_h, k_w, stride) -> np.ndarray:
+  """`[out_h * out_w, height * width]` int: the kernel tap `i * k_w + j` that joins output
+  position p and input position q under "SAME" padding, `k_h * k_w` where none does."""
+  pad_h, pad_w = _same_pads(height, k_h, stride)[0], _same_pads(width, k_w, stride)[0]
+  out_h, out_w = -(-height // stride), -(-width // stride)
+  taps = np.full((out_h * out_w, height * width), k_h * k_w, np.int32)
+  for oy in range(out_h):
+    for ox in range(out_w):
+      for i in range(k_h):
+        for j in range(k_w):
+          y, x = oy * stride + i - pad_h, ox * stride + j - pad_w
+          if 0 <= y < height and 0 <= x < width:
+            taps[oy * out_w + ox, y * width + x] = i * k_w + j
+  return taps
+
+
+def depthwise_dense(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Depthwise convolution with "SAME" padding as one dense spatial matrix per channel.
+
+  `out[b, p, c] = sum_q x[b, q, c] * M[p, q, c]` with `M` gathered from the kernel's taps
+  (zero where the window of output p misses input q): `[P_out, P_in, C]` numbers, so only for
+  small maps; its gradient is two einsums, unlike the shifted form's k*k padded copies.
+
+  Args:
+    x: `[B, H, W, C]`.
+    kernel: `[k, k, 1, C]` (Flax's layout for `feature_group_count=C`).
+    stride: the same in both spatial dimensions.
+  """
+  batch, height, width, channels = x.shape
+  k_h, k_w = kernel.shape[:2]
+  taps = _depthwise_taps(height, width, k_h, k_w, stride)
+  flat = kernel.reshape(k_h * k_w, channels)
+  flat = jnp.concatenate([flat, jnp.zeros((1, channels), flat.dtype)])  # the "no tap" row
+  out = jnp.einsum("bqc,pqc->bpc", x.reshape(batch, height * width, channels), flat[taps])
+  return out.reshape(batch, -(-height // stride), -(-width // stride), channels)
+
+
 class DepthwiseConv(nn.Module):
-  """A depthwise kxk convolution without bias ("SAME" padding), native or shifted."""
+  """A depthwise kxk convolution without bias ("SAME" padding): native, shifted or dense."""
 
   kernel_size: int
   stride: int = 1
@@ -128,9 +174,14 @@ class DepthwiseConv(nn.Module):
     kernel = kernel.astype(self.dtype)
     mode = self.mode
     if mode == "auto":
-      mode = "shifted" if jax.default_backend() == "cpu" else "native"
+      if jax.default_backend() != "cpu":
+        mode = "native"
+      else:
+        mode = "dense" if x.shape[1] * x.shape[2] <= DENSE_MAX_POSITIONS else "shifted"
     if mode == "shifted":
       return depthwise_shifted(x, kernel, self.stride)
+    if mode == "dense":
+      return depthwise_dense(x, kernel, self.stride)
     return lax.conv_general_dilated(
       x,
       kernel,
@@ -168,6 +219,9 @@ class MBConvBlock(nn.Module):
     return x
 
 
+PARTS = ("all", "frozen", "trainable")
+
+
 class EfficientNetLite(nn.Module):
   """An EfficientNet-Lite trunk: `__call__(x [B,H,W,C], train, mask=None) -> [B, 1280]` (f32).
 
@@ -191,6 +245,11 @@ class EfficientNetLite(nn.Module):
   # Every BatchNorm uses its running statistics, also in training (the pretrained ones), so
   # training sees the embedding that evaluation and the cached features see.
   freeze_batchnorm: bool = False
+  # Which part of the network a call runs: "all" (images -> embedding), "frozen" (images ->
+  # the output of the stem and the frozen blocks, a constant function of the image) or
+  # "trainable" (that output -> embedding). "frozen" then "trainable" equals "all"; the split
+  # lets a deep update compute the frozen part once per image (`deep.FrozenActivations`).
+  part: str = "all"
 
   embedding_dim = 1280
 
@@ -204,6 +263,10 @@ class EfficientNetLite(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None):
     if x.ndim != 4:
       raise ValueError(f"EfficientNetLite expects NHWC images [B, H, W, C], got shape {x.shape}")
+    if self.part not in PARTS:
+      raise ValueError(f"part must be one of {PARTS}, got {self.part!r}")
+    if self.part != "all" and self.frozen_blocks == 0:
+      raise ValueError(f"part={self.part!r} needs frozen_blocks >= 1 (nothing is frozen)")
     conv = functools.partial(
       nn.Conv,
       use_bias=False,
@@ -236,11 +299,17 @@ class EfficientNetLite(nn.Module):
       raise ValueError(f"frozen_blocks must be in [0, {len(specs)}], got {self.frozen_blocks}")
     frozen_norm = functools.partial(norm, use_running_average=True)
     x = x.astype(self.dtype)
-    x = conv(32, (3, 3), (2, 2), name="stem_conv")(x)
-    stem_norm = frozen_norm if self.frozen_blocks else norm
-    x = jnp.clip(stem_norm(name="stem_bn")(x, mask=None if self.frozen_blocks else bn_mask), 0, 6)
+    if self.part != "trainable":
+      x = conv(32, (3, 3), (2, 2), name="stem_conv")(x)
+      stem_norm = frozen_norm if self.frozen_blocks else norm
+      x = stem_norm(name="stem_bn")(x, mask=None if self.frozen_blocks else bn_mask)
+      x = jnp.clip(x, 0, 6)
     for i, (kernel, stride, expand, filters_in, filters_out) in enumerate(specs):
       frozen = i < self.frozen_blocks
+      if self.part == "trainable" and frozen:
+        continue
+      if self.part == "frozen" and not frozen:
+        return x
       x = MBConvBlock(
         kernel,
         stride,
@@ -254,6 +323,8 @@ class EfficientNetLite(nn.Module):
       )(x, None if frozen else bn_mask)
       if i + 1 == self.frozen_blocks:
         x = lax.stop_gradient(x)
+    if self.part == "frozen":  # every block frozen
+      return x
     x = conv(self.embedding_dim, (1, 1), name="head_conv")(x)
     x = jnp.clip(norm(name="head_bn")(x, mask=bn_mask), 0, 6)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
