@@ -1,16 +1,23 @@
 r"""Times one active-loop round at paper scale against a scikit-learn/numpy baseline.
 
     python benchmarks/loop_round.py [--pool=1000000 --dim=2048 --dtypes=float32,bfloat16]
+                                    [--breakdown] [--skip_baseline]
 
 State as at the end of a paper-configuration run: per category 50 positives and 455 negatives
-labeled (505 labels) and about 9,500 pseudo-negatives, a warm linear model. Prints, per feature
+labeled (505 labels) and about 9,500 pseudo-negatives; two warm-up rounds (`--warmup_rounds`),
+so that the timed round starts, like every later round of a run, from a linear model fitted on
+pseudo-negatives of a linear ranking (the first round after the cosine ranking needs about twice
+the L-BFGS iterations: 14-16 instead of 6-8 on the random features here). Prints, per feature
 dtype: (1) rare_jax's round (jitted query + observe: answers, pseudo-negatives, logistic
 regressions, re-scoring the pool), (2) the baseline: sklearn LogisticRegression (lbfgs) per
 category + numpy scoring + argsort rankings + numpy sampling, in its own process on the same
 features, (3) the floor: one jitted pass of `features @ weights.T` over the pool; then the
 ratios and each process's peak resident memory against the feature matrix (8 GiB at the
 default float32 size; the features are never copied). Compilation is excluded (a warm-up
-round runs first). Not a test: numbers depend on the machine (and its load, printed).
+round runs first). `--breakdown` also times the round's parts one by one against the floor
+(query, pseudo-negatives, training-set ids, the gather of the training sets, the logistic
+regressions warm and cold with their L-BFGS iterations, the re-scoring), to show where a round
+above the floor goes. Not a test: numbers depend on the machine (and its load, printed).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from rare_jax import loop, runner
+from rare_jax import linear, loop, runner, select
 
 
 def make_features(pool: int, dim: int, dtype, seed: int = 0) -> jax.Array:
@@ -116,6 +123,77 @@ def floor_pass(features, weights):
   return jnp.matmul(features, weights.T.astype(features.dtype), preferred_element_type=jnp.float32)
 
 
+def breakdown(engine, state, features, floor: float, rng) -> None:
+  """Times the parts of one round separately (each jitted alone, so they add up to a little
+  more than the fused round) and prints them against the floor, with the fits' iterations."""
+  config = engine.config
+  ids = np.asarray(engine.query(state))
+  answers = jnp.asarray(rng.random(ids.shape) < 0.1)
+  num_positive, num_negative = jax.device_get(loop.label_counts(state.labels))
+  train_size = loop.required_train_size(
+    num_positive + np.asarray(answers).sum(1),
+    num_negative + (~np.asarray(answers)).sum(1),
+    state.pool_size,
+    config=config,
+  )
+
+  @jax.jit
+  def pseudo_negatives(state, ids, answers):
+    labels = state.labels.at[jnp.arange(ids.shape[0])[:, None], ids].set(answers.astype(jnp.int8))
+    num = select.num_pseudo_negatives(*loop.label_counts(labels), config.pseudo_negative_factor)
+    key = loop.round_key(state, state.round + 1)
+    return labels, select.pseudo_negatives(key, scores=state.scores, unlabeled=labels < 0, num=num)
+
+  labels, pseudo = pseudo_negatives(state, ids, answers)
+  training_set = jax.jit(loop.training_set, static_argnums=2)
+  train_ids, member = training_set(labels, pseudo, train_size)
+  gather = jax.jit(lambda features, ids: features[ids])
+  rows = gather(features, train_ids)
+  targets = (jnp.take_along_axis(labels, train_ids, axis=-1) == 1).astype(jnp.float32)
+  fit = jax.jit(
+    lambda rows, targets, weights, init: linear.fit_logistic_batched_with_info(
+      rows, targets, weights, l2=config.l2, init=init, max_iters=config.max_iters, tol=config.tol
+    )
+  )
+  weights = member.astype(jnp.float32)
+  cold = linear.init_model(rows.shape[2], batch_shape=rows.shape[:1])
+  one_pass = jax.jit(lambda rows, v: jnp.einsum("cnd,cd->cn", rows, v))
+  score = jax.jit(lambda features, model: linear.decision_function(features, model))
+  parts = [
+    ("one pass over the training sets (X d)", one_pass, (rows, state.linear.weights)),
+    ("query (priorities, top-B)", engine.query, (state,)),
+    (
+      "answers in, pseudo-negatives (bisections, random bits)",
+      pseudo_negatives,
+      (state, ids, answers),
+    ),
+    ("training-set ids (nonzero)", training_set, (labels, pseudo, train_size)),
+    (f"gather the training sets {tuple(rows.shape)}", gather, (features, train_ids)),
+    ("logistic regressions, warm start", fit, (rows, targets, weights, state.linear)),
+    ("logistic regressions, cold start", fit, (rows, targets, weights, cold)),
+    ("re-score the pool (decision_function)", score, (features, state.linear)),
+  ]
+  print(
+    f"breakdown (each part jitted alone; training sets {rows.nbytes / 2**30:.2f} GiB, "
+    f"{int(weights.sum(1).min())}-{int(weights.sum(1).max())} valid rows of {rows.shape[1]}):"
+  )
+  pass_seconds = None
+  for name, fn, args in parts:
+    seconds, result = time_it(fn, *args, repeats=2)
+    pass_seconds = pass_seconds or seconds
+    line = f"  {name}: {seconds:.3f}s = {seconds / floor:.2f}x the floor"
+    if fn is fit:
+      # The batched solver runs until the slowest category converges: 3 passes to start (the
+      # centring mean, margins, gradient), then 2 per iteration (X d, then X^T r).
+      iters = np.asarray(result[1].num_iters)
+      passes = 3 + 2 * int(iters.max())
+      line += (
+        f"; L-BFGS iterations per category {iters.min()}-{iters.max()}, i.e. {passes} passes: "
+        f"{seconds / passes:.3f}s each = {seconds / passes / pass_seconds:.2f}x one X d pass"
+      )
+    print(line, flush=True)
+
+
 def peak_rss_gib() -> float:
   """This process's peak resident memory (VmHWM: getrusage's ru_maxrss would report the
   parent's peak in the baseline's process, as Linux carries it over fork and exec)."""
@@ -135,7 +213,11 @@ def bench_dtype(args, config, dtype_name: str) -> None:
   engine = runner.Engine(config)
   state = end_of_run_state(engine, features, categories=args.categories)
   rng = np.random.default_rng(0)
-  warm = rare_jax_round(engine, state, features, rng)  # compile + a first fit
+  # Warm-up rounds: compilation, a first (cold) fit on pseudo-negatives from the bottom of the
+  # cosine ranking, then (from 2 on) fits warm-started and drawn from the linear ranking.
+  warm = state
+  for _ in range(args.warmup_rounds):
+    warm = rare_jax_round(engine, warm, features, rng)
   jax.block_until_ready(warm)
   del state
   # The timed round starts from a warm model, as every round after the first does.
@@ -157,6 +239,8 @@ def bench_dtype(args, config, dtype_name: str) -> None:
     f"{peak / feature_gib:.2f}x the features ({feature_gib:.2f} GiB)",
     flush=True,
   )
+  if args.breakdown:
+    breakdown(engine, warm, features, floor, rng)
   if args.skip_baseline:
     return
   # The baseline runs in its own process on the same features (regenerated from the seed), so
@@ -208,9 +292,21 @@ def main():
   parser.add_argument("--categories", type=int, default=10)
   parser.add_argument("--batch_size", type=int, default=10)
   parser.add_argument("--dtypes", default="float32")
+  parser.add_argument(
+    "--warmup_rounds",
+    type=int,
+    default=2,
+    help="rounds before the timed one (>= 1). With 1 the timed round warm-starts from a model "
+    "fitted on the cosine ranking's pseudo-negatives, which only a run's second round does",
+  )
   parser.add_argument("--skip_baseline", action="store_true")
+  parser.add_argument(
+    "--breakdown", action="store_true", help="also time the round's parts (needs ~1 GiB more)"
+  )
   parser.add_argument("--baseline_state", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.warmup_rounds < 1:
+    parser.error(f"--warmup_rounds={args.warmup_rounds}; expected >= 1 (the first compiles)")
   if args.baseline_state:
     run_baseline(args)
     return
