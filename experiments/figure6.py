@@ -20,7 +20,7 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rare_jax import compare  # noqa: E402
+from rare_jax import compare, metrics  # noqa: E402
 
 CURVES = (  # (label, which workdir, strategy)
   ("Ours-Self", "self", "ours"),
@@ -56,6 +56,18 @@ def same_groups(imagenet_config, self_config):
   return config
 
 
+def positives_found(config, workdir: str, strategy: str, seed: int) -> int:
+  """Positives among the labels of the last round, summed over the categories of every group."""
+  total = 0
+  for group_index in range(len(config.groups)):
+    path = os.path.join(workdir, compare.run_name(group_index, seed), strategy, "metrics.jsonl")
+    records = [r for r in metrics.read_metrics(path) if "positives_found" in r]
+    if not records:
+      raise ValueError(f"{path} holds no round with positives_found")
+    total += int(sum(max(records, key=lambda r: r["round"])["positives_found"]))
+  return total
+
+
 def interval(values) -> tuple[float, float]:
   values = np.asarray(values, float)
   mean = float(values.mean())
@@ -86,7 +98,7 @@ def main(argv):
     raise SystemExit("no seed has results in both workdirs for every curve")
   figure, axes = compare._figure()
   rows = {}
-  for label, name, strategy in CURVES:
+  for index, (label, name, strategy) in enumerate(CURVES):
     points = sources[name].get(strategy, {})
     budgets = sorted(b for b, by_seed in points.items() if seeds <= set(by_seed))
     stats_ = [interval([points[b][s] for s in sorted(seeds)]) for b in budgets]
@@ -94,7 +106,10 @@ def main(argv):
     half = np.array([h for _, h in stats_])
     rows[label] = dict(zip(budgets, stats_, strict=True))
     style = "-" if name == "self" else "--"
-    axes.errorbar(budgets, mean, yerr=half, marker="o", capsize=3, linestyle=style, label=label)
+    shift = (index - (len(CURVES) - 1) / 2) * 0.8  # side by side at each budget
+    axes.errorbar(
+      np.add(budgets, shift), mean, yerr=half, marker="o", capsize=3, linestyle=style, label=label
+    )
   axes.set_xlabel("labels per category")
   axes.set_ylabel(f"mean F1, 95% interval over {len(seeds)} seeds")
   axes.set_ylim(0, 1)
@@ -109,6 +124,14 @@ def main(argv):
   for label, r in rows.items():
     cells = [f"{r[b][0]:.3f} ± {r[b][1]:.3f}" if b in r else "-" for b in budgets]
     print(f"| {label} | " + " | ".join(cells) + " |")
+  print(
+    "\npositives found in the pool after the last round, summed over categories, mean over seeds:"
+  )
+  configs = {"self": self_config, "imagenet": imagenet_config}
+  dirs = {"self": self_dir, "imagenet": imagenet_dir}
+  for label, name, strategy in CURVES:
+    found = [positives_found(configs[name], dirs[name], strategy, seed) for seed in sorted(seeds)]
+    print(f"- {label}: {np.mean(found):.1f} (per seed {found})")
   with open(os.path.splitext(out)[0] + ".json", "w") as f:
     json.dump({k: {str(b): v for b, v in r.items()} for k, r in rows.items()}, f, indent=1)
   print(f"wrote {out}")
