@@ -121,23 +121,23 @@ def load(
   if source(settings) == "self_supervised":
     ssl = ssl or selfsup.SelfSupSettings()
     if ssl.shared_images:
-      model, state, key = selfsup.shared_self_supervised(
-        data.train,
+      where = dict(
         dataset=task.dataset,
         split=task.train_split,
         num_examples=task.num_train_examples,
         settings=settings,
         ssl=ssl,
-        cache_dir=ssl.cache_dir or os.path.join(directory, "shared"),
-        log=log,
       )
-      # The cached features were made with this model: a run refuses another one.
+      # The cached features were made with this model: a run refuses another one (checked
+      # before any training).
       source_json = os.path.join(directory, "source.json")
+      record = {"shared_self_supervised": selfsup.shared_model_key(**where)}
       sharding.primary_first(
-        lambda: record_or_check(
-          source_json, {"shared_self_supervised": key}, what="M_pre (shared SimCLR model)"
-        ),
+        lambda: record_or_check(source_json, record, what="M_pre (shared SimCLR model)"),
         f"m_pre:source:{os.path.abspath(source_json)}",
+      )
+      model, state, _ = selfsup.shared_self_supervised(
+        data.train, cache_dir=ssl.cache_dir or os.path.join(directory, "shared"), log=log, **where
       )
     else:
       model, state = selfsup.pretrain_self_supervised(

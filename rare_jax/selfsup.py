@@ -312,6 +312,14 @@ def shared_key(record: Mapping) -> str:
   return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def shared_model_key(
+  *, dataset: str, split: str, num_examples: int, settings: deep.DeepSettings, ssl: SelfSupSettings
+) -> str:
+  """The cache key `shared_self_supervised` trains and stores these settings' model under."""
+  ids = shared_image_ids(num_examples, ssl)
+  return shared_key(shared_settings(dataset, split, ids, settings, ssl))
+
+
 def shared_self_supervised(
   data: Any,
   *,

@@ -305,3 +305,52 @@ def test_shared_model_is_reused_with_the_same_settings_and_rebuilt_with_others(t
     selfsup.shared_image_ids(10, ssl)
   with pytest.raises(ValueError, match="shared_images"):
     selfsup.SelfSupSettings(shared_images=1)
+
+
+def test_m_pre_load_shares_the_model_and_a_workdir_refuses_another(tmp_path):
+  from types import SimpleNamespace
+
+  from rare_jax import m_pre
+
+  data, _, settings, ssl = _driver_setup()
+  settings = dataclasses.replace(settings, init="self_supervised")
+  ssl = dataclasses.replace(
+    ssl, epochs=1, shared_images=16, num_clusters=3, cache_dir=str(tmp_path / "cache")
+  )
+  images = deep.ImageData(train=data, eval=data)
+  task = SimpleNamespace(
+    dataset="synthetic", train_split="train", num_train_examples=24, pool_ids=np.arange(12)
+  )
+
+  def load(directory, ssl, seed):
+    lines = []
+    start = m_pre.load(task, images, settings, str(directory), seed=seed, log=lines.append, ssl=ssl)
+    return start, lines
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(deep.DeepSettings, "trunk", _smallest_trunk)
+    first, lines = load(tmp_path / "run0", ssl, seed=0)
+    assert first.source == "self_supervised" and first.num_classes == 3
+    assert sum("epoch 1/1" in line for line in lines) == 1
+    # Another run (other seed) restores the cached trunk instead of training one.
+    second, lines = load(tmp_path / "run1", ssl, seed=1)
+    assert not any("epoch" in line for line in lines)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+      first.state.params["trunk"],
+      second.state.params["trunk"],
+    )
+    # A workdir made with one shared model refuses another, before training it.
+    lines = []
+    with pytest.raises(ValueError, match="shared SimCLR model"):
+      m_pre.load(
+        task,
+        images,
+        settings,
+        str(tmp_path / "run0"),
+        seed=0,
+        log=lines.append,
+        ssl=dataclasses.replace(ssl, shared_seed=7),
+      )
+    assert not any("epoch" in line for line in lines)
+  assert len(os.listdir(tmp_path / "cache")) == 1
