@@ -9,9 +9,11 @@
   auxiliary head (1000 classes).
 - a path: the user's own `.pth` / `.safetensors` file for the trunk (e.g. a torchvision
   ResNet-50), used like "imagenet".
-- "self_supervised" (paper Sec. 4.4): the trunk is trained with SimCLR on the pool's images
-  without labels (`selfsup.py`, settings in `config.self_supervised`), the auxiliary labels are
-  k-means cluster ids of its pool embeddings and the auxiliary head starts from the centroids.
+- "self_supervised" (paper Sec. 4.4): the trunk is trained with SimCLR without labels
+  (`selfsup.py`, settings in `config.self_supervised`) on the pool's images, or, with
+  `shared_images`, once on a fixed sample of the training split and cached for every run with
+  the same settings; the auxiliary labels are k-means cluster ids of its pool embeddings and
+  the auxiliary head starts from the centroids.
 
 `load(...)` returns `MPre` (the `Classifier`, its TrainState, its number of classes). A run's
 workdir records which weights it started from (`m_pre/source.json`, with the file's SHA-256)
@@ -118,9 +120,29 @@ def load(
     return MPre(model, state, pretrained.spec(settings.model).num_classes, "pretrained")
   if source(settings) == "self_supervised":
     ssl = ssl or selfsup.SelfSupSettings()
-    model, state = selfsup.pretrain_self_supervised(
-      data.train, task.pool_ids, settings, ssl, directory, seed=seed, log=log
-    )
+    if ssl.shared_images:
+      where = dict(
+        dataset=task.dataset,
+        split=task.train_split,
+        num_examples=task.num_train_examples,
+        settings=settings,
+        ssl=ssl,
+      )
+      # The cached features were made with this model: a run refuses another one (checked
+      # before any training).
+      source_json = os.path.join(directory, "source.json")
+      record = {"shared_self_supervised": selfsup.shared_model_key(**where)}
+      sharding.primary_first(
+        lambda: record_or_check(source_json, record, what="M_pre (shared SimCLR model)"),
+        f"m_pre:source:{os.path.abspath(source_json)}",
+      )
+      model, state, _ = selfsup.shared_self_supervised(
+        data.train, cache_dir=ssl.cache_dir or os.path.join(directory, "shared"), log=log, **where
+      )
+    else:
+      model, state = selfsup.pretrain_self_supervised(
+        data.train, task.pool_ids, settings, ssl, directory, seed=seed, log=log
+      )
     features = deep.embed(
       model,
       state,

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +37,8 @@ import optax
 from jax.typing import ArrayLike
 
 from rare_jax import augment as augment_lib
-from rare_jax import deep, kmeans, losses, train
+from rare_jax import deep, kmeans, losses, sharding, train
+from rare_jax.checkpoint import record_or_check
 from rare_jax.data import pipeline
 from rare_jax.models import Classifier
 from rare_jax.models.simclr import SimCLRModel
@@ -61,6 +65,13 @@ class SelfSupSettings:
   num_clusters: int = 100  # k of the auxiliary labels
   kmeans_iterations: int = 100
   kmeans_chunk_size: int = 65536
+  # 0: SimCLR trains on each run's own pool, seeded with the run's seed. N > 0: it trains once
+  # on N images of the training split drawn with `shared_seed` (independent of the run's seed
+  # and categories, as the paper trains Self-ImageNet once), cached in `cache_dir` under a key
+  # of its settings and reused by every run with the same ones (`shared_self_supervised`).
+  shared_images: int = 0
+  shared_seed: int = 0
+  cache_dir: str = ""  # "" with shared_images > 0: inside the run's m_pre directory
 
   def __post_init__(self):
     for name in ("epochs", "projection_dim", "num_clusters", "kmeans_iterations"):
@@ -68,6 +79,10 @@ class SelfSupSettings:
         raise ValueError(f"self_supervised.{name} must be >= 1, got {getattr(self, name)!r}")
     if self.num_clusters < 2:  # a Classifier head needs two classes
       raise ValueError(f"self_supervised.num_clusters must be >= 2, got {self.num_clusters}")
+    if self.shared_images < 0 or (0 < self.shared_images < 2):
+      raise ValueError(
+        f"self_supervised.shared_images must be 0 (the pool) or >= 2, got {self.shared_images!r}"
+      )
     if self.batch_size is not None and self.batch_size < 2:
       raise ValueError(f"self_supervised.batch_size must be >= 2, got {self.batch_size}")
     if self.temperature <= 0 or self.learning_rate <= 0:
@@ -243,6 +258,109 @@ def pretrain_self_supervised(
     what="self-supervised M_pre",
   )
   return model, state
+
+
+SHARED_FORMAT = "rare_jax.shared_simclr/1"
+# DeepSettings fields that the SimCLR stage never reads (the deep updates' and the supervised
+# pretraining's); every other field is part of a shared model's key.
+_NOT_SSL_FIELDS = (
+  "init",
+  "embed_batch_size",
+  "pretrain_epochs",
+  "pretrain_learning_rate",
+  "epochs",
+  "learning_rate",
+  "aux_weight",
+  "main_head_init",
+)
+# SelfSupSettings fields that do not change the trained model (the clustering after it, where
+# it is stored).
+_NOT_TRAINING_FIELDS = ("num_clusters", "kmeans_iterations", "kmeans_chunk_size", "cache_dir")
+
+
+def shared_image_ids(num_examples: int, ssl: SelfSupSettings) -> np.ndarray:
+  """The `ssl.shared_images` training-split ids a shared SimCLR model trains on (sorted)."""
+  if not 2 <= ssl.shared_images <= num_examples:
+    raise ValueError(
+      f"self_supervised.shared_images={ssl.shared_images}: expected 2..{num_examples} (the "
+      "training split's size)"
+    )
+  rng = np.random.default_rng(ssl.shared_seed)
+  return np.sort(rng.choice(num_examples, ssl.shared_images, replace=False))
+
+
+def shared_settings(
+  dataset: str, split: str, ids: np.ndarray, settings: deep.DeepSettings, ssl: SelfSupSettings
+) -> dict:
+  """Everything a shared SimCLR model depends on, as JSON data (its cache key's source)."""
+  deep_fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_SSL_FIELDS}
+  ssl_fields = {k: v for k, v in dataclasses.asdict(ssl).items() if k not in _NOT_TRAINING_FIELDS}
+  ids = np.ascontiguousarray(ids, np.int64)
+  record = {
+    "format": SHARED_FORMAT,
+    "dataset": dataset,
+    "split": split,
+    "num_images": len(ids),
+    "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+    "deep": deep_fields,
+    "self_supervised": ssl_fields,
+  }
+  return json.loads(json.dumps(record, sort_keys=True))  # tuples -> lists, as read back
+
+
+def shared_key(record: Mapping) -> str:
+  return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shared_model_key(
+  *, dataset: str, split: str, num_examples: int, settings: deep.DeepSettings, ssl: SelfSupSettings
+) -> str:
+  """The cache key `shared_self_supervised` trains and stores these settings' model under."""
+  ids = shared_image_ids(num_examples, ssl)
+  return shared_key(shared_settings(dataset, split, ids, settings, ssl))
+
+
+def shared_self_supervised(
+  data: Any,
+  *,
+  dataset: str,
+  split: str,
+  num_examples: int,
+  settings: deep.DeepSettings,
+  ssl: SelfSupSettings,
+  cache_dir: str,
+  log: Callable[[str], None] = print,
+) -> tuple[SimCLRModel, train.TrainState, str]:
+  """One SimCLR M_pre for every run with these settings: trained once, cached, reused.
+
+  Trains on `shared_image_ids` of the split `data` holds (`num_examples` images), seeded
+  with `ssl.shared_seed`, in `cache_dir/<key>/`; the key hashes `shared_settings` (dataset,
+  split, the image ids, every deep and self-supervised setting the training reads). A
+  finished model is restored without training; an interrupted one resumes (bit-identical,
+  as `pretrain_self_supervised`); other settings get another key, so another directory.
+  `<key>/settings.json` records the settings; a directory recording others is refused.
+
+  Returns:
+    (the `SimCLRModel`, its TrainState, the key).
+
+  Raises:
+    ValueError: `shared_images` out of range, or the cached directory records other settings.
+  """
+  ids = shared_image_ids(num_examples, ssl)
+  record = shared_settings(dataset, split, ids, settings, ssl)
+  key = shared_key(record)
+  directory = os.path.join(cache_dir, key)
+  os.makedirs(directory, exist_ok=True)
+  settings_json = os.path.join(directory, "settings.json")
+  sharding.primary_first(
+    lambda: record_or_check(settings_json, record, what="shared self-supervised M_pre"),
+    f"selfsup:shared:{os.path.abspath(settings_json)}",
+  )
+  log(f"shared self-supervised M_pre {key}: {len(ids)} {dataset}/{split} images ({directory})")
+  model, state = pretrain_self_supervised(
+    data, ids, settings, ssl, os.path.join(directory, "simclr"), seed=ssl.shared_seed, log=log
+  )
+  return model, state, key
 
 
 def cluster_aux_labels(

@@ -1,7 +1,10 @@
 """The self-supervised start: NT-Xent, augmentations, SimCLR training, resume, aux labels."""
 
+import dataclasses
 import functools
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -247,3 +250,107 @@ def test_m_pre_source_of_each_init(init, expected):
 
   model = "efficientnet_lite0" if init == "imagenet" else "resnet_tiny"
   assert m_pre.source(deep.DeepSettings(model=model, init=init)) == expected
+
+
+# ----------------------------------------------------------------------------- shared model cache
+
+
+def test_shared_model_is_reused_with_the_same_settings_and_rebuilt_with_others(tmp_path):
+  data, _, settings, ssl = _driver_setup()
+  ssl = dataclasses.replace(ssl, epochs=1, shared_images=16, shared_seed=3, num_clusters=3)
+  cache = str(tmp_path)
+
+  def shared(ssl, lines):
+    return selfsup.shared_self_supervised(
+      data,
+      dataset="synthetic",
+      split="train",
+      num_examples=24,
+      settings=settings,
+      ssl=ssl,
+      cache_dir=cache,
+      log=lines.append,
+    )
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(deep.DeepSettings, "trunk", _smallest_trunk)
+    first_lines, again_lines, other_lines = [], [], []
+    _, first, key = shared(ssl, first_lines)
+    assert sum("epoch 1/1" in line for line in first_lines) == 1
+    assert int(first.step) == 2  # 16 images, batch 8
+    # Same training settings (the clustering's may differ): restored, nothing trained.
+    _, again, again_key = shared(dataclasses.replace(ssl, num_clusters=5), again_lines)
+    assert again_key == key and not any("epoch" in line for line in again_lines)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), first, again
+    )
+    # Another image sample: another key and directory, trained from scratch.
+    _, other, other_key = shared(dataclasses.replace(ssl, shared_seed=4), other_lines)
+    assert other_key != key and sum("epoch 1/1" in line for line in other_lines) == 1
+    assert sorted(os.listdir(cache)) == sorted([key, other_key])
+  np.testing.assert_array_equal(
+    selfsup.shared_image_ids(24, ssl), selfsup.shared_image_ids(24, ssl)
+  )
+  assert len(set(selfsup.shared_image_ids(24, ssl).tolist())) == 16
+  # A directory whose settings.json records other settings is refused, not reused.
+  path = os.path.join(cache, key, "settings.json")
+  with open(path) as f:
+    record = json.load(f)
+  record["self_supervised"]["temperature"] = 0.1
+  with open(path, "w") as f:
+    json.dump(record, f)
+  with pytest.raises(ValueError, match="records another shared self-supervised M_pre"):
+    shared(ssl, [])
+  with pytest.raises(ValueError, match="shared_images=16: expected 2..10"):
+    selfsup.shared_image_ids(10, ssl)
+  with pytest.raises(ValueError, match="shared_images"):
+    selfsup.SelfSupSettings(shared_images=1)
+
+
+def test_m_pre_load_shares_the_model_and_a_workdir_refuses_another(tmp_path):
+  from types import SimpleNamespace
+
+  from rare_jax import m_pre
+
+  data, _, settings, ssl = _driver_setup()
+  settings = dataclasses.replace(settings, init="self_supervised")
+  ssl = dataclasses.replace(
+    ssl, epochs=1, shared_images=16, num_clusters=3, cache_dir=str(tmp_path / "cache")
+  )
+  images = deep.ImageData(train=data, eval=data)
+  task = SimpleNamespace(
+    dataset="synthetic", train_split="train", num_train_examples=24, pool_ids=np.arange(12)
+  )
+
+  def load(directory, ssl, seed):
+    lines = []
+    start = m_pre.load(task, images, settings, str(directory), seed=seed, log=lines.append, ssl=ssl)
+    return start, lines
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(deep.DeepSettings, "trunk", _smallest_trunk)
+    first, lines = load(tmp_path / "run0", ssl, seed=0)
+    assert first.source == "self_supervised" and first.num_classes == 3
+    assert sum("epoch 1/1" in line for line in lines) == 1
+    # Another run (other seed) restores the cached trunk instead of training one.
+    second, lines = load(tmp_path / "run1", ssl, seed=1)
+    assert not any("epoch" in line for line in lines)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+      first.state.params["trunk"],
+      second.state.params["trunk"],
+    )
+    # A workdir made with one shared model refuses another, before training it.
+    lines = []
+    with pytest.raises(ValueError, match="shared SimCLR model"):
+      m_pre.load(
+        task,
+        images,
+        settings,
+        str(tmp_path / "run0"),
+        seed=0,
+        log=lines.append,
+        ssl=dataclasses.replace(ssl, shared_seed=7),
+      )
+    assert not any("epoch" in line for line in lines)
+  assert len(os.listdir(tmp_path / "cache")) == 1
