@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+import rare_jax
 from rare_jax import linear, loop, runner, select
 
 
@@ -163,11 +164,11 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
     ("one pass over the training sets (X d)", one_pass, (rows, state.linear.weights)),
     ("query (priorities, top-B)", engine.query, (state,)),
     (
-      "answers in, pseudo-negatives (bisections, random bits)",
+      "answers in, pseudo-negatives (radix selections, random bits)",
       pseudo_negatives,
       (state, ids, answers),
     ),
-    ("training-set ids (nonzero)", training_set, (labels, pseudo, train_size)),
+    ("training-set ids (packed words)", training_set, (labels, pseudo, train_size)),
     (f"gather the training sets {tuple(rows.shape)}", gather, (features, train_ids)),
     ("logistic regressions, warm start", fit, (rows, targets, weights, state.linear)),
     ("logistic regressions, cold start", fit, (rows, targets, weights, cold)),
@@ -310,6 +311,9 @@ def main():
   if args.baseline_state:
     run_baseline(args)
     return
+  # `python benchmarks/loop_round.py` puts benchmarks/ first on sys.path, not the checkout: run
+  # with PYTHONPATH=. to time a worktree's rare_jax rather than the installed one.
+  print(f"rare_jax: {os.path.dirname(rare_jax.__file__)}")
   print(
     f"devices: {jax.devices()}; pool {args.pool} x dim {args.dim}, {args.categories} categories"
   )

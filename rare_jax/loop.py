@@ -330,10 +330,12 @@ def training_set(labels: jax.Array, pseudo_negative: jax.Array, size: int):
     marked invalid (their example weight is 0).
   """
   member = jnp.logical_or(labels >= 0, pseudo_negative)
-  ids = jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=0)[0])(member)
+  # `jnp.nonzero(size=size, fill_value=0)` per row, without its cumulative sum over the pool.
+  ranks = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), member.shape[:-1] + (size,))
+  ids = select.nth_true(member, ranks, fill_value=0)
   count = jnp.sum(member, axis=-1, dtype=jnp.int32)
   valid = jnp.arange(size)[None, :] < count[:, None]
-  return ids.astype(jnp.int32), valid
+  return ids, valid
 
 
 def required_train_size(

@@ -144,8 +144,8 @@ class Engine:
   With a `mesh`, the pool is sharded over its `axis` (jit in/out shardings): the features
   `[P, D]` by rows and the state's `[C, P]` arrays by columns, so each device holds P / devices
   of them; the models, the queries and the gathered training sets are replicated. Rankings,
-  top-B queries and the bottom-50% draw run shard-wise plus small merges (XLA's partitioned
-  top-k, integer counts of the bisection), and every row-wise float product is formulated to
+  top-B queries and the bottom-50% draw run shard-wise plus merges (XLA's partitioned top-k,
+  integer histograms of the radix selection), and every row-wise float product is formulated to
   round the same whatever the split: a sharded run is bitwise the run on one device
   (tests/test_loop.py). P must be a multiple of the axis size (pad the pool otherwise).
   """

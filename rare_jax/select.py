@@ -2,14 +2,17 @@
 
 Everything here is pure and jittable, works on `[C, P]` score arrays (C categories of a group,
 P images in the pool) and touches each array a bounded number of times: top-k instead of full
-sorts, and order statistics by bisection over 32-bit keys instead of sorting for the bottom-50%
-rule and for uniform sampling without replacement.
+sorts, and order statistics by radix selection over 32-bit keys (two histogram passes) instead
+of sorting for the bottom-50% rule and for uniform sampling without replacement.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rare_jax import linear
 
@@ -188,43 +191,130 @@ def sortable_keys(values: jax.Array) -> jax.Array:
   return bits ^ flip
 
 
+_DIGIT_BITS = 16  # order statistics: two histogram passes over 16-bit digits of uint32 keys
+_NUM_BINS = 1 << _DIGIT_BITS
+
+
+def _histogram(digits: jax.Array, weights: jax.Array) -> jax.Array:
+  """`[..., 65536]` int32 sums of `weights` per digit value, row by row, in one scatter-add.
+
+  `digits` `[..., P]` int32 in [0, 65536); `weights` `[..., P]` int32. The rows are flattened
+  into one index space (one scatter over all of them is faster on XLA's CPU than a batched one).
+  """
+  lead = digits.shape[:-1]
+  rows = math.prod(lead)
+  offsets = (jnp.arange(rows, dtype=jnp.int32) * _NUM_BINS).reshape(lead + (1,))
+  flat = (digits + offsets).reshape(-1)
+  counts = jnp.zeros((rows * _NUM_BINS,), jnp.int32).at[flat].add(weights.reshape(-1))
+  return counts.reshape(lead + (_NUM_BINS,))
+
+
+def _first_bin_reaching(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(first bin `b` with `sum(counts[..., :b + 1]) >= k`, `sum(counts[..., :b])`), per row.
+
+  Where no bin reaches `k` (more asked than counted), the last bin.
+  """
+  cumulative = jnp.cumsum(counts, axis=-1, dtype=jnp.int32)
+  index = jnp.sum(cumulative < k[..., None], axis=-1, dtype=jnp.int32)  # cumulative is sorted
+  index = jnp.minimum(index, counts.shape[-1] - 1)
+  at = lambda x: jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0]  # noqa: E731
+  return index, at(cumulative) - at(counts)
+
+
 def _kth_smallest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
-  """Smallest t with `#{valid & keys <= t} >= k` (k >= 1), by 32 bisection steps over uint32."""
+  """Smallest t with `#{valid & keys <= t} >= k` (k >= 1), per row (0xFFFFFFFF if none).
 
-  def step(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    count = jnp.sum(jnp.logical_and(valid, keys <= mid), dtype=jnp.int32)
-    enough = count >= k
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+  Radix selection in two passes over the keys (a histogram of their high 16 bits, then one of
+  the low 16 bits of the keys in the bin that holds the k-th), instead of 32 bisection steps.
 
-  lo, _ = jax.lax.fori_loop(0, 32, step, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
-  return lo
+  Args:
+    keys: `[..., P]` uint32.
+    valid: `[..., P]` bool.
+    k: `[...]` int32.
+  """
+  high = (keys >> _DIGIT_BITS).astype(jnp.int32)
+  low = (keys & jnp.uint32(_NUM_BINS - 1)).astype(jnp.int32)
+  high_bin, below = _first_bin_reaching(_histogram(high, valid.astype(jnp.int32)), k)
+  in_bin = jnp.logical_and(valid, high == high_bin[..., None])
+  low_bin, _ = _first_bin_reaching(_histogram(low, in_bin.astype(jnp.int32)), k - below)
+  return (high_bin.astype(jnp.uint32) << _DIGIT_BITS) | low_bin.astype(jnp.uint32)
+
+
+_WORD_BITS = 32
+# _PREFIX_MASKS[j]: bits 0..j set.
+_PREFIX_MASKS = np.array([(2 << j) - 1 for j in range(_WORD_BITS)], np.uint64).astype(np.uint32)
+
+
+def _pack_bits(mask: jax.Array) -> jax.Array:
+  """`[..., P]` bool as `[..., ceil(P / 32)]` uint32 words (position 32 w + j is bit j of w)."""
+  size = mask.shape[-1]
+  words = -(-size // _WORD_BITS)
+  pad = [(0, 0)] * (mask.ndim - 1) + [(0, words * _WORD_BITS - size)]
+  bits = jnp.pad(mask, pad).reshape(mask.shape[:-1] + (words, _WORD_BITS))
+  shifts = jnp.arange(_WORD_BITS, dtype=jnp.uint32)
+  return jnp.sum(jnp.where(bits, jnp.uint32(1) << shifts, jnp.uint32(0)), -1, dtype=jnp.uint32)
+
+
+def nth_true(mask: jax.Array, n: jax.Array, *, fill_value: int | None = None) -> jax.Array:
+  """Positions of the `n`-th (0-based) True of each row of `mask`; `fill_value` where none.
+
+  `nth_true(mask, jnp.arange(size))` is `jnp.nonzero(mask, size=size, fill_value=...)` row by
+  row, without a cumulative sum over the whole row: the mask is packed into 32-bit words (one
+  pass), their popcounts are summed cumulatively (32 times fewer), each `n` finds its word by
+  binary search and its bit within the word by popcounts of the word's prefixes.
+
+  Args:
+    mask: `[..., P]` bool.
+    n: `[..., S]` int, the ranks wanted per row.
+    fill_value: position returned where a row has `n` or fewer Trues or `n < 0` (P if None).
+
+  Returns:
+    `[..., S]` int32 positions.
+  """
+  size = mask.shape[-1]
+  fill_value = size if fill_value is None else fill_value
+  words = _pack_bits(mask)
+  counts = jax.lax.population_count(words).astype(jnp.int32)
+  cumulative = jnp.cumsum(counts, axis=-1, dtype=jnp.int32)
+  n = n.astype(jnp.int32)
+  flat_cumulative = cumulative.reshape(-1, cumulative.shape[-1])
+  flat_n = n.reshape(-1, n.shape[-1])
+  word = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="right"))(flat_cumulative, flat_n)
+  word = jnp.minimum(word.reshape(n.shape).astype(jnp.int32), words.shape[-1] - 1)
+  at = lambda x: jnp.take_along_axis(x, word, axis=-1)  # noqa: E731
+  rank = n - (at(cumulative) - at(counts))  # rank of the wanted True within its word
+  prefix_counts = jax.lax.population_count(at(words)[..., None] & jnp.asarray(_PREFIX_MASKS))
+  bit = jnp.sum(prefix_counts.astype(jnp.int32) <= rank[..., None], axis=-1, dtype=jnp.int32)
+  found = jnp.logical_and(n >= 0, n < cumulative[..., -1:])
+  return jnp.where(found, word * _WORD_BITS + bit, fill_value).astype(jnp.int32)
 
 
 def smallest_k_mask(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
-  """Mask of exactly `min(k, #valid)` valid entries with the smallest keys, for one row.
+  """Mask of exactly `min(k, #valid)` valid entries with the smallest keys, row by row.
 
   Ties at the threshold go to the lowest positions, so the result is deterministic.
 
   Args:
-    keys: `[P]` uint32.
-    valid: `[P]` bool: the entries that may be chosen.
-    k: int32 scalar, how many to choose.
+    keys: `[..., P]` uint32.
+    valid: `[..., P]` bool: the entries that may be chosen.
+    k: `[...]` int32, how many to choose per row.
   """
-  k = jnp.minimum(k, jnp.sum(valid, dtype=jnp.int32))
-  threshold = _kth_smallest(keys, valid, jnp.maximum(k, 1))
+  k = jnp.minimum(k, jnp.sum(valid, axis=-1, dtype=jnp.int32))
+  threshold = _kth_smallest(keys, valid, jnp.maximum(k, 1))[..., None]
   below = jnp.logical_and(valid, keys < threshold)
   tied = jnp.logical_and(valid, keys == threshold)
-  room = k - jnp.sum(below, dtype=jnp.int32)
-  take_tied = jnp.logical_and(tied, jnp.cumsum(tied, dtype=jnp.int32) <= room)
-  return jnp.logical_and(jnp.logical_or(below, take_tied), k > 0)
+  room = k - jnp.sum(below, axis=-1, dtype=jnp.int32)
+  # The first `room` tied entries: those up to the position of the (room - 1)-th (none if 0).
+  last = nth_true(tied, room[..., None] - 1, fill_value=-1)
+  positions = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
+  take_tied = jnp.logical_and(tied, positions <= last)
+  return jnp.logical_and(jnp.logical_or(below, take_tied), k[..., None] > 0)
 
 
 def bottom_half(scores: jax.Array, unlabeled: jax.Array) -> jax.Array:
   """`[C, P]` mask of the lowest-scoring floor(U/2) unlabeled images of each category."""
   half = jnp.sum(unlabeled, axis=-1, dtype=jnp.int32) // 2
-  return jax.vmap(smallest_k_mask)(sortable_keys(scores), unlabeled, half)
+  return smallest_k_mask(sortable_keys(scores), unlabeled, half)
 
 
 def pseudo_negatives(
@@ -243,4 +333,4 @@ def pseudo_negatives(
   """
   candidates = bottom_half(scores, unlabeled)
   random_keys = jax.random.bits(key, scores.shape, jnp.uint32)
-  return jax.vmap(smallest_k_mask)(random_keys, candidates, num)
+  return smallest_k_mask(random_keys, candidates, num)

@@ -139,3 +139,58 @@ def test_pseudo_negatives_count_range_and_uniformity():
     jax.random.fold_in(jax.random.key(0), 7), scores=scores, unlabeled=unlabeled, num=num
   )
   np.testing.assert_array_equal(np.asarray(unjitted)[0], draws[7])  # jit == no jit
+
+
+def _bisection_smallest_k_mask(keys, valid, k):
+  """The previous implementation (32 bisection steps, ties by a cumulative sum), one row."""
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(jnp.logical_and(valid, keys <= mid), dtype=jnp.int32) >= jnp.maximum(k, 1)
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  k = jnp.minimum(k, jnp.sum(valid, dtype=jnp.int32))
+  threshold, _ = jax.lax.fori_loop(0, 32, step, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+  below = jnp.logical_and(valid, keys < threshold)
+  tied = jnp.logical_and(valid, keys == threshold)
+  room = k - jnp.sum(below, dtype=jnp.int32)
+  take_tied = jnp.logical_and(tied, jnp.cumsum(tied, dtype=jnp.int32) <= room)
+  return jnp.logical_and(jnp.logical_or(below, take_tied), k > 0)
+
+
+def test_radix_selection_equals_bisection_on_random_and_tied_keys():
+  rng = np.random.default_rng(3)
+  rows, pool = 8, 203  # not a multiple of the 32-bit words
+  key_sets = [
+    rng.integers(0, 2**32, (rows, pool), dtype=np.uint64).astype(np.uint32),
+    rng.integers(0, 4, (rows, pool)).astype(np.uint32),  # many ties
+    # Ties within a high-16-bit bin and at its edges, and the largest key.
+    (rng.integers(0, 3, (rows, pool)) * 65536 + rng.integers(65532, 65536, (rows, pool))),
+    np.asarray(select.sortable_keys(jnp.asarray(rng.normal(size=(rows, pool)).round(1)))),
+  ]
+  key_sets[2][:, :3] = 0xFFFFFFFF
+  new = jax.jit(select.smallest_k_mask)
+  old = jax.jit(jax.vmap(_bisection_smallest_k_mask))
+  for keys in key_sets:
+    for _ in range(3):
+      valid = rng.random((rows, pool)) < rng.random()
+      valid[0] = False  # nothing to choose
+      k = rng.integers(0, pool // 2, rows).astype(np.int32)
+      k[1], k[2] = 0, pool + 5  # none asked; more asked than valid
+      args = (jnp.asarray(keys.astype(np.uint32)), jnp.asarray(valid), jnp.asarray(k))
+      got = np.asarray(new(*args))
+      np.testing.assert_array_equal(got, np.asarray(old(*args)))
+      np.testing.assert_array_equal(got.sum(1), np.minimum(k, valid.sum(1)))
+
+
+def test_nth_true_is_nonzero():
+  rng = np.random.default_rng(4)
+  mask = rng.random((3, 203)) < np.array([[0.0], [0.1], [0.9]])
+  ranks = np.tile(np.arange(-1, 210), (3, 1))
+  got = np.asarray(select.nth_true(jnp.asarray(mask), jnp.asarray(ranks), fill_value=7))
+  for row in range(3):
+    positions = np.flatnonzero(mask[row])
+    expected = [positions[n] if 0 <= n < len(positions) else 7 for n in ranks[row]]
+    np.testing.assert_array_equal(got[row], expected)
+  assert np.asarray(select.nth_true(jnp.asarray(mask), jnp.asarray(ranks)))[0, 0] == 203
