@@ -11,8 +11,9 @@ setting: an ImageNet model, here applied to another dataset), on the 28x28 image
 and the main head started from the linear models (README, "Deviations from the paper").
 Strategies: `ours` (adaptive queries, pseudo-negatives, a background-splitting deep update
 every Q=5 rounds with re-embedding), `ours_linear` (the same on M_pre's frozen features) and
-`tropel`. N=2 feature updates x Q=5 rounds x B=10 queries per category. Expected run time:
-about 7 minutes on an idle 2-core CPU after set-up (measured 405 s, 2026-12-02).
+`tropel`. N=2 feature updates x Q=5 rounds x B=10 queries per category, E=4 epochs per deep
+update (the frozen blocks' output is computed once and cached). Expected run time: see
+README, "The demo" (about 7 minutes on an idle 2-core CPU after set-up).
 """
 
 import ml_collections
@@ -60,7 +61,7 @@ def get_config(arg=None):
   config.deep.embed_batch_size = 256
   config.deep.pretrain_epochs = 2
   config.deep.pretrain_learning_rate = 0.1
-  config.deep.epochs = 2  # E (paper: 15)
+  config.deep.epochs = 4  # E (paper: 15)
   config.deep.learning_rate = 0.01
   config.deep.momentum = 0.9
   config.deep.weight_decay = 1e-4

@@ -25,6 +25,7 @@ def get_config(arg=None):
   config.deep.mean = 0.286  # Fashion-MNIST pixel mean / std (after scaling to [0, 1])
   config.deep.std = 0.353
   config.deep.frozen_blocks = 0
+  config.deep.epochs = 2  # E of docs/results/self_supervised (the demo now trains 4)
   config.deep.freeze_batchnorm = False  # frozen BatchNorm is for the EfficientNet-Lite trunks
   config.self_supervised = ml_collections.ConfigDict()
   config.self_supervised.epochs = 5
