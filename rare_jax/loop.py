@@ -16,11 +16,13 @@ and comes from `required_train_size`, bucketed so that a run compiles a bounded 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from rare_jax import linear, select
 
@@ -178,11 +180,17 @@ def fitted(state: LoopState) -> jax.Array:
   return jnp.logical_and(state.has_model, both_classes(state.labels, state.pseudo_negative))
 
 
-def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
-  """Algorithm 1 lines 9-12: `[C, B]` pool positions to label, never already labeled ones."""
+def query(
+  state: LoopState, *, config: LoopConfig, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
+  """Algorithm 1 lines 9-12: `[C, B]` pool positions to label, never already labeled ones.
+
+  `pool_sharding`: the sharding of the state's `[C, P]` arrays when the pool is split over a
+  mesh (`runner.Engine`): the top-k is then taken shard by shard and merged. Same result.
+  """
+  top = functools.partial(select.top_unlabeled, num=config.batch_size, pool_sharding=pool_sharding)
   if config.querying == "random":
-    priority = select.random_priority(query_key(state), labels=state.labels)
-    return select.top_unlabeled(priority, config.batch_size)
+    return top(select.random_priority(query_key(state), labels=state.labels))
   num_positive, num_negative = label_counts(state.labels)
   positive_rule = select.use_positive_rule(
     querying=config.querying,
@@ -190,10 +198,9 @@ def query(state: LoopState, *, config: LoopConfig) -> jax.Array:
     num_positive=num_positive,
     num_negative=num_negative,
   )
-  priority = select.query_priority(
-    state.scores, labels=state.labels, use_positive_rule=positive_rule
+  return top(
+    select.query_priority(state.scores, labels=state.labels, use_positive_rule=positive_rule)
   )
-  return select.top_unlabeled(priority, config.batch_size)
 
 
 def round_key(state: LoopState, round_index: jax.Array) -> jax.Array:
@@ -218,6 +225,7 @@ def observe(
   *,
   config: LoopConfig,
   train_size: int,
+  pool_sharding: NamedSharding | None = None,
 ) -> LoopState:
   """Algorithm 1 lines 13-18: labels in, pseudo-negatives, linear fit, new rankings.
 
@@ -229,6 +237,10 @@ def observe(
     config: static loop settings.
     train_size: static padded training-set size, >= every category's |L_p|+|L_n|+|W_n|
       (see `required_train_size`).
+    pool_sharding: the sharding of the state's `[C, P]` arrays when the pool is split over a
+      mesh (`runner.Engine`; not a `LoopConfig` field: how the pool is laid out is no setting of
+      the run, and results are the same): the radix selections then histogram shard by shard
+      and the training-set positions are found shard by shard (`select.nth_true`).
   """
   next_round = state.round + 1
   rows = jnp.arange(state.num_categories)[:, None]
@@ -243,13 +255,14 @@ def observe(
       scores=state.scores,
       unlabeled=unlabeled,
       num=select.num_pseudo_negatives(num_positive, num_negative, config.pseudo_negative_factor),
+      pool_sharding=pool_sharding,
     )
   else:
     pseudo_negative = jnp.zeros_like(state.pseudo_negative)
 
   warm = _where_fitted(fitted(state), state.linear, jax.tree.map(jnp.zeros_like, state.linear))
   fit = both_classes(labels, pseudo_negative)
-  ids, member = training_set(labels, pseudo_negative, train_size)
+  ids, member = training_set(labels, pseudo_negative, train_size, pool_sharding=pool_sharding)
   model, scores = _fit_and_score(
     labels, ids, member, features[ids], features, warm, fit, config=config
   )
@@ -266,17 +279,25 @@ def observe(
 
 
 def refit(
-  state: LoopState, features: jax.Array, *, config: LoopConfig, train_size: int
+  state: LoopState,
+  features: jax.Array,
+  *,
+  config: LoopConfig,
+  train_size: int,
+  pool_sharding: NamedSharding | None = None,
 ) -> LoopState:
   """Refits the linear models on new features (after a deep update re-embedded the pool).
 
   Same training set (labels and this round's pseudo-negatives), cold start: the old weights
   live in another feature space. Rankings are recomputed on the new features: the linear
   model's where the training set holds both classes, else the cosine ranking to the seeds.
+  `pool_sharding` as in `observe`.
   """
   fit = both_classes(state.labels, state.pseudo_negative)
   zeros = jax.tree.map(jnp.zeros_like, state.linear)
-  ids, member = training_set(state.labels, state.pseudo_negative, train_size)
+  ids, member = training_set(
+    state.labels, state.pseudo_negative, train_size, pool_sharding=pool_sharding
+  )
   rows = features[ids]  # [C, train_size, D]: the only rows gathered from the pool
   model, scores = _fit_and_score(
     state.labels, ids, member, rows, features, zeros, fit, config=config
@@ -322,8 +343,16 @@ def _fit_and_score(labels, ids, valid, rows, features, init, fit, *, config):
   return model, linear.decision_function(features, model).T.astype(jnp.float32)
 
 
-def training_set(labels: jax.Array, pseudo_negative: jax.Array, size: int):
+def training_set(
+  labels: jax.Array,
+  pseudo_negative: jax.Array,
+  size: int,
+  *,
+  pool_sharding: NamedSharding | None = None,
+):
   """Pool positions of each category's training set, padded to `size`.
+
+  `pool_sharding`: as in `observe` (the positions are then found shard by shard).
 
   Returns:
     (ids `[C, size]` int32, valid `[C, size]` bool); padding rows point at position 0 and are
@@ -332,7 +361,7 @@ def training_set(labels: jax.Array, pseudo_negative: jax.Array, size: int):
   member = jnp.logical_or(labels >= 0, pseudo_negative)
   # `jnp.nonzero(size=size, fill_value=0)` per row, without its cumulative sum over the pool.
   ranks = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), member.shape[:-1] + (size,))
-  ids = select.nth_true(member, ranks, fill_value=0)
+  ids = select.nth_true(member, ranks, fill_value=0, pool_sharding=pool_sharding)
   count = jnp.sum(member, axis=-1, dtype=jnp.int32)
   valid = jnp.arange(size)[None, :] < count[:, None]
   return ids, valid

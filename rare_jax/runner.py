@@ -144,19 +144,27 @@ class Engine:
   With a `mesh`, the pool is sharded over its `axis` (jit in/out shardings): the features
   `[P, D]` by rows and the state's `[C, P]` arrays by columns, so each device holds P / devices
   of them; the models, the queries and the gathered training sets are replicated. Rankings,
-  top-B queries and the bottom-50% draw run shard-wise plus merges (XLA's partitioned top-k,
-  integer histograms of the radix selection), and every row-wise float product is formulated to
-  round the same whatever the split: a sharded run is bitwise the run on one device
-  (tests/test_loop.py). P must be a multiple of the axis size (pad the pool otherwise).
+  top-B queries, the bottom-50% draw and the training-set positions run shard-wise plus merges
+  (`pool_sharding`: per-shard top-k merged, radix-selection histograms summed across devices,
+  positions found where they lie), so no device gathers a `[C, P]` array, and every row-wise
+  float product is formulated to round the same whatever the split: a sharded run is bitwise
+  the run on one device (tests/test_loop.py). P must be a multiple of the axis size (pad the
+  pool otherwise).
   """
 
   def __init__(self, config: loop.LoopConfig, *, mesh=None, axis: str = "data"):
     self.config = config
     self.mesh = mesh
     self.axis = axis
-    observe = functools.partial(_observe_positional, config=config)
-    refit = functools.partial(_refit_positional, config=config)
-    query = functools.partial(loop.query, config=config)
+    if mesh is not None and axis not in mesh.axis_names:
+      raise ValueError(f"axis {axis!r} not in mesh axes {mesh.axis_names}")
+    # The [C, P] arrays' sharding, which query, observe and refit also take to keep top-k, the
+    # radix selections' histograms and the training-set positions shard-local (None on one
+    # device: the plain path).
+    pool = None if mesh is None else NamedSharding(mesh, PartitionSpec(None, axis))
+    observe = functools.partial(_observe_positional, config=config, pool_sharding=pool)
+    refit = functools.partial(_refit_positional, config=config, pool_sharding=pool)
+    query = functools.partial(loop.query, config=config, pool_sharding=pool)
     if mesh is None:
       self.features_sharding = self.state_shardings = None
       self.query = jax.jit(query)
@@ -164,10 +172,7 @@ class Engine:
       self.refit = jax.jit(refit, static_argnums=2)
       self._init = jax.jit(_init_positional, static_argnums=2)
     else:
-      if axis not in mesh.axis_names:
-        raise ValueError(f"axis {axis!r} not in mesh axes {mesh.axis_names}")
       rep = NamedSharding(mesh, PartitionSpec())
-      pool = NamedSharding(mesh, PartitionSpec(None, axis))
       self.features_sharding = NamedSharding(mesh, PartitionSpec(axis, None))
       self.state_shardings = loop.LoopState(
         round=rep,
@@ -248,17 +253,27 @@ class Engine:
     return self.query._cache_size() + self.observe._cache_size()
 
 
-def _observe_positional(state, query_ids, answers, features, train_size, *, config):
+def _observe_positional(state, query_ids, answers, features, train_size, *, config, pool_sharding):
   # jit takes no keyword arguments with in_shardings: the static size is positional.
-  return loop.observe(state, query_ids, answers, features, config=config, train_size=train_size)
+  return loop.observe(
+    state,
+    query_ids,
+    answers,
+    features,
+    config=config,
+    train_size=train_size,
+    pool_sharding=pool_sharding,
+  )
 
 
 def _init_positional(features, seed_ids, seed):
   return loop.init(features, seed_ids, seed=seed)
 
 
-def _refit_positional(state, features, train_size, *, config):
-  return loop.refit(state, features, config=config, train_size=train_size)
+def _refit_positional(state, features, train_size, *, config, pool_sharding):
+  return loop.refit(
+    state, features, config=config, train_size=train_size, pool_sharding=pool_sharding
+  )
 
 
 def abstract_state(features: jax.Array, seed_ids: np.ndarray, seed: int):

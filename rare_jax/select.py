@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rare_jax import linear
 
@@ -147,10 +148,33 @@ def random_priority(key: jax.Array, *, labels: jax.Array) -> jax.Array:
   return jnp.where(labels < 0, bits.astype(jnp.int32), -1)
 
 
-def top_unlabeled(priority: jax.Array, num: int) -> jax.Array:
-  """The `num` highest-priority pool positions per category, `[C, num]` int32."""
-  _, ids = jax.lax.top_k(priority, num)
-  return ids.astype(jnp.int32)
+def top_unlabeled(
+  priority: jax.Array, num: int, *, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
+  """The `num` highest-priority pool positions per category, `[C, num]` int32.
+
+  Ties go to the lowest positions (`lax.top_k`). With `pool_sharding` (see `pool_axis`), each
+  device takes the top `num` of its own columns and the `devices * num` candidates are merged
+  by a second top-k: the same positions, without gathering `priority` on one device (XLA's
+  partitioner gathers it for a plain top-k). Candidates are concatenated in shard order, so a
+  tie in the merge still goes to the lowest pool position.
+  """
+  axis = pool_axis(pool_sharding)
+  width, rest = divmod(priority.shape[-1], _axis_size(pool_sharding))
+  if axis is None or rest or num > width:  # (then a plain top-k, which XLA may gather for)
+    _, ids = jax.lax.top_k(priority, num)
+    return ids.astype(jnp.int32)
+  spec = _last_axis_spec(priority.ndim, axis)
+
+  def local_top(shard):
+    values, ids = jax.lax.top_k(shard, num)
+    return values, ids.astype(jnp.int32) + jax.lax.axis_index(axis) * width
+
+  values, ids = jax.shard_map(
+    local_top, mesh=pool_sharding.mesh, in_specs=spec, out_specs=(spec, spec)
+  )(priority)
+  _, best = jax.lax.top_k(values, num)
+  return jnp.take_along_axis(ids, best, axis=-1)
 
 
 def use_positive_rule(
@@ -195,12 +219,60 @@ _DIGIT_BITS = 16  # order statistics: two histogram passes over 16-bit digits of
 _NUM_BINS = 1 << _DIGIT_BITS
 
 
-def _histogram(digits: jax.Array, weights: jax.Array) -> jax.Array:
-  """`[..., 65536]` int32 sums of `weights` per digit value, row by row, in one scatter-add.
+def pool_axis(pool_sharding: NamedSharding | None) -> str | tuple[str, ...] | None:
+  """The mesh axis (or axes) that `pool_sharding` splits the pool's columns over, or None.
 
-  `digits` `[..., P]` int32 in [0, 65536); `weights` `[..., P]` int32. The rows are flattened
-  into one index space (one scatter over all of them is faster on XLA's CPU than a batched one).
+  `pool_sharding` is the sharding of the `[C, P]` arrays: `NamedSharding(mesh, P(None, axis))`
+  (`runner.Engine`). Raises ValueError for one that splits the rows (categories) too.
   """
+  if pool_sharding is None:
+    return None
+  spec = tuple(pool_sharding.spec)
+  if any(entry is not None for entry in spec[:-1]):
+    raise ValueError(
+      f"pool_sharding must split only the last (pool) axis of [C, P] arrays, got spec {spec}"
+    )
+  return spec[-1] if spec else None
+
+
+def _axis_size(pool_sharding: NamedSharding | None) -> int:
+  axis = pool_axis(pool_sharding)
+  if axis is None:
+    return 1
+  names = (axis,) if isinstance(axis, str) else axis
+  return math.prod(pool_sharding.mesh.shape[name] for name in names)
+
+
+def _last_axis_spec(ndim: int, axis) -> PartitionSpec:
+  return PartitionSpec(*([None] * (ndim - 1)), axis)
+
+
+def _histogram(
+  digits: jax.Array, weights: jax.Array, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
+  """`[..., 65536]` int32 sums of `weights` per digit value, row by row.
+
+  `digits` `[..., P]` int32 in [0, 65536); `weights` `[..., P]` int32. With `pool_sharding`
+  (the last axis split over a mesh axis), each device histograms its own columns and the
+  counts are summed across devices (an all-reduce of `[rows, 65536]` int32): XLA's partitioner
+  would otherwise all-gather both `[..., P]` arrays for the scatter-add. Integer sums, so the
+  counts are exactly the one-device ones.
+  """
+  axis = pool_axis(pool_sharding)
+  if axis is None or digits.shape[-1] % _axis_size(pool_sharding):
+    return _local_histogram(digits, weights)  # (XLA partitions it, gathering if sharded)
+  spec = _last_axis_spec(digits.ndim, axis)
+  return jax.shard_map(
+    lambda d, w: jax.lax.psum(_local_histogram(d, w), axis),
+    mesh=pool_sharding.mesh,
+    in_specs=(spec, spec),
+    out_specs=PartitionSpec(),
+  )(digits, weights)
+
+
+def _local_histogram(digits: jax.Array, weights: jax.Array) -> jax.Array:
+  """`_histogram` on one device, in one scatter-add: the rows are flattened into one index
+  space (one scatter over all of them is faster on XLA's CPU than a batched one)."""
   lead = digits.shape[:-1]
   rows = math.prod(lead)
   offsets = (jnp.arange(rows, dtype=jnp.int32) * _NUM_BINS).reshape(lead + (1,))
@@ -221,7 +293,9 @@ def _first_bin_reaching(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax
   return index, at(cumulative) - at(counts)
 
 
-def _kth_smallest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+def _kth_smallest(
+  keys: jax.Array, valid: jax.Array, k: jax.Array, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
   """Smallest t with `#{valid & keys <= t} >= k` (k >= 1), per row (0xFFFFFFFF if none).
 
   Radix selection in two passes over the keys (a histogram of their high 16 bits, then one of
@@ -231,12 +305,14 @@ def _kth_smallest(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
     keys: `[..., P]` uint32.
     valid: `[..., P]` bool.
     k: `[...]` int32.
+    pool_sharding: the sharding of `keys` and `valid` over a mesh, if any (see `_histogram`).
   """
   high = (keys >> _DIGIT_BITS).astype(jnp.int32)
   low = (keys & jnp.uint32(_NUM_BINS - 1)).astype(jnp.int32)
-  high_bin, below = _first_bin_reaching(_histogram(high, valid.astype(jnp.int32)), k)
+  high_bin, below = _first_bin_reaching(_histogram(high, valid.astype(jnp.int32), pool_sharding), k)
   in_bin = jnp.logical_and(valid, high == high_bin[..., None])
-  low_bin, _ = _first_bin_reaching(_histogram(low, in_bin.astype(jnp.int32)), k - below)
+  low_counts = _histogram(low, in_bin.astype(jnp.int32), pool_sharding)
+  low_bin, _ = _first_bin_reaching(low_counts, k - below)
   return (high_bin.astype(jnp.uint32) << _DIGIT_BITS) | low_bin.astype(jnp.uint32)
 
 
@@ -255,7 +331,13 @@ def _pack_bits(mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(bits, jnp.uint32(1) << shifts, jnp.uint32(0)), -1, dtype=jnp.uint32)
 
 
-def nth_true(mask: jax.Array, n: jax.Array, *, fill_value: int | None = None) -> jax.Array:
+def nth_true(
+  mask: jax.Array,
+  n: jax.Array,
+  *,
+  fill_value: int | None = None,
+  pool_sharding: NamedSharding | None = None,
+) -> jax.Array:
   """Positions of the `n`-th (0-based) True of each row of `mask`; `fill_value` where none.
 
   `nth_true(mask, jnp.arange(size))` is `jnp.nonzero(mask, size=size, fill_value=...)` row by
@@ -263,20 +345,54 @@ def nth_true(mask: jax.Array, n: jax.Array, *, fill_value: int | None = None) ->
   pass), their popcounts are summed cumulatively (32 times fewer), each `n` finds its word by
   binary search and its bit within the word by popcounts of the word's prefixes.
 
+  With `pool_sharding` (the last axis split over a mesh, see `pool_axis`), each device does
+  that on its own columns for the ranks that fall in them (its Trues counted, the counts of
+  the devices before it subtracted) and the positions are summed across devices (each rank is
+  found on one device): no device gathers the mask or its words.
+
   Args:
     mask: `[..., P]` bool.
     n: `[..., S]` int, the ranks wanted per row.
     fill_value: position returned where a row has `n` or fewer Trues or `n < 0` (P if None).
+    pool_sharding: the sharding of `mask` over a mesh, if any (`n` is replicated).
 
   Returns:
     `[..., S]` int32 positions.
   """
   size = mask.shape[-1]
   fill_value = size if fill_value is None else fill_value
+  n = n.astype(jnp.int32)
+  axis = pool_axis(pool_sharding)
+  devices = _axis_size(pool_sharding)
+  if axis is None or size % devices:
+    return _nth_true_one_device(mask, n, fill_value)
+  width = size // devices
+
+  def local(shard, n):
+    count = jnp.sum(shard, axis=-1, dtype=jnp.int32)  # [...]
+    counts = jax.lax.all_gather(count, axis)  # [devices, ...]
+    index = jax.lax.axis_index(axis)
+    earlier = jnp.arange(devices).reshape((devices,) + (1,) * count.ndim) < index
+    before = jnp.sum(jnp.where(earlier, counts, 0), axis=0, dtype=jnp.int32)
+    position = _nth_true_one_device(shard, n - before[..., None], -1)
+    position = jax.lax.psum(jnp.where(position >= 0, position + index * width, 0), axis)
+    found = jnp.logical_and(n >= 0, n < jax.lax.psum(count, axis)[..., None])
+    return jnp.where(found, position, fill_value).astype(jnp.int32)
+
+  spec = _last_axis_spec(mask.ndim, axis)
+  return jax.shard_map(
+    local,
+    mesh=pool_sharding.mesh,
+    in_specs=(spec, PartitionSpec()),
+    out_specs=PartitionSpec(),
+  )(mask, n)
+
+
+def _nth_true_one_device(mask: jax.Array, n: jax.Array, fill_value: int) -> jax.Array:
+  """`nth_true` of int32 `n` on one device (or one device's columns)."""
   words = _pack_bits(mask)
   counts = jax.lax.population_count(words).astype(jnp.int32)
   cumulative = jnp.cumsum(counts, axis=-1, dtype=jnp.int32)
-  n = n.astype(jnp.int32)
   flat_cumulative = cumulative.reshape(-1, cumulative.shape[-1])
   flat_n = n.reshape(-1, n.shape[-1])
   word = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="right"))(flat_cumulative, flat_n)
@@ -289,7 +405,9 @@ def nth_true(mask: jax.Array, n: jax.Array, *, fill_value: int | None = None) ->
   return jnp.where(found, word * _WORD_BITS + bit, fill_value).astype(jnp.int32)
 
 
-def smallest_k_mask(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Array:
+def smallest_k_mask(
+  keys: jax.Array, valid: jax.Array, k: jax.Array, *, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
   """Mask of exactly `min(k, #valid)` valid entries with the smallest keys, row by row.
 
   Ties at the threshold go to the lowest positions, so the result is deterministic.
@@ -298,27 +416,36 @@ def smallest_k_mask(keys: jax.Array, valid: jax.Array, k: jax.Array) -> jax.Arra
     keys: `[..., P]` uint32.
     valid: `[..., P]` bool: the entries that may be chosen.
     k: `[...]` int32, how many to choose per row.
+    pool_sharding: the sharding of `keys` and `valid` when their last axis is split over a
+      mesh (`pool_axis`): the histograms are then shard-local plus a sum across devices.
   """
   k = jnp.minimum(k, jnp.sum(valid, axis=-1, dtype=jnp.int32))
-  threshold = _kth_smallest(keys, valid, jnp.maximum(k, 1))[..., None]
+  threshold = _kth_smallest(keys, valid, jnp.maximum(k, 1), pool_sharding)[..., None]
   below = jnp.logical_and(valid, keys < threshold)
   tied = jnp.logical_and(valid, keys == threshold)
   room = k - jnp.sum(below, axis=-1, dtype=jnp.int32)
   # The first `room` tied entries: those up to the position of the (room - 1)-th (none if 0).
-  last = nth_true(tied, room[..., None] - 1, fill_value=-1)
+  last = nth_true(tied, room[..., None] - 1, fill_value=-1, pool_sharding=pool_sharding)
   positions = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
   take_tied = jnp.logical_and(tied, positions <= last)
   return jnp.logical_and(jnp.logical_or(below, take_tied), k[..., None] > 0)
 
 
-def bottom_half(scores: jax.Array, unlabeled: jax.Array) -> jax.Array:
+def bottom_half(
+  scores: jax.Array, unlabeled: jax.Array, *, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
   """`[C, P]` mask of the lowest-scoring floor(U/2) unlabeled images of each category."""
   half = jnp.sum(unlabeled, axis=-1, dtype=jnp.int32) // 2
-  return smallest_k_mask(sortable_keys(scores), unlabeled, half)
+  return smallest_k_mask(sortable_keys(scores), unlabeled, half, pool_sharding=pool_sharding)
 
 
 def pseudo_negatives(
-  key: jax.Array, *, scores: jax.Array, unlabeled: jax.Array, num: jax.Array
+  key: jax.Array,
+  *,
+  scores: jax.Array,
+  unlabeled: jax.Array,
+  num: jax.Array,
+  pool_sharding: NamedSharding | None = None,
 ) -> jax.Array:
   """Draws pseudo-negatives (paper line 14) uniformly from the bottom 50% of the ranking.
 
@@ -327,10 +454,13 @@ def pseudo_negatives(
     scores: `[C, P]` current positive scores.
     unlabeled: `[C, P]` bool, images without a human label for that category.
     num: `[C]` int32 how many to draw (all candidates if fewer).
+    pool_sharding: the sharding of the `[C, P]` arrays when the pool is split over a mesh
+      (`NamedSharding(mesh, P(None, axis))`): the selections' histograms are then shard-local,
+      summed across devices. None (one device): the plain path. Same result either way.
 
   Returns:
     `[C, P]` bool mask of exactly `min(num, floor(U/2))` images per category.
   """
-  candidates = bottom_half(scores, unlabeled)
+  candidates = bottom_half(scores, unlabeled, pool_sharding=pool_sharding)
   random_keys = jax.random.bits(key, scores.shape, jnp.uint32)
-  return smallest_k_mask(random_keys, candidates, num)
+  return smallest_k_mask(random_keys, candidates, num, pool_sharding=pool_sharding)

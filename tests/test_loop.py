@@ -2,6 +2,7 @@
 run directories that refuse to resume with other features or settings."""
 
 import json
+import math
 import re
 
 import jax
@@ -402,6 +403,50 @@ def test_pool_sharded_over_8_devices_gives_the_one_device_run_bit_for_bit(
     assert runner.differing_leaves(a, b) == [], round_index
   with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
     sharded.place_features(features[:-4])
+
+
+def _collective_shapes(hlo_text: str, op: str) -> list[tuple[int, ...]]:
+  """Shapes of the arrays that a compiled program's `op` collectives (e.g. "all-gather")
+  produce, from its HLO text (a combined collective yields one shape per operand)."""
+  shapes = []
+  for line in hlo_text.splitlines():
+    match = re.search(rf"= (.*?) {op}(?:-start)?\(", line)
+    if match:
+      for dims in re.findall(r"\[([\d,]*)\]", match.group(1)):
+        shapes.append(tuple(int(d) for d in dims.split(",") if d))
+  return shapes
+
+
+def test_sharded_engine_never_gathers_the_pool_on_one_device():
+  """Compiled for 8 devices, query, observe and refit all-gather nothing that grows with the
+  pool: the radix selections histogram each shard and sum the counts ([C, 65536] all-reduces),
+  the training-set and tie positions are found shard by shard, the top-B query merges
+  per-shard top-Bs. The largest gathers left per category row: the 8 B query candidates and
+  the 8 devices' counts of Trues."""
+  pool, dim, batch = 4000, 8, 4  # P / 8 = 500 columns per device, not a multiple of 32
+  features = np.random.default_rng(0).normal(size=(pool, dim)).astype(np.float32)
+  seed_ids = np.stack([np.arange(SEEDS), 18 + np.arange(SEEDS)]).astype(np.int32)
+  ids, answers = jnp.zeros((CATEGORIES, batch), jnp.int32), jnp.zeros((CATEGORIES, batch), bool)
+  mesh = sharding.make_mesh([("data", 8)])
+  programs = {}
+  for querying in ("adaptive", "random"):
+    config = loop.LoopConfig(batch_size=batch, querying=querying, pseudo_negative_factor=2.0)
+    engine = runner.Engine(config, mesh=mesh)
+    pool_features = engine.place_features(features)
+    state = engine.init(pool_features, seed_ids, seed=0)
+    programs[f"query ({querying})"] = engine.query.lower(state)
+  programs["observe"] = engine.observe.lower(state, ids, answers, pool_features, 64)
+  programs["refit"] = engine.refit.lower(state, pool_features, 64)
+  texts = {name: lowered.compile().as_text() for name, lowered in programs.items()}
+  gathered = {name: _collective_shapes(text, "all-gather") for name, text in texts.items()}
+  too_large = {
+    name: shapes
+    for name, shapes in gathered.items()
+    if any(math.prod(shape) // CATEGORIES > 8 * batch for shape in shapes)
+  }
+  assert too_large == {}, gathered
+  summed = _collective_shapes(texts["observe"], "all-reduce")
+  assert summed.count((CATEGORIES, 65536)) == 4, summed  # 2 selections x 2 histograms
 
 
 def test_run_strategy_with_a_sharded_engine_resumes_to_the_one_device_state(

@@ -1,11 +1,14 @@
 """Hand-built cases for rankings, the adaptive rule and pseudo-negatives."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import select
+from rare_jax import select, sharding
 
 
 def test_cosine_scores_match_numpy():
@@ -182,6 +185,67 @@ def test_radix_selection_equals_bisection_on_random_and_tied_keys():
       got = np.asarray(new(*args))
       np.testing.assert_array_equal(got, np.asarray(old(*args)))
       np.testing.assert_array_equal(got.sum(1), np.minimum(k, valid.sum(1)))
+
+
+def test_selections_with_the_pool_split_over_8_devices_are_the_one_device_ones():
+  """With `pool_sharding` (columns split over 8 devices: shard-local histograms summed across
+  devices, positions of Trues found shard by shard, per-shard top-k merged), every selection
+  equals the one-device one, ties included."""
+  mesh = sharding.make_mesh([("data", 8)])
+  split = NamedSharding(mesh, PartitionSpec(None, "data"))
+  rng = np.random.default_rng(5)
+  rows, pool = 4, 8 * 40
+
+  def both(fn, *args, **static):
+    """(one device, split over the mesh) results of `fn(*args)` as NumPy arrays."""
+    one = jax.jit(functools.partial(fn, **static))(*args)
+    shardings = tuple(split if np.shape(a)[-1:] == (pool,) else None for a in args)
+    sharded = jax.jit(functools.partial(fn, pool_sharding=split, **static), in_shardings=shardings)
+    return np.asarray(one), np.asarray(sharded(*args))  # jit places the uncommitted args
+
+  key_sets = [
+    rng.integers(0, 2**32, (rows, pool), dtype=np.uint64).astype(np.uint32),
+    rng.integers(0, 4, (rows, pool)).astype(np.uint32),  # ties across shards
+    (rng.integers(0, 3, (rows, pool)) * 65536 + rng.integers(65532, 65536, (rows, pool))),
+  ]
+  for keys in key_sets:
+    valid = rng.random((rows, pool)) < 0.7
+    valid[0] = False
+    k = np.array([0, 5, pool // 3, pool + 5], np.int32)
+    args = (jnp.asarray(keys.astype(np.uint32)), jnp.asarray(valid), jnp.asarray(k))
+    one, split_result = both(select.smallest_k_mask, *args)
+    np.testing.assert_array_equal(split_result, one)
+    np.testing.assert_array_equal(one.sum(1), np.minimum(k, valid.sum(1)))
+  scores = jnp.asarray(rng.normal(size=(rows, pool)).round(1).astype(np.float32))
+  unlabeled = jnp.asarray(rng.random((rows, pool)) < 0.9)
+  num = jnp.array([0, 7, 100, 1000], jnp.int32)
+
+  def draw(scores, unlabeled, **kwargs):
+    key = jax.random.key(3)
+    return select.pseudo_negatives(key, scores=scores, unlabeled=unlabeled, num=num, **kwargs)
+
+  one, split_result = both(draw, scores, unlabeled)
+  np.testing.assert_array_equal(split_result, one)
+  assert one.sum() == 0 + 7 + 100 + np.asarray(unlabeled).sum(1)[3] // 2
+  # Top-k: many ties (the lowest positions win, across shards for num = 40) and labeled images
+  # (-inf, or -1 for random_priority's int32); 40 columns per device, so num = 41 takes the
+  # plain top-k.
+  ties = rng.integers(0, 3, (rows, pool))
+  priorities = [
+    jnp.where(unlabeled, jnp.asarray(ties, jnp.float32), -jnp.inf),
+    jnp.where(unlabeled, jnp.asarray(ties, jnp.int32), -1),
+  ]
+  for priority in priorities:
+    for num_queries in (1, 7, 40, 41):
+      one, split_result = both(select.top_unlabeled, priority, num=num_queries)
+      np.testing.assert_array_equal(split_result, one)
+  mask = rng.random((rows, pool)) < np.array([[0.0], [0.02], [0.5], [1.0]])
+  ranks = jnp.asarray(np.tile(np.arange(-1, pool + 2), (rows, 1)))
+  one, split_result = both(select.nth_true, jnp.asarray(mask), ranks, fill_value=-3)
+  np.testing.assert_array_equal(split_result, one)
+  assert np.sum(one >= 0) == mask.sum()
+  with pytest.raises(ValueError, match="only the last"):
+    select.pool_axis(NamedSharding(mesh, PartitionSpec("data", None)))
 
 
 def test_nth_true_is_nonzero():
