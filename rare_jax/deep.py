@@ -33,6 +33,8 @@ from rare_jax.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.data import pipeline, tasks
 from rare_jax.models import efficientnet, pretrained
 
+MAIN_HEAD_INITS = ("linear", "linear_first", "random")
+
 
 @dataclasses.dataclass(frozen=True)
 class DeepSettings:
@@ -64,11 +66,20 @@ class DeepSettings:
   weight_decay: float = 1e-4
   warmup_fraction: float = 0.1
   aux_weight: float = 0.1
-  # The main head at the start of each update: "linear" = the loop's current linear models
-  # folded onto the embedding (this project's choice, see README "Deviations"); "random" =
-  # a freshly initialised head (the paper's, which leaves the head predicting no positive
-  # after a few epochs at ~1% positives).
+  # The main head at the start of an update. Later updates continue M_{i-1} (Algorithm 1
+  # line 19), head included, except with "linear":
+  #   "random": update 1 starts a freshly initialised head (the paper's; it leaves the head
+  #     predicting no positive after a few epochs at ~1% positives);
+  #   "linear_first": update 1 starts from the loop's linear models folded onto M_pre's
+  #     embedding, later updates continue the deep model's own head (README "Deviations");
+  #   "linear": every update restarts the head from the loop's current linear models (the
+  #     earlier default; measured worse than "linear_first" from the second update on).
   main_head_init: str = "linear"
+  # Algorithm 1 line 19 continues M_{i-1} (True, the paper's). False starts every update
+  # from M_pre again, on all the labels so far, its main head from linear models fitted on
+  # M_pre's features (README "Deviations": warm-started updates generalised worse here, as
+  # Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020, found in general).
+  warm_start: bool = True
   mesh: tuple = (("data", -1),)
 
   def __post_init__(self):
@@ -105,9 +116,9 @@ class DeepSettings:
         "deep.frozen_blocks / deep.freeze_batchnorm are supported for EfficientNet-Lite trunks "
         f"only, got deep.model={self.model!r}"
       )
-    if self.main_head_init not in ("linear", "random"):
+    if self.main_head_init not in MAIN_HEAD_INITS:
       raise ValueError(
-        f"deep.main_head_init must be 'linear' or 'random', got {self.main_head_init!r}"
+        f"deep.main_head_init must be one of {MAIN_HEAD_INITS}, got {self.main_head_init!r}"
       )
     if self.aux_weight < 0:
       raise ValueError(f"deep.aux_weight must be >= 0, got {self.aux_weight!r}")
@@ -636,6 +647,7 @@ class DeepUpdater:
     log: Callable[[str], None] = print,
     pseudo_labeler: Callable | None = None,
     pool_outputs: tuple[str, ...] = ("embedding",),
+    refit: Callable | None = None,
   ):
     self.run_dir = run_dir
     self.settings = settings
@@ -655,6 +667,10 @@ class DeepUpdater:
     # baselines that add pseudo-positives; None trains on L_p, L_n and W_n (ours).
     self.pseudo_labeler = pseudo_labeler
     self.pool_outputs = tuple(pool_outputs)
+    # refit(state, pool features) -> the state with its linear models fitted on those features
+    # (runner.Engine.refit_on): with warm_start=False the head of every update is folded from
+    # models on M_pre's features, while the loop's live on the previous version's.
+    self.refit = refit
     self.model = bgsplit_model(settings, len(task.categories), num_aux_classes)
     self._frozen = None  # frozen_activations(), computed when an update first needs them
 
@@ -755,7 +771,9 @@ class DeepUpdater:
   def _raw_pool(self, version: int):
     if version == 0:
       if self.base_raw_pool is None:
-        raise ValueError("main_head_init='linear' needs the raw M_pre pool features")
+        raise ValueError(
+          f"main_head_init={self.settings.main_head_init!r} needs the raw M_pre pool features"
+        )
       return self.base_raw_pool
     return embed_lib.FeatureStore.open(self._paths(version)[1]).features
 
@@ -765,6 +783,19 @@ class DeepUpdater:
       mean, std = self.statistics(self._raw_pool(version))
     return linear_main_head(variables, state.linear, mean=mean, std=std)
 
+  def starts_from_m_pre(self, version: int) -> bool:
+    """Whether update `version` starts from M_pre (the first, or every one without
+    `warm_start`) rather than from M_{version-1}."""
+    return version == 1 or not self.settings.warm_start
+
+  def folds_linear_head(self, version: int) -> bool:
+    """Whether update `version` starts its main head from linear models (else from the
+    model it starts from: M_{version-1}'s head, or a fresh one from M_pre)."""
+    init = self.settings.main_head_init
+    if init == "random":
+      return False
+    return init == "linear" or self.starts_from_m_pre(version)
+
   def update(self, state, version: int):
     """Trains M_version from M_{version-1} on `state`'s training set, re-embeds, evaluates.
 
@@ -773,13 +804,21 @@ class DeepUpdater:
     """
     train_dir, pool_dir, val_dir = self._paths(version)
     like = self._like()
-    if version == 1:
-      start = models.init_from_pretrained(like.variables, self.m_pre_variables)
+    if self.starts_from_m_pre(version):
+      start, start_version = models.init_from_pretrained(like.variables, self.m_pre_variables), 0
     else:
-      start = load_variables(self._paths(version - 1)[0], like)
+      start, start_version = load_variables(self._paths(version - 1)[0], like), version - 1
     # The fully supervised baseline has no linear models (no loop): its head starts fresh.
-    if self.settings.main_head_init == "linear" and hasattr(state, "linear"):
-      start = self._linear_main_head(start, state, version - 1)
+    if self.folds_linear_head(version) and hasattr(state, "linear"):
+      head_state = state  # its linear models live on version - 1's features
+      if start_version != version - 1:
+        if self.refit is None:
+          raise ValueError(
+            "deep.warm_start=False needs the loop's refit (DeepUpdater(refit=...)) to fold "
+            "linear models on M_pre's features into the main head"
+          )
+        head_state = self.refit(state, self.base_features[0])
+      start = self._linear_main_head(start, head_state, start_version)
     frozen = self.frozen_activations()
     if frozen is not None:
       self._check_frozen_unchanged(start)

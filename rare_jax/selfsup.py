@@ -272,6 +272,7 @@ _NOT_SSL_FIELDS = (
   "learning_rate",
   "aux_weight",
   "main_head_init",
+  "warm_start",
 )
 # SelfSupSettings fields that do not change the trained model (the clustering after it, where
 # it is stored).

@@ -70,6 +70,10 @@ class RunContext:
       )
     config = runner.strategy_config(self.config, strategy)
     mode = self.config.get("feature_normalization", "none")
+    refit = None
+    if not settings.warm_start and runner.strategy_spec(strategy)["kind"] == "loop":
+      engine = functools.cache(lambda: runner.Engine(runner.loop_config(config, strategy)))
+      refit = lambda state, features: engine().refit_on(state, features)  # noqa: E731
     return deep.DeepUpdater(
       run_dir=run_dir or os.path.join(self.workdir, strategy),
       settings=settings,
@@ -86,6 +90,7 @@ class RunContext:
       log=log,
       pseudo_labeler=strategies.pseudo_labeler(spec, config),
       pool_outputs=strategies.pool_outputs(spec),
+      refit=refit,
     )
 
 

@@ -7,6 +7,7 @@ bit-identical to an uninterrupted one (deep checkpoints and feature stores inclu
 replay retrains the deep models and reports equality.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from synthetic import synthetic_images
 
-from rare_jax import deep, labelers, runner, workdirs
+from rare_jax import deep, labelers, models, runner, workdirs
 from rare_jax.data import tasks
 
 quiet = lambda _: None
@@ -93,6 +94,9 @@ def setting(tmp_path_factory):
     features=features,
     pretrain=functools.partial(deep.pretrain, task, data, settings, str(root / "m_pre"), seed=0),
     m_pre_variables=context.deep_parts["m_pre_variables"],
+    # The variables update 1 starts from before its head is chosen (M_pre's trunk).
+    m_pre_like=lambda u: models.init_from_pretrained(u._like().variables, u.m_pre_variables),
+    engine=runner.Engine(runner.loop_config(config, "ours")),
     like=runner.abstract_state(features, task.seed_positives, 0),
   )
 
@@ -156,3 +160,75 @@ def test_strategy_and_updater_must_match(setting):
       labeler=None,
     )
   assert jax.device_count() == 8  # conftest's fake devices: the deep model's mesh spans them
+
+
+class _Started(Exception):
+  """Raised by a stand-in `bgsplit_update` to hand back the variables an update starts from."""
+
+
+@pytest.mark.parametrize("init", deep.MAIN_HEAD_INITS)
+def test_main_head_start_of_each_update(setting, monkeypatch, init):
+  """ "linear" folds the linear models into the head at every update, "linear_first" at the
+  first only, then (like "random") continues M_{i-1}'s own head (Algorithm 1 line 19)."""
+
+  def started(**kwargs):
+    raise _Started(kwargs["start_variables"])
+
+  monkeypatch.setattr(deep, "bgsplit_update", started)
+  run_dir = setting["root"] / "uninterrupted"
+  updater = setting["updater"](run_dir)
+  updater.settings = dataclasses.replace(updater.settings, main_head_init=init)
+  state = final_state(setting, run_dir)
+  heads = {}
+  for version in (1, 2):
+    with pytest.raises(_Started) as started_with:
+      updater.update(state, version)
+    heads[version] = started_with.value.args[0]["params"]["main_head"]
+  folded = {
+    version: updater._linear_main_head(
+      updater.trained_variables(1) if version == 2 else setting["m_pre_like"](updater),
+      state,
+      version - 1,
+    )["params"]["main_head"]
+    for version in (1, 2)
+  }
+  same = lambda a, b: runner.differing_leaves(a, b) == []  # noqa: E731
+  trained_v1 = updater.trained_variables(1)["params"]["main_head"]
+  assert same(heads[1], folded[1]) == (init != "random")
+  assert same(heads[2], folded[2]) == (init == "linear")
+  assert same(heads[2], trained_v1) == (init != "linear")
+
+
+def test_update_without_warm_start_restarts_from_m_pre(setting, monkeypatch):
+  """deep.warm_start=False: update 2 starts from M_pre's trunk again, its head folded from
+  linear models refitted on M_pre's features (not the loop's, which live on update 1's)."""
+
+  def started(**kwargs):
+    raise _Started(kwargs["start_variables"])
+
+  monkeypatch.setattr(deep, "bgsplit_update", started)
+  run_dir = setting["root"] / "uninterrupted"
+  updater = setting["updater"](run_dir)
+  updater.settings = dataclasses.replace(updater.settings, warm_start=False)
+  state = final_state(setting, run_dir)
+  with pytest.raises(ValueError, match="needs the loop's refit"):
+    updater.update(state, 2)
+  refits = []
+
+  def refit(state, features):
+    refits.append(features)
+    return setting["engine"].refit_on(state, features)
+
+  updater.refit = refit
+  with pytest.raises(_Started) as started_with:
+    updater.update(state, 2)
+  start = started_with.value.args[0]
+  assert len(refits) == 1 and refits[0] is updater.base_features[0]
+  m_pre = setting["m_pre_like"](updater)
+  assert runner.differing_leaves(start["params"]["trunk"], m_pre["params"]["trunk"]) == []
+  v1 = updater.trained_variables(1)
+  assert runner.differing_leaves(start["params"]["trunk"], v1["params"]["trunk"]) != []
+  expected = updater._linear_main_head(m_pre, refit(state, updater.base_features[0]), 0)
+  assert (
+    runner.differing_leaves(start["params"]["main_head"], expected["params"]["main_head"]) == []
+  )

@@ -56,6 +56,7 @@ def get_config(arg=None):
   config.deep.frozen_blocks = 11  # train blocks 11-15 and the head conv (Lite0 has 16)
   config.deep.freeze_batchnorm = True  # BatchNorm keeps its ImageNet statistics
   config.deep.main_head_init = "linear"
+  config.deep.warm_start = False  # each update from M_pre on all labels so far (paper: True)
   config.deep.compute_dtype = "float32"
   config.deep.batch_size = 128
   config.deep.embed_batch_size = 256
