@@ -345,3 +345,20 @@ def test_task_summary_cli(tmp_path, fm_task):
     command[:5] + ["--categories=0,11"], capture_output=True, text=True, timeout=120
   )
   assert bad.returncode != 0 and "category id 11 is not in the dataset" in bad.stderr
+
+
+def test_task_summary_cli_weighted(tmp_path, fm_weighted):
+  command = [
+    sys.executable,
+    "-m",
+    "rare_jax.task_summary",
+    f"--dataset={NAME}",
+    "--categories=0,3,7",
+    "--seed=0",
+    "--validation=weighted",
+    f"--workdir={tmp_path}",
+  ]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "1000 in validation (weight sum 14.00)" in result.stdout
+  assert tasks.RareTask.load(tmp_path) == fm_weighted
