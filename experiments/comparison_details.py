@@ -55,7 +55,9 @@ def main(argv):
         for g in range(len(config.groups)):
           record = records_at(config, workdir, strategy, seed, g)[budget]
           found += record["positives_found"]
-          val_pos += record["num_positives"]
+          # Images, not weights: a weighted validation set reports its weight sums under
+          # num_positives and its image counts under num_positive_images.
+          val_pos += record.get("num_positive_images", record["num_positives"])
           with open(os.path.join(workdir, compare.run_name(g, seed), "task.json")) as f:
             task = json.load(f)
           pool_labels = np.asarray(task["pool_labels"])

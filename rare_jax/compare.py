@@ -225,6 +225,7 @@ def run_strategy(context, directory: str, strategy: str, *, log=print) -> list[d
     val_features=context.val_features,
     seed_ids=context.task.seed_positives,
     val_ground_truth=context.task.val_ground_truth(),
+    val_weights=context.task.val_weights,
     labeler=labelers.SimulatedLabeler(context.task.ground_truth()),
     updater=context.updater(strategy, log=log),
     log=log,

@@ -900,7 +900,11 @@ class DeepUpdater:
   def evaluate(self, version: int) -> dict:
     """The deep main head's validation metrics after update `version` (F1 at 0.5, AP, ...)."""
     val = embed_lib.FeatureStore.open(self._paths(version)[2])
-    result = metrics.category_metrics(np.asarray(val["main_probs"]).T, self.task.val_ground_truth())
+    result = metrics.category_metrics(
+      np.asarray(val["main_probs"]).T,
+      self.task.val_ground_truth(),
+      sample_weight=self.task.val_weights,
+    )
     if os.path.exists(self._pseudo_label_path(version)):
       with open(self._pseudo_label_path(version)) as f:
         result["pseudo_labels"] = json.load(f)

@@ -48,6 +48,7 @@ def run_fingerprint(
   seed_ids,
   val_ground_truth,
   rounds_per_update: int | None = None,
+  val_weights=None,
 ) -> dict:
   """The fingerprint of one strategy's run (JSON-ready).
 
@@ -59,6 +60,7 @@ def run_fingerprint(
     seed_ids: `[C, K]` seed pool positions.
     val_ground_truth: `[C, V]` bool.
     rounds_per_update: Q for strategies with deep updates (None: frozen features).
+    val_weights: `[V]` validation weights; None (all 1) adds no key, as before the field.
   """
   fingerprint = {"strategy": strategy, "seed": int(seed), **dataclasses.asdict(loop_config)}
   if rounds_per_update is not None:
@@ -70,6 +72,8 @@ def run_fingerprint(
     ("val_ground_truth", np.asarray(val_ground_truth, bool)),
   ):
     fingerprint[name] = array_summary(value)
+  if val_weights is not None:
+    fingerprint["val_weights"] = array_summary(np.asarray(val_weights, np.float64))
   return json.loads(json.dumps(fingerprint))  # as it reads back from disk (lists, floats)
 
 

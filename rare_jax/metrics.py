@@ -7,6 +7,11 @@ Conventions for undefined values (the same as scikit-learn with `zero_division=0
   true);
 - average precision with no positives in the ground truth is 0 (scikit-learn warns and returns
   0 too). A rare-category task always has validation positives, so this only shows up in tests.
+Sample weights (a weighted validation set, `RareTask.val_weights`) replace every count by a
+sum of weights: TP, FP and FN at the threshold, and AP as
+`sklearn.metrics.average_precision_score(..., sample_weight=w)` (integer weights equal
+duplicating rows). Without weights (None) the results are those of the unweighted code, bit for
+bit.
 Pseudo-label error rates over an empty set are NaN (there is nothing to be wrong about); the
 metrics log stores NaN and infinities as JSON null.
 """
@@ -25,30 +30,61 @@ import numpy as np
 # Classification metrics.
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+def _sample_weights(sample_weight, shape: tuple[int, ...]) -> np.ndarray:
+  """float64 weights of `shape`; ValueError unless finite and >= 0."""
+  weights = np.asarray(sample_weight)
+  if weights.shape != shape:
+    raise ValueError(f"sample_weight of shape {weights.shape}; expected {shape} like the scores")
+  if not np.issubdtype(weights.dtype, np.number):  # bool is not a number here
+    raise ValueError(f"sample_weight of dtype {weights.dtype}; expected real numbers")
+  weights = weights.astype(np.float64)
+  if not np.isfinite(weights).all():
+    raise ValueError(
+      f"sample_weight holds {int((~np.isfinite(weights)).sum())} non-finite values; expected "
+      "finite weights"
+    )
+  if (weights < 0).any():
+    raise ValueError(f"sample_weight holds {weights[weights < 0][0]}; expected weights >= 0")
+  return weights
+
+
+def average_precision(
+  scores: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None
+) -> float:
   """Area under the precision-recall step curve: `sklearn.metrics.average_precision_score`.
 
   Ties in `scores` form one threshold (as in scikit-learn): AP = sum over distinct thresholds,
-  from high to low, of (recall gained) * (precision at that threshold). 0 without positives.
+  from high to low, of (recall gained) * (precision at that threshold). 0 without positives
+  (or when the positives weigh 0). `sample_weight` (`[V]`, >= 0) weighs each image, as
+  scikit-learn's `sample_weight`.
   """
   scores = np.asarray(scores)
   labels = np.asarray(labels, bool)
-  num_positives = int(labels.sum())
+  if sample_weight is None:
+    positive_mass, mass = labels, np.ones(labels.shape, np.int64)
+  else:
+    mass = _sample_weights(sample_weight, scores.shape)
+    positive_mass = np.where(labels, mass, 0.0)
+  num_positives = positive_mass.sum()
   if num_positives == 0:
     return 0.0
   order = np.argsort(scores, kind="mergesort")[::-1]
-  sorted_scores, sorted_labels = scores[order], labels[order]
+  sorted_scores = scores[order]
   # The last index of each group of equal scores: where the threshold takes effect.
   last_of_group = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
-  true_positives = np.cumsum(sorted_labels)[last_of_group]
-  predicted = last_of_group + 1
-  precision = true_positives / predicted
+  true_positives = np.cumsum(positive_mass[order])[last_of_group]
+  predicted = np.cumsum(mass[order])[last_of_group]
+  # A threshold where everything so far weighs 0 gains no recall: its precision is moot.
+  precision = true_positives / np.where(predicted > 0, predicted, 1)
   recall_gain = np.diff(np.r_[0, true_positives]) / num_positives
   return float(np.sum(recall_gain * precision))
 
 
 def binary_metrics(
-  scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5
+  scores: np.ndarray,
+  labels: np.ndarray,
+  threshold: float = 0.5,
+  sample_weight: np.ndarray | None = None,
 ) -> dict[str, float | int]:
   """Metrics of the positive class for one category.
 
@@ -56,10 +92,14 @@ def binary_metrics(
     scores: `[V]` positive-class probabilities (or any scores; ties matter only for AP).
     labels: `[V]` ground truth, True = positive.
     threshold: predict positive where `scores >= threshold`.
+    sample_weight: `[V]` weights >= 0 of the images, or None (all 1).
 
   Returns:
     `f1`, `precision`, `recall`, `average_precision` (floats; 0/0 cases as in the module
-    docstring), `num_positives` (true), `num_predicted` (predicted positive).
+    docstring), `num_positives` (true), `num_predicted` (predicted positive). With
+    `sample_weight`, `num_positives` and `num_predicted` are the weights' sums (floats: the
+    counts the metrics are computed from, e.g. at the pool's prevalence) and
+    `num_positive_images`, `num_predicted_images` the unweighted counts (ints).
   """
   scores = np.asarray(scores)
   labels = np.asarray(labels)
@@ -74,6 +114,8 @@ def binary_metrics(
   if np.isnan(scores).any():
     raise ValueError(f"scores hold {int(np.isnan(scores).sum())} NaN values; expected none")
   predicted = scores >= threshold
+  if sample_weight is not None:
+    return _weighted_binary_metrics(scores, labels, predicted, sample_weight)
   true_positives = int(np.sum(predicted & labels))
   num_predicted = int(predicted.sum())
   num_positives = int(labels.sum())
@@ -90,6 +132,27 @@ def binary_metrics(
   }
 
 
+def _weighted_binary_metrics(scores, labels, predicted, sample_weight) -> dict[str, float | int]:
+  weights = _sample_weights(sample_weight, scores.shape)
+  # Each sum over its own images (not differences of sums): no negative rounding residue.
+  true_positives = float(weights[predicted & labels].sum())
+  false_positives = float(weights[predicted & ~labels].sum())
+  false_negatives = float(weights[~predicted & labels].sum())
+  num_predicted = float(weights[predicted].sum())
+  num_positives = float(weights[labels].sum())
+  f1_denominator = 2 * true_positives + false_positives + false_negatives
+  return {
+    "f1": 2 * true_positives / f1_denominator if f1_denominator else 0.0,
+    "precision": true_positives / num_predicted if num_predicted else 0.0,
+    "recall": true_positives / num_positives if num_positives else 0.0,
+    "average_precision": average_precision(scores, labels, weights),
+    "num_positives": num_positives,
+    "num_predicted": num_predicted,
+    "num_positive_images": int(labels.sum()),
+    "num_predicted_images": int(predicted.sum()),
+  }
+
+
 _PER_CATEGORY = ("f1", "precision", "recall", "average_precision", "num_positives", "num_predicted")
 _MEANS = {
   "f1": "mean_f1",
@@ -100,7 +163,10 @@ _MEANS = {
 
 
 def category_metrics(
-  probs: np.ndarray, ground_truth: np.ndarray, threshold: float = 0.5
+  probs: np.ndarray,
+  ground_truth: np.ndarray,
+  threshold: float = 0.5,
+  sample_weight: np.ndarray | None = None,
 ) -> dict[str, Any]:
   """`binary_metrics` of each category and their means.
 
@@ -108,11 +174,14 @@ def category_metrics(
     probs: `[C, V]` positive-class probabilities on the validation set.
     ground_truth: `[C, V]` bool.
     threshold: as in `binary_metrics`.
+    sample_weight: `[V]` weights of the validation images (the same for every category:
+      `RareTask.val_weights`), or None (all 1).
 
   Returns:
     Per-category lists under `f1`, `precision`, `recall`, `average_precision`,
-    `num_positives`, `num_predicted`, and `mean_f1`, `mean_precision`, `mean_recall`,
-    `mean_ap` (plain Python numbers: ready for JSON).
+    `num_positives`, `num_predicted` (with weights also `num_positive_images`,
+    `num_predicted_images`: see `binary_metrics`), and `mean_f1`, `mean_precision`,
+    `mean_recall`, `mean_ap` (plain Python numbers: ready for JSON).
   """
   probs = np.asarray(probs)
   ground_truth = np.asarray(ground_truth)
@@ -121,8 +190,14 @@ def category_metrics(
       f"probs of shape {probs.shape} and ground_truth of shape {ground_truth.shape}; expected "
       "both [C, V]"
     )
-  per_category = [binary_metrics(p, g, threshold) for p, g in zip(probs, ground_truth, strict=True)]
-  out: dict[str, Any] = {key: [m[key] for m in per_category] for key in _PER_CATEGORY}
+  keys = _PER_CATEGORY
+  if sample_weight is not None:
+    sample_weight = _sample_weights(sample_weight, probs.shape[1:])
+    keys += ("num_positive_images", "num_predicted_images")
+  per_category = [
+    binary_metrics(p, g, threshold, sample_weight) for p, g in zip(probs, ground_truth, strict=True)
+  ]
+  out: dict[str, Any] = {key: [m[key] for m in per_category] for key in keys}
   for key, mean_key in _MEANS.items():
     out[mean_key] = float(np.mean(out[key])) if per_category else float("nan")
   return out

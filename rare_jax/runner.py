@@ -287,12 +287,20 @@ def read_answers(path: str) -> dict[int, dict]:
   return {int(record["round"]): record for record in metrics.read_metrics(path)}
 
 
-def evaluate(state: loop.LoopState, val_features, val_ground_truth: np.ndarray) -> dict:
-  """Metrics of the linear models on the validation set (F1 at probability 0.5, AP, ...)."""
+def evaluate(
+  state: loop.LoopState,
+  val_features,
+  val_ground_truth: np.ndarray,
+  val_weights: np.ndarray | None = None,
+) -> dict:
+  """Metrics of the linear models on the validation set (F1 at probability 0.5, AP, ...).
+
+  `val_weights` (`[V]`, the task's `val_weights`) weighs the validation images; None: all 1.
+  """
   probabilities = np.asarray(
     jax.device_get(linear.predict_proba(val_features, state.linear))
   ).T  # [C, V]
-  return metrics.category_metrics(probabilities, val_ground_truth)
+  return metrics.category_metrics(probabilities, val_ground_truth, sample_weight=val_weights)
 
 
 def run_strategy(
@@ -310,6 +318,7 @@ def run_strategy(
   stop_after: int | None = None,
   engine: Engine | None = None,
   update_after: Callable[[int], bool] | None = None,
+  val_weights: np.ndarray | None = None,
 ) -> list[dict]:
   """Runs (or resumes) all rounds of one strategy; returns the metrics records.
 
@@ -335,6 +344,8 @@ def run_strategy(
       an update asked from the page). It must answer the same for a round on a restart. Each
       checkpoint records its feature version (`feature_version` in its metadata), which a
       resumed run reads back.
+    val_weights: `[V]` weights of the validation images in the metrics (the task's
+      `val_weights`: a weighted validation set); None weighs every image 1.
   """
   if strategy_spec(strategy)["kind"] != "loop":
     raise ValueError(
@@ -373,6 +384,7 @@ def run_strategy(
     seed_ids=seed_ids,
     val_ground_truth=val_ground_truth,
     rounds_per_update=None if updater is None or update_after is not None else per_update,
+    val_weights=val_weights,
   )
 
   def updates_after(round_index: int) -> bool:
@@ -383,7 +395,7 @@ def run_strategy(
     return round_index % per_update == 0
 
   def record_of(state, round_index, deep_metrics):
-    record = _round_record(state, round_index, config, val_features, val_ground_truth)
+    record = _round_record(state, round_index, config, val_features, val_ground_truth, val_weights)
     if deep_metrics is not None:
       record["deep"] = deep_metrics
     return record
@@ -482,7 +494,9 @@ def run_strategy(
   return records
 
 
-def _round_record(state, round_index, config, val_features, val_ground_truth) -> dict:
+def _round_record(
+  state, round_index, config, val_features, val_ground_truth, val_weights=None
+) -> dict:
   num_positive, num_negative = (
     np.asarray(x) for x in jax.device_get(loop.label_counts(state.labels))
   )
@@ -495,7 +509,7 @@ def _round_record(state, round_index, config, val_features, val_ground_truth) ->
     "num_pseudo_negative": np.asarray(jax.device_get(state.pseudo_negative.sum(-1))).tolist(),
     "model": "linear",
   }
-  record.update(evaluate(state, val_features, val_ground_truth))
+  record.update(evaluate(state, val_features, val_ground_truth, val_weights))
   return record
 
 

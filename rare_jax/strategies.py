@@ -212,8 +212,13 @@ class _AllLabels:
   pseudo_negative: np.ndarray
 
 
-def fully_supervised_linear_metrics(features, val_features, truth, val_truth, config) -> dict:
-  """Validation metrics of logistic regressions fitted on every pool label (`[C, P]` truth)."""
+def fully_supervised_linear_metrics(
+  features, val_features, truth, val_truth, config, val_weights=None
+) -> dict:
+  """Validation metrics of logistic regressions fitted on every pool label (`[C, P]` truth).
+
+  `val_weights`: `[V]` weights of the validation images (None: all 1).
+  """
   truth = np.asarray(truth)
   num_categories, pool_size = truth.shape
   model = jax.jit(
@@ -229,7 +234,7 @@ def fully_supervised_linear_metrics(features, val_features, truth, val_truth, co
     jax.numpy.ones((num_categories, pool_size), jax.numpy.float32),
   )
   probabilities = np.asarray(jax.device_get(linear.predict_proba(val_features, model))).T
-  return metrics.category_metrics(probabilities, np.asarray(val_truth))
+  return metrics.category_metrics(probabilities, np.asarray(val_truth), sample_weight=val_weights)
 
 
 def fully_supervised_epochs(config) -> int:
@@ -269,7 +274,12 @@ def run_fully_supervised(*, run_dir: str, context, log: Callable[[str], None] = 
     # Like the loop's records: top-level metrics are the linear models' (here fitted on every
     # pool label, on the fully supervised model's features), the deep head's under "deep".
     **fully_supervised_linear_metrics(
-      features, val_features, truth, context.task.val_ground_truth(), context.config
+      features,
+      val_features,
+      truth,
+      context.task.val_ground_truth(),
+      context.config,
+      context.task.val_weights,
     ),
     "seconds": round(time.perf_counter() - start, 3),
   }

@@ -28,6 +28,13 @@ _PRETRAIN_FRACTION = flags.DEFINE_float(
 )
 _TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "Split of the pool and pretraining.")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", "test", "Split of the validation set.")
+_VALIDATION = flags.DEFINE_enum(
+  "validation",
+  "subsample",
+  list(tasks.VALIDATION_MODES),
+  "Validation set at the pool's imbalance: the eval split with its rare categories subsampled, "
+  "or all of it with rare images weighted k/n (rare_jax.data.tasks).",
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data folder (default: TFDS's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "If set, write task.json into this folder.")
 
@@ -50,6 +57,7 @@ def main(argv: list[str]) -> None:
       pool_fraction=_POOL_FRACTION.value,
       num_seed_positives=_NUM_SEED_POSITIVES.value,
       pretrain_fraction=_PRETRAIN_FRACTION.value,
+      validation=_VALIDATION.value,
     )
   except ValueError as error:
     sys.exit(f"error: {error}")

@@ -136,9 +136,28 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   runner.write_config(workdir, config_to_dict(config))
 
 
+def validation_mode(config) -> str:
+  """`config.validation`: how the validation set gets the pool's imbalance (`tasks.make_task`).
+
+  Absent means "subsample" (configs from before the key).
+  """
+  mode = config.get("validation", "subsample")
+  if mode not in tasks.VALIDATION_MODES:
+    raise ValueError(f"config.validation={mode!r}; expected one of {tasks.VALIDATION_MODES}")
+  return mode
+
+
 def _task(workdir: str, config, data_dir: str | None, log) -> tasks.RareTask:
+  mode = validation_mode(config)
   if os.path.exists(os.path.join(workdir, "task.json")):
-    return tasks.RareTask.load(workdir, data_dir=data_dir)
+    task = tasks.RareTask.load(workdir, data_dir=data_dir)
+    # config.json already refuses another config; this catches a task.json put there by hand.
+    if task.validation != mode:
+      raise ValueError(
+        f"{workdir}/task.json has a {task.validation!r} validation set but "
+        f"config.validation={mode!r}; use a new workdir"
+      )
+    return task
   log(f"building the task: {config.dataset}, categories {tuple(config.categories)}")
   task = tasks.task_from_dataset(
     config.dataset,
@@ -150,6 +169,7 @@ def _task(workdir: str, config, data_dir: str | None, log) -> tasks.RareTask:
     # Datasets whose test split is unlabeled (iNaturalist, Places) evaluate on "validation".
     train_split=config.get("train_split", "train"),
     eval_split=config.get("eval_split", "test"),
+    validation=mode,
   )
   task.save(workdir)
   return task

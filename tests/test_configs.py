@@ -6,7 +6,7 @@ import pkgutil
 import pytest
 
 from experiments import configs
-from rare_jax import compare, deep, runner, selfsup
+from rare_jax import compare, deep, runner, selfsup, workdirs
 
 NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 
@@ -19,6 +19,7 @@ def test_every_config_module_is_checked():
 def test_config_builds_its_settings(name):
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   deep.DeepSettings.from_config(config.deep)  # raises ValueError on an invalid combination
+  workdirs.validation_mode(config)  # a known validation setting
   if "self_supervised" in config:
     selfsup.SelfSupSettings.from_config(config.self_supervised)
   for strategy in config.strategies:
@@ -27,3 +28,18 @@ def test_config_builds_its_settings(name):
     if not tuple(config.groups):  # drawn at run time from the dataset (paper configs)
       return
     compare.check_config(config)
+
+
+def test_validation_settings():
+  """The demo and what builds on it evaluate on the weighted validation set, except the
+  first release's comparison (docs/results/), kept on the subsampled one."""
+  modes = {
+    name: workdirs.validation_mode(
+      importlib.import_module(f"experiments.configs.{name}").get_config()
+    )
+    for name in NAMES
+  }
+  for name in ("demo", "compare_imagenet", "self_supervised", "compare_self_supervised", "tiny"):
+    assert modes[name] == "weighted", name
+  for name in ("compare_fmnist", "inat2017", "places365"):
+    assert modes[name] == "subsample", name

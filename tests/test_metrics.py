@@ -96,6 +96,124 @@ def test_category_metrics():
     metrics.category_metrics(probs, truth[:2])
 
 
+# Sample weights (a weighted validation set, RareTask.val_weights).
+
+
+def _weighted_case(seed, size=300):
+  rng = np.random.default_rng(seed)
+  labels = rng.random(size) < 0.15
+  # Coarse scores: ties, also at the threshold; some zero weights.
+  scores = np.round(np.clip(0.3 * labels + rng.random(size) * 0.7, 0, 1), 1 + seed % 2)
+  weights = np.where(labels, rng.choice([0.0, 0.014, 0.5, 2.0], size), 1.0)
+  return scores, labels, weights
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weighted_metrics_match_sklearn(seed):
+  scores, labels, weights = _weighted_case(seed)
+  threshold = [0.5, 0.3, 0.7][seed % 3]
+  out = metrics.binary_metrics(scores, labels, threshold, sample_weight=weights)
+  predicted = scores >= threshold
+  for key, sk_score in (
+    ("f1", sk_metrics.f1_score),
+    ("precision", sk_metrics.precision_score),
+    ("recall", sk_metrics.recall_score),
+  ):
+    expected = sk_score(labels, predicted, sample_weight=weights, zero_division=0)
+    assert out[key] == pytest.approx(expected, abs=1e-12), key
+  assert out["average_precision"] == pytest.approx(
+    sk_metrics.average_precision_score(labels, scores, sample_weight=weights), abs=1e-12
+  )
+  # Weighted sums as floats, image counts under their own keys.
+  assert out["num_positives"] == pytest.approx(weights[labels].sum())
+  assert out["num_predicted"] == pytest.approx(weights[predicted].sum())
+  assert out["num_positive_images"] == int(labels.sum())
+  assert out["num_predicted_images"] == int(predicted.sum())
+  assert isinstance(out["num_positives"], float) and isinstance(out["num_positive_images"], int)
+  # The weighting changes the answer here: the test could fail.
+  assert out["average_precision"] != pytest.approx(metrics.average_precision(scores, labels))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_integer_weights_equal_duplicated_rows(seed):
+  rng = np.random.default_rng(seed)
+  scores, labels, _ = _weighted_case(seed, size=120)
+  counts = rng.integers(0, 4, size=scores.size)
+  weighted = metrics.binary_metrics(scores, labels, sample_weight=counts)
+  duplicated = metrics.binary_metrics(np.repeat(scores, counts), np.repeat(labels, counts))
+  for key in ("f1", "precision", "recall", "average_precision"):
+    assert weighted[key] == pytest.approx(duplicated[key], abs=1e-12), key
+  assert weighted["num_positives"] == duplicated["num_positives"]
+  assert weighted["num_predicted"] == duplicated["num_predicted"]
+
+
+def test_weighted_ap_hand_computed_and_zero_weights():
+  # The tied top pair is one threshold (positive mass 1 of its mass 4); positive mass 3 in all.
+  scores = np.array([0.7, 0.7, 0.3, 0.2])
+  labels = np.array([1, 0, 1, 0], bool)
+  weights = np.array([1.0, 3.0, 2.0, 1.0])
+  # Threshold 0.7: tp 1, predicted 4 -> precision 1/4, recall 1/3. Threshold 0.3: tp 3,
+  # predicted 6 -> precision 1/2, recall 1. AP = 1/3 * 1/4 + 2/3 * 1/2.
+  expected = 1 / 3 * 1 / 4 + 2 / 3 * 1 / 2
+  assert metrics.average_precision(scores, labels, weights) == pytest.approx(expected)
+  # Positives of zero weight: AP 0, recall 0 (as without positives).
+  zero = metrics.binary_metrics(scores, labels, sample_weight=np.array([0.0, 1, 0, 1]))
+  assert zero["average_precision"] == 0.0 and zero["recall"] == 0.0 and zero["f1"] == 0.0
+  # A zero-weight top image does not count: same as dropping it.
+  dropped = metrics.binary_metrics(scores[1:], labels[1:])
+  kept = metrics.binary_metrics(scores, labels, sample_weight=np.array([0.0, 1, 1, 1]))
+  for key in ("f1", "precision", "recall", "average_precision"):
+    assert kept[key] == pytest.approx(dropped[key]), key
+
+
+def test_unit_weights_equal_none_and_none_is_unchanged():
+  rng = np.random.default_rng(3)
+  truth = rng.random((3, 80)) < 0.2
+  probs = np.round(np.clip(0.5 * truth + 0.6 * rng.random((3, 80)), 0, 1), 2)
+  plain = metrics.category_metrics(probs, truth)
+  ones = metrics.category_metrics(probs, truth, sample_weight=np.ones(80))
+  # None: the keys and int counts of the unweighted metrics (records read as before).
+  assert set(plain) == set(ones) - {"num_positive_images", "num_predicted_images"}
+  assert all(isinstance(n, int) for n in plain["num_positives"] + plain["num_predicted"])
+  for key, value in plain.items():
+    assert ones[key] == pytest.approx(value, abs=1e-12), key
+  assert ones["num_positive_images"] == plain["num_positives"]
+  json.dumps(ones, allow_nan=False)
+
+
+def test_category_metrics_weights_per_image():
+  rng = np.random.default_rng(1)
+  truth = rng.random((2, 60)) < 0.3
+  probs = rng.random((2, 60))
+  weights = rng.random(60) * 2
+  out = metrics.category_metrics(probs, truth, sample_weight=weights)
+  for c in range(2):
+    single = metrics.binary_metrics(probs[c], truth[c], sample_weight=weights)
+    for key, value in single.items():
+      assert out[key][c] == value
+  assert out["mean_ap"] == pytest.approx(np.mean(out["average_precision"]))
+
+
+@pytest.mark.parametrize(
+  "weights, match",
+  [
+    (np.ones(3), r"shape \(3,\); expected \(4,\)"),
+    (np.array([1.0, np.nan, 1, 1]), "1 non-finite"),
+    (np.array([1.0, np.inf, 1, 1]), "1 non-finite"),
+    (np.array([1.0, -0.5, 1, 1]), "holds -0.5; expected weights >= 0"),
+    (np.array([True, False, True, True]), "dtype bool"),
+  ],
+)
+def test_bad_sample_weights(weights, match):
+  scores, labels = np.array([0.9, 0.1, 0.6, 0.4]), np.array([1, 0, 1, 0], bool)
+  with pytest.raises(ValueError, match=match):
+    metrics.binary_metrics(scores, labels, sample_weight=weights)
+  with pytest.raises(ValueError, match=match):
+    metrics.average_precision(scores, labels, weights)
+  with pytest.raises(ValueError, match=match):
+    metrics.category_metrics(scores[None], labels[None], sample_weight=weights)
+
+
 def test_pseudo_label_error_rates():
   truth = np.array([[1, 1, 0, 0, 0, 0], [0, 1, 0, 0, 1, 0]], bool)
   pseudo_positive = np.array([[1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool)

@@ -168,6 +168,7 @@ def test_dataset_run_refits_the_same_projection(tmp_path):
   config.strategies = ("ours_linear",)
   config.feature_dim = 8
   config.num_feature_updates, config.rounds_per_update = 1, 1
+  config.validation = "subsample"  # as the task built below
   workdir = str(tmp_path)
   task = tasks.task_from_dataset(
     "rare_fashion_mnist",

@@ -134,6 +134,45 @@ def test_rerun_with_another_config_is_refused(uninterrupted):
   assert sorted(os.listdir(uninterrupted / "ours_linear" / "checkpoints")) == before
 
 
+def test_weighted_validation_end_to_end(uninterrupted):
+  """tiny.py inherits the demo's config.validation = "weighted": every test image evaluated."""
+  with open(uninterrupted / "task.json") as f:
+    weights = json.load(f)["val_weights"]
+  assert len(weights) == 10_000
+  for strategy in ("ours_linear", "tropel"):
+    for record in _lines(uninterrupted / strategy / "metrics.jsonl"):
+      # All 1,000 test images of each rare category, weighing the subsample's 14.
+      assert record["num_positive_images"] == [1000, 1000, 1000]
+      assert record["num_positives"] == pytest.approx([14.0] * 3)
+      # Weights are at most 1: the weighted predicted count is at most the image count.
+      for weighted, images in zip(
+        record["num_predicted"], record["num_predicted_images"], strict=True
+      ):
+        assert weighted <= images
+
+
+@pytest.mark.slow
+def test_rerun_with_the_other_validation_is_refused(uninterrupted):
+  result = _run(uninterrupted, "--config.validation=subsample", check=False)
+  assert result.returncode != 0
+  assert "holds a run of another config" in result.stderr and "validation" in result.stderr
+
+
+def test_task_of_the_other_validation_is_refused(tmp_path):
+  from experiments.configs import tiny
+  from rare_jax.data import tasks
+
+  config = tiny.get_config()
+  labels = [0] * 1000 + [1] * 50
+  task = tasks.make_task(labels, labels, dataset="s", categories=(1,), seed=0, pool_fraction=0.02)
+  task.save(tmp_path)  # a subsampled task.json, config.validation = "weighted"
+  with pytest.raises(ValueError, match="'subsample' validation set but config.validation='weig"):
+    workdirs._task(str(tmp_path), config, None, print)
+  config.validation = "everything"
+  with pytest.raises(ValueError, match="config.validation='everything'; expected one of"):
+    workdirs.validation_mode(config)
+
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))

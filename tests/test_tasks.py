@@ -216,6 +216,105 @@ def test_not_json_at_all():
     tasks.RareTask.from_json("[1, 2]")
 
 
+# The weighted validation set.
+
+
+@pytest.fixture(scope="module")
+def fm_weighted(fm_labels):
+  train, test, names = fm_labels
+  return tasks.make_task(
+    train,
+    test,
+    dataset=NAME,
+    categories=(0, 3, 7),
+    seed=0,
+    class_names=names,
+    validation="weighted",
+  )
+
+
+def test_weighted_validation_is_the_subsample_in_expectation(fm_labels, fm_task, fm_weighted):
+  _, test, _ = fm_labels
+  # Every eval image, sorted; the pool, seeds and pretraining split are the subsampled task's.
+  np.testing.assert_array_equal(fm_weighted.val_ids, np.arange(len(test)))
+  np.testing.assert_array_equal(fm_weighted.val_labels, test)
+  for name in ("pool_ids", "pool_labels", "seed_positives", "pretrain_ids"):
+    np.testing.assert_array_equal(getattr(fm_weighted, name), getattr(fm_task, name))
+  assert fm_task.val_weights is None and fm_task.validation == "subsample"
+  assert fm_weighted.validation == "weighted"
+  weights = fm_weighted.val_weights
+  assert weights.dtype == np.float64 and weights.shape == fm_weighted.val_ids.shape
+  subsample_truth, truth = fm_task.val_ground_truth(), fm_weighted.val_ground_truth()
+  for c in range(3):
+    kept = int(subsample_truth[c].sum())  # 14 of Fashion-MNIST's 1,000 per class
+    assert kept == 14 and truth[c].sum() == 1000
+    assert weights[truth[c]].sum() == pytest.approx(kept)
+    np.testing.assert_allclose(weights[truth[c]], kept / 1000)
+  # Every other image weighs 1, as it is always in the subsample.
+  np.testing.assert_array_equal(weights[~truth.any(axis=0)], 1.0)
+  assert (~truth.any(axis=0)).sum() == (~subsample_truth.any(axis=0)).sum()
+  with pytest.raises(ValueError, match="frozen|read-only"):
+    weights[0] = 2.0
+
+
+def test_weighted_task_json_round_trip(fm_weighted, tmp_path):
+  record = json.loads(fm_weighted.to_json())
+  assert len(record["val_weights"]) == 10_000
+  again = tasks.RareTask.load(fm_weighted.save(tmp_path).parent)
+  assert again == fm_weighted and again.val_weights.dtype == np.float64
+  np.testing.assert_array_equal(again.val_weights, fm_weighted.val_weights)  # exact floats
+  # Tasks of the two settings differ, also when only the weights do.
+  assert again != tasks.RareTask.from_json(_corrupt(fm_weighted.to_json(), _drop_weights))
+
+
+def _drop_weights(record):
+  record.pop("val_weights")
+
+
+def test_task_json_without_weights_loads_as_before(fm_task):
+  # A subsampled task writes no val_weights (the task.json of before the field) ...
+  record = json.loads(fm_task.to_json())
+  assert "val_weights" not in record
+  # ... and such a file, or one with null, loads with None.
+  assert tasks.RareTask.from_json(json.dumps(record)).val_weights is None
+  record["val_weights"] = None
+  assert tasks.RareTask.from_json(json.dumps(record)) == fm_task
+
+
+@pytest.mark.parametrize(
+  "change, match",
+  [
+    (lambda r: r["val_weights"].pop(), r"val_weights has shape \(9999,\); expected \(10000,\)"),
+    (
+      lambda r: r["val_weights"].__setitem__(3, -1.0),
+      "val_weights holds -1.0; expected weights >= 0",
+    ),
+    (lambda r: r["val_weights"].__setitem__(3, float("nan")), "1 non-finite values"),
+    (lambda r: r["val_weights"].__setitem__(3, "a"), "val_weights has <U"),
+    (lambda r: r["val_weights"].__setitem__(3, [1.0]), "val_weights is not a regular array"),
+  ],
+)
+def test_malformed_val_weights(fm_weighted, change, match):
+  with pytest.raises(ValueError, match=match):
+    tasks.RareTask.from_json(_corrupt(fm_weighted.to_json(), change))
+
+
+def test_weighted_validation_checks_like_the_subsample():
+  with pytest.raises(ValueError, match="validation='uniform'; expected one of"):
+    tasks.make_task(_TRAIN, _EVAL, dataset="s", categories=(1,), seed=0, validation="uniform")
+  # The same refusal as the subsample when the eval split is too small for one positive.
+  with pytest.raises(ValueError, match="leaves 0 positives per category in the validation set"):
+    tasks.make_task(
+      _TRAIN, _EVAL[:100], dataset="s", categories=(1,), seed=0, validation="weighted"
+    )
+
+
+def test_weighted_summary(fm_weighted):
+  text = fm_weighted.summary()
+  assert "1000 in validation (weight sum 14.00)" in text
+  assert "validation: 10000 images" in text and "weighted to the pool's imbalance" in text
+
+
 # The dataset-level builder and the CLI.
 
 
@@ -246,3 +345,20 @@ def test_task_summary_cli(tmp_path, fm_task):
     command[:5] + ["--categories=0,11"], capture_output=True, text=True, timeout=120
   )
   assert bad.returncode != 0 and "category id 11 is not in the dataset" in bad.stderr
+
+
+def test_task_summary_cli_weighted(tmp_path, fm_weighted):
+  command = [
+    sys.executable,
+    "-m",
+    "rare_jax.task_summary",
+    f"--dataset={NAME}",
+    "--categories=0,3,7",
+    "--seed=0",
+    "--validation=weighted",
+    f"--workdir={tmp_path}",
+  ]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "1000 in validation (weight sum 14.00)" in result.stdout
+  assert tasks.RareTask.load(tmp_path) == fm_weighted

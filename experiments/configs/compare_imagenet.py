@@ -9,6 +9,9 @@ of 5 rare Fashion-MNIST categories that cover all 10 classes (the other group's 
 the pool's common background), over several seeds. The headline model is METHOD.md's: the
 deep main head for `ours`, the linear models for the frozen-feature strategies. The report
 adds paired differences (strategy minus `tropel`, same seed and category) with 95% intervals.
+The validation set is the demo's weighted one (`config.validation = "weighted"`: every test
+image, rare ones weighted k/n); docs/results/imagenet was measured on subsampled ones (14
+positives per category), so a rerun there gives other figures and needs a new workdir.
 Run time: see README, "Reproducing the paper's comparisons".
 """
 

@@ -9,6 +9,8 @@ The settings of experiments/configs/self_supervised.py (resnet_tiny on 28x28, Si
 k-means auxiliary labels with k = 50, the auxiliary head started from the centroids; `ours`
 here is Ours-Self, `tropel` Tropel-Self) on group 0 of experiments/configs/compare_imagenet.py
 (T-shirt, Trouser, Coat, Sandal, Bag rare), seeds 0-2, N=2 Q=5 B=10, E=2.
+The validation set is the demo's weighted one, as in compare_imagenet.py (figure6.py sets the
+two side by side); docs/results/self_supervised was measured on subsampled ones.
 
 Reduced against the paper to fit about an hour on a shared 2-core CPU:
 - M_pre is trained ONCE, like the paper's Self-ImageNet / Self-iNat, on 10,000 images of the

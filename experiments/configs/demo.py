@@ -30,6 +30,9 @@ def get_config(arg=None):
   config.categories = (1, 5, 8)  # Trouser, Sandal, Bag
   config.pool_fraction = 0.002
   config.num_seed_positives = 5
+  # The validation set at the pool's imbalance: every test image, each rare one weighted k/n
+  # (14 of 1,000 per category), instead of a subsample keeping 14 positives per category.
+  config.validation = "weighted"
   # Features the loop starts from: "m_pre" (pretrained here) or "pixel_pca" (a stand-in).
   config.features = "m_pre"
   config.feature_dim = 64  # pixel_pca only

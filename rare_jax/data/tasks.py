@@ -8,7 +8,11 @@ it is testable without images:
   images with `k / pool_size == pool_fraction` within one image:
   `k = round(pool_fraction * P_nonrare / (1 - C * pool_fraction))`;
 - `num_seed_positives` seed positives per category are drawn from the pool's positives;
-- the validation set is the eval split with the same subsampling of the rare categories.
+- the validation set is the eval split at the pool's imbalance: `validation="subsample"`
+  subsamples each rare category of it as the pool (`k` images by the same formula), or
+  `validation="weighted"` keeps every eval image and weighs each image of rare category `r`
+  `k / n_r` (`n_r` its eval images; every other image weighs 1), the same set in expectation
+  with all `n_r` positives (`RareTask.val_weights`; README, "Deviations from the paper").
 Every random choice derives from `seed` (one NumPy stream per purpose). Saved as JSON
 (`task.json`) in a run's workdir.
 """
@@ -32,7 +36,10 @@ TASK_FORMAT = "rare_jax.RareTask/1"
 MIN_POOL_POSITIVES = 6
 # Independent random streams (np.random.default_rng([seed, stream])).
 _SPLIT_STREAM, _POOL_STREAM, _SEED_STREAM, _VAL_STREAM = range(4)
+# How the validation set gets the pool's imbalance (see the module docstring).
+VALIDATION_MODES = ("subsample", "weighted")
 
+_OPTIONAL_FIELDS = ("val_weights", "data_dir")  # Not required in task.json.
 _ARRAY_FIELDS = (
   "pool_ids",
   "pool_labels",
@@ -51,6 +58,8 @@ class RareTask:
   Ids are indices into a split of `dataset`: `pool_ids` and `pretrain_ids` into
   `train_split`, `val_ids` into `eval_split`. `seed_positives[c]` are positions into the pool
   (indices into `pool_ids`) of category `categories[c]`. Labels are the dataset's class ids.
+  `val_weights` (float64 `[V]`, or None for all ones) weighs each validation image in the
+  metrics (`validation="weighted"`).
   """
 
   dataset: str
@@ -72,6 +81,7 @@ class RareTask:
   val_labels: np.ndarray
   pretrain_ids: np.ndarray
   pretrain_labels: np.ndarray
+  val_weights: np.ndarray | None = None  # None: every validation image weighs 1.
   data_dir: str | None = None  # Where the dataset lives on this machine; not saved.
 
   def __post_init__(self):
@@ -81,6 +91,10 @@ class RareTask:
       array = np.array(getattr(self, name), dtype=np.int64)
       array.setflags(write=False)
       object.__setattr__(self, name, array)
+    if self.val_weights is not None:
+      weights = _float_array(self.val_weights, "val_weights")
+      weights.setflags(write=False)
+      object.__setattr__(self, "val_weights", weights)
     _check_task(self)
 
   def __eq__(self, other: object) -> bool:
@@ -88,8 +102,8 @@ class RareTask:
       return NotImplemented
     for field in dataclasses.fields(self):
       mine, theirs = getattr(self, field.name), getattr(other, field.name)
-      if field.name in _ARRAY_FIELDS:
-        if not np.array_equal(mine, theirs):
+      if field.name in _ARRAY_FIELDS or field.name == "val_weights":
+        if (mine is None) != (theirs is None) or not np.array_equal(mine, theirs):
           return False
       elif mine != theirs:
         return False
@@ -104,6 +118,11 @@ class RareTask:
   @property
   def pool_size(self) -> int:
     return len(self.pool_ids)
+
+  @property
+  def validation(self) -> str:
+    """How the validation set has the pool's imbalance: "subsample" or "weighted"."""
+    return "subsample" if self.val_weights is None else "weighted"
 
   @property
   def related_classes(self) -> tuple[int, ...]:
@@ -128,6 +147,11 @@ class RareTask:
       if field.name == "data_dir":
         continue
       value = getattr(self, field.name)
+      if field.name == "val_weights":
+        # Omitted when None: a subsampled task writes the task.json it wrote before the field.
+        if value is not None:
+          record[field.name] = value.tolist()
+        continue
       record[field.name] = value.tolist() if field.name in _ARRAY_FIELDS else value
     record["categories"] = list(self.categories)
     record["category_names"] = list(self.category_names)
@@ -144,11 +168,11 @@ class RareTask:
       raise ValueError(f"task JSON is a {type(record).__name__}; expected an object")
     if record.get("format") != TASK_FORMAT:
       raise ValueError(f"task JSON format {record.get('format')!r}; expected {TASK_FORMAT!r}")
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "data_dir"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _OPTIONAL_FIELDS]
     missing = [name for name in names if name not in record]
     if missing:
       raise ValueError(f"task JSON misses keys {missing}; expected all of {names}")
-    unknown = sorted(set(record) - set(names) - {"format"})
+    unknown = sorted(set(record) - set(names) - {"format", "val_weights"})
     if unknown:
       raise ValueError(f"task JSON has unknown keys {unknown}; expected only {names}")
     kinds = {
@@ -181,7 +205,11 @@ class RareTask:
       record[name] = _int_array(record[name], name)
     record["pool_fraction"] = float(record["pool_fraction"])
     record["pretrain_fraction"] = float(record["pretrain_fraction"])
-    return cls(**{name: record[name] for name in names}, data_dir=data_dir)
+    # Absent in files written before the field (and for subsampled validation sets): None.
+    val_weights = record.get("val_weights")
+    if val_weights is not None:
+      val_weights = _float_array(val_weights, "val_weights", where="task JSON ")
+    return cls(**{name: record[name] for name in names}, val_weights=val_weights, data_dir=data_dir)
 
   def save(self, workdir: str | os.PathLike) -> pathlib.Path:
     """Writes `workdir/task.json` atomically (a killed write leaves the old file or none)."""
@@ -217,14 +245,18 @@ class RareTask:
     ]
     for c, (category, name) in enumerate(zip(self.categories, self.category_names, strict=True)):
       positives = int(truth[c].sum())
+      in_validation = f"{int(val_truth[c].sum())} in validation"
+      if self.val_weights is not None:
+        in_validation += f" (weight sum {self.val_weights[val_truth[c]].sum():.2f})"
       lines.append(
         f"  category {category} ({name}): {positives} positives in pool "
-        f"({positives / self.pool_size:.4%}), {int(val_truth[c].sum())} in validation; seed "
+        f"({positives / self.pool_size:.4%}), {in_validation}; seed "
         f"ids {self.seed_ids()[c].tolist()} (pool positions {self.seed_positives[c].tolist()})"
       )
     lines += [
       f"validation: {len(self.val_ids)} images from {self.eval_split!r}, "
-      f"{int(val_truth.any(axis=0).sum())} of them rare-category positives",
+      f"{int(val_truth.any(axis=0).sum())} of them rare-category positives"
+      + ("" if self.val_weights is None else " (weighted to the pool's imbalance)"),
       f"related-domain (pretraining) split: {len(self.pretrain_ids)} images of "
       f"{len(self.related_classes)} non-rare classes from {self.train_split!r}",
     ]
@@ -239,6 +271,18 @@ def _int_array(value: Any, name: str) -> np.ndarray:
   if array.size and not np.issubdtype(array.dtype, np.integer):
     raise ValueError(f"task JSON {name} has {array.dtype} values; expected integers")
   return array.astype(np.int64)
+
+
+def _float_array(value: Any, name: str, *, where: str = "") -> np.ndarray:
+  try:
+    array = np.asarray(value)
+  except ValueError as error:  # Ragged nested lists.
+    raise ValueError(f"{where}{name} is not a regular array: {error}") from None
+  if array.size and not (
+    np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+  ):
+    raise ValueError(f"{where}{name} has {array.dtype} values; expected numbers")
+  return array.astype(np.float64)
 
 
 def _check_ids(ids: np.ndarray, name: str, upper: int) -> None:
@@ -272,6 +316,8 @@ def _check_task(task: RareTask) -> None:
       )
     if labels.size and (labels.min() < 0 or labels.max() >= task.num_classes):
       raise ValueError(f"{name}_labels out of range; expected class ids in [0, {task.num_classes})")
+  if task.val_weights is not None:
+    _check_val_weights(task.val_weights, task.val_ids.shape)
   if np.intersect1d(task.pool_ids, task.pretrain_ids).size:
     raise ValueError("pool_ids and pretrain_ids overlap; expected disjoint train images")
   if np.isin(task.pretrain_labels, task.categories).any():
@@ -293,6 +339,18 @@ def _check_task(task: RareTask) -> None:
         f"seed_positives[{c}] = {positions[c].tolist()} are not all of category {category}; "
         "expected true positives of the pool"
       )
+
+
+def _check_val_weights(weights: np.ndarray, shape: tuple[int, ...]) -> None:
+  if weights.shape != shape:
+    raise ValueError(f"val_weights has shape {weights.shape}; expected {shape} like val_ids")
+  if not np.isfinite(weights).all():
+    raise ValueError(
+      f"val_weights holds {int((~np.isfinite(weights)).sum())} non-finite values; expected "
+      "finite weights"
+    )
+  if (weights < 0).any():
+    raise ValueError(f"val_weights holds {weights[weights < 0][0]}; expected weights >= 0")
 
 
 def _check_categories(categories: Sequence[int], num_classes: int) -> None:
@@ -340,6 +398,34 @@ def _labels_array(labels: Any, name: str, num_classes: int) -> np.ndarray:
   return labels
 
 
+def _rare_keep_count(
+  labels: np.ndarray,
+  categories: tuple[int, ...],
+  pool_fraction: float,
+  *,
+  what: str,
+  minimum: int,
+) -> int:
+  """`rare_count` of `labels`: the images each rare category keeps, checked to be available."""
+  is_rare = np.isin(labels, categories)
+  count = rare_count(int((~is_rare).sum()), pool_fraction, len(categories))
+  if count < minimum:
+    raise ValueError(
+      f"pool_fraction={pool_fraction} leaves {count} positives per category in the {what} "
+      f"({int((~is_rare).sum())} non-rare images); expected at least {minimum}: raise "
+      "pool_fraction or use more images"
+    )
+  for category in categories:
+    available = int((labels == category).sum())
+    if available < count:
+      raise ValueError(
+        f"pool_fraction={pool_fraction} needs {count} images of category {category} in the "
+        f"{what} but only {available} are available; expected a smaller pool_fraction "
+        "(or a smaller pretrain_fraction)"
+      )
+  return count
+
+
 def _subsample_rare(
   ids: np.ndarray,
   labels: np.ndarray,
@@ -351,25 +437,33 @@ def _subsample_rare(
   minimum: int,
 ) -> np.ndarray:
   """Keeps all non-rare ids and `rare_count` ids of each rare category (sorted)."""
-  is_rare = np.isin(labels, categories)
-  count = rare_count(int((~is_rare).sum()), pool_fraction, len(categories))
-  if count < minimum:
-    raise ValueError(
-      f"pool_fraction={pool_fraction} leaves {count} positives per category in the {what} "
-      f"({int((~is_rare).sum())} non-rare images); expected at least {minimum}: raise "
-      "pool_fraction or use more images"
-    )
-  kept = [ids[~is_rare]]
+  count = _rare_keep_count(labels, categories, pool_fraction, what=what, minimum=minimum)
+  kept = [ids[~np.isin(labels, categories)]]
   for category in categories:
-    candidates = ids[labels == category]
-    if len(candidates) < count:
-      raise ValueError(
-        f"pool_fraction={pool_fraction} needs {count} images of category {category} in the "
-        f"{what} but only {len(candidates)} are available; expected a smaller pool_fraction "
-        "(or a smaller pretrain_fraction)"
-      )
-    kept.append(rng.choice(candidates, size=count, replace=False))
+    kept.append(rng.choice(ids[labels == category], size=count, replace=False))
   return np.sort(np.concatenate(kept))
+
+
+def rare_weights(
+  labels: np.ndarray,
+  categories: tuple[int, ...],
+  pool_fraction: float,
+  *,
+  what: str,
+  minimum: int,
+) -> np.ndarray:
+  """float64 `[N]`: `k / n_r` for an image of rare category r, 1 for the others.
+
+  `k` is what `_subsample_rare` keeps per category and `n_r` the images of r in `labels`, so
+  the weighted set equals the subsampled one in expectation (each rare image is kept with
+  probability `k / n_r` there); each category's weights sum to `k` (up to rounding).
+  """
+  count = _rare_keep_count(labels, categories, pool_fraction, what=what, minimum=minimum)
+  weights = np.ones(len(labels), np.float64)
+  for category in categories:
+    members = labels == category
+    weights[members] = count / int(members.sum())
+  return weights
 
 
 def make_task(
@@ -387,6 +481,7 @@ def make_task(
   train_split: str = "train",
   eval_split: str = "test",
   data_dir: str | None = None,
+  validation: str = "subsample",
 ) -> RareTask:
   """Builds a `RareTask` from the labels of a dataset's train and eval splits.
 
@@ -405,12 +500,15 @@ def make_task(
     train_split: recorded: the split `labels_train` describes.
     eval_split: recorded: the split `labels_eval` describes.
     data_dir: recorded on the task object (not saved).
+    validation: how the validation set gets the pool's imbalance: "subsample" (each rare
+      category of the eval split subsampled to the pool's fraction) or "weighted" (every eval
+      image, rare ones weighted `k / n_r`: `val_weights`). Nothing else depends on it.
 
   Returns:
     The task; the same arguments give the identical task.
 
   Raises:
-    ValueError: bad categories, fractions, seed positive count, or labels.
+    ValueError: bad categories, fractions, seed positive count, labels or validation.
   """
   if num_classes is None:
     if class_names is not None:
@@ -432,6 +530,8 @@ def make_task(
   _check_fractions(pool_fraction, pretrain_fraction, len(categories))
   if int(num_seed_positives) != num_seed_positives or num_seed_positives < 1:
     raise ValueError(f"num_seed_positives={num_seed_positives}; expected a positive int")
+  if validation not in VALIDATION_MODES:
+    raise ValueError(f"validation={validation!r}; expected one of {VALIDATION_MODES}")
 
   # Related domain vs pool part of the train split.
   order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(labels_train))
@@ -465,15 +565,22 @@ def make_task(
       )
     seed_positives.append(np.sort(seed_rng.choice(positives, num_seed_positives, replace=False)))
 
-  val_ids = _subsample_rare(
-    np.arange(len(labels_eval)),
-    labels_eval,
-    categories,
-    pool_fraction,
-    np.random.default_rng([seed, _VAL_STREAM]),
-    what="validation set",
-    minimum=1,
-  )
+  val_weights = None
+  if validation == "subsample":
+    val_ids = _subsample_rare(
+      np.arange(len(labels_eval)),
+      labels_eval,
+      categories,
+      pool_fraction,
+      np.random.default_rng([seed, _VAL_STREAM]),
+      what="validation set",
+      minimum=1,
+    )
+  else:
+    val_ids = np.arange(len(labels_eval))
+    val_weights = rare_weights(
+      labels_eval, categories, pool_fraction, what="validation set", minimum=1
+    )
   return RareTask(
     dataset=dataset,
     train_split=train_split,
@@ -494,6 +601,7 @@ def make_task(
     val_labels=labels_eval[val_ids],
     pretrain_ids=pretrain_ids,
     pretrain_labels=labels_train[pretrain_ids],
+    val_weights=val_weights,
     data_dir=data_dir,
   )
 
@@ -508,7 +616,10 @@ def task_from_dataset(
   eval_split: str = "test",
   **kwargs,
 ) -> RareTask:
-  """`make_task` on the labels of a prepared TFDS dataset (see `sources.open_source`)."""
+  """`make_task` on the labels of a prepared TFDS dataset (see `sources.open_source`).
+
+  `kwargs` go to `make_task` (`pool_fraction`, `validation`, ...).
+  """
   train = sources.open_source(name, train_split, data_dir)
   evaluation = sources.open_source(name, eval_split, data_dir)
   return make_task(

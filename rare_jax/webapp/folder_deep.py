@@ -37,6 +37,7 @@ class FolderTask:
     self._truth = None if truth is None else np.asarray(truth, bool)
     # At least one validation row (see the module docstring); sliced off when there is no truth.
     self.val_ids = np.arange(pool_size if truth is not None else 1)
+    self.val_weights = None  # A folder's validation images all weigh 1.
 
   def ground_truth(self) -> np.ndarray:
     if self._truth is None:  # pseudo-label error rates: nothing known, all zero
