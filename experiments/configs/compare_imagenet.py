@@ -27,4 +27,5 @@ def get_config(arg=None):
   config.evaluate_model = "deep_head"
   config.baseline = "tropel"  # paired differences are taken against this strategy
   config.deep.epochs = 2  # E of docs/results/imagenet (the demo now trains 4)
+  config.deep.warm_start = True  # as measured there (the demo restarts from M_pre)
   return config
