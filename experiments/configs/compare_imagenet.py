@@ -4,14 +4,16 @@ r"""Ours vs Tropel (and the frozen-feature and random floors) from the ImageNet 
         --workdir=runs/compare_imagenet
 
 The demo's settings (experiments/configs/demo.py: EfficientNet-Lite0 from ImageNet at 48x48,
-N=2, Q=5, B=10, f_a=100, E=2, the main head started from the linear models), on two groups
+N=2, Q=5, B=10, f_a=100, E=4, each deep update from M_pre with the main head started from
+linear models), on two groups
 of 5 rare Fashion-MNIST categories that cover all 10 classes (the other group's classes are
 the pool's common background), over several seeds. The headline model is METHOD.md's: the
 deep main head for `ours`, the linear models for the frozen-feature strategies. The report
 adds paired differences (strategy minus `tropel`, same seed and category) with 95% intervals.
 The validation set is the demo's weighted one (`config.validation = "weighted"`: every test
 image, rare ones weighted k/n); docs/results/imagenet was measured on subsampled ones (14
-positives per category), so a rerun there gives other figures and needs a new workdir.
+positives per category) with E=2 and warm-started updates (commit 805ed52), so a rerun there
+gives other figures and needs a new workdir.
 Run time: see README, "Reproducing the paper's comparisons".
 """
 
@@ -26,6 +28,4 @@ def get_config(arg=None):
   config.strategies = ("ours", "tropel", "ours_linear", "random")  # priority order
   config.evaluate_model = "deep_head"
   config.baseline = "tropel"  # paired differences are taken against this strategy
-  config.deep.epochs = 2  # E of docs/results/imagenet (the demo now trains 4)
-  config.deep.warm_start = True  # as measured there (the demo restarts from M_pre)
   return config
