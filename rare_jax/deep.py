@@ -66,19 +66,19 @@ class DeepSettings:
   weight_decay: float = 1e-4
   warmup_fraction: float = 0.1
   aux_weight: float = 0.1
-  # The main head at the start of an update. Later updates continue M_{i-1} (Algorithm 1
-  # line 19), head included, except with "linear":
-  #   "random": update 1 starts a freshly initialised head (the paper's; it leaves the head
-  #     predicting no positive after a few epochs at ~1% positives);
-  #   "linear_first": update 1 starts from the loop's linear models folded onto M_pre's
-  #     embedding, later updates continue the deep model's own head (README "Deviations");
-  #   "linear": every update restarts the head from the loop's current linear models (the
-  #     earlier default; measured worse than "linear_first" from the second update on).
+  # The main head at the start of an update (`folds_linear_head`). An update that starts
+  # from M_pre (the first; every one without `warm_start`) gets:
+  #   "random": a freshly initialised head (the paper's; it leaves the head predicting no
+  #     positive after a few epochs at ~1% positives);
+  #   "linear" or "linear_first": the loop's linear models fitted on M_pre's features,
+  #     folded onto the embedding (README "Deviations").
+  # An update that continues M_{i-1} (`warm_start`, after the first) keeps M_{i-1}'s own head,
+  # except with "linear", which re-folds the loop's current linear models (fitted on M_{i-1}'s
+  # features) into it.
   main_head_init: str = "linear"
   # Algorithm 1 line 19 continues M_{i-1} (True, the paper's). False starts every update
-  # from M_pre again, on all the labels so far, its main head from linear models fitted on
-  # M_pre's features (README "Deviations": warm-started updates generalised worse here, as
-  # Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020, found in general).
+  # from M_pre again, on all the labels so far (README "Deviations"; cf. Ash & Adams, "On
+  # Warm-Starting Neural Network Training", NeurIPS 2020).
   warm_start: bool = True
   mesh: tuple = (("data", -1),)
 
@@ -122,6 +122,8 @@ class DeepSettings:
       )
     if self.aux_weight < 0:
       raise ValueError(f"deep.aux_weight must be >= 0, got {self.aux_weight!r}")
+    if not isinstance(self.warm_start, bool):
+      raise ValueError(f"deep.warm_start must be True or False, got {self.warm_start!r}")
 
   @classmethod
   def from_config(cls, deep: ml_collections.ConfigDict) -> DeepSettings:
@@ -797,7 +799,10 @@ class DeepUpdater:
     return init == "linear" or self.starts_from_m_pre(version)
 
   def update(self, state, version: int):
-    """Trains M_version from M_{version-1} on `state`'s training set, re-embeds, evaluates.
+    """Trains M_version on `state`'s training set, re-embeds, evaluates.
+
+    It starts from M_{version-1}, or from M_pre for the first update and for every one without
+    `warm_start` (`starts_from_m_pre`); its main head as `folds_linear_head` says.
 
     Returns:
       (pool features, validation features, the deep main head's validation metrics).

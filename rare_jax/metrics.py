@@ -35,7 +35,8 @@ def _sample_weights(sample_weight, shape: tuple[int, ...]) -> np.ndarray:
   weights = np.asarray(sample_weight)
   if weights.shape != shape:
     raise ValueError(f"sample_weight of shape {weights.shape}; expected {shape} like the scores")
-  if not np.issubdtype(weights.dtype, np.number):  # bool is not a number here
+  real = np.issubdtype(weights.dtype, np.integer) or np.issubdtype(weights.dtype, np.floating)
+  if not real:  # bool and complex are not real numbers here
     raise ValueError(f"sample_weight of dtype {weights.dtype}; expected real numbers")
   weights = weights.astype(np.float64)
   if not np.isfinite(weights).all():

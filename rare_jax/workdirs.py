@@ -113,6 +113,11 @@ def prepare(
         f"got {config.features!r}"
       )
   runner.num_rounds(config)
+  # Settings read later, checked before config.json records them (a typo would otherwise be
+  # recorded and then refuse the corrected config in the same workdir).
+  validation_mode(config)
+  if "deep" in config:
+    deep.DeepSettings.from_config(config.deep)
   # Multi-host: process 0 writes config.json, task.json and pixel features; the others then
   # read (or check) what it wrote.
   sharding.primary_first(

@@ -43,3 +43,16 @@ def test_validation_settings():
     assert modes[name] == "weighted", name
   for name in ("compare_fmnist", "inat2017", "places365"):
     assert modes[name] == "subsample", name
+
+
+def test_warm_start_settings():
+  """The demo restarts every deep update from M_pre (a deviation, README); the configs of
+  published results measured with warm-started updates, and the paper's, keep the paper's."""
+  warm = {
+    name: importlib.import_module(f"experiments.configs.{name}").get_config().deep.warm_start
+    for name in NAMES
+  }
+  for name in ("demo", "compare_imagenet", "tiny_deep"):
+    assert warm[name] is False, name
+  for name in ("compare_fmnist", "inat2017", "places365", "self_supervised"):
+    assert warm[name] is True, name

@@ -202,6 +202,7 @@ def test_category_metrics_weights_per_image():
     (np.array([1.0, np.inf, 1, 1]), "1 non-finite"),
     (np.array([1.0, -0.5, 1, 1]), "holds -0.5; expected weights >= 0"),
     (np.array([True, False, True, True]), "dtype bool"),
+    (np.array([1, 1j, 1, 1]), "dtype complex128"),
   ],
 )
 def test_bad_sample_weights(weights, match):

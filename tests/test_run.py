@@ -173,6 +173,28 @@ def test_task_of_the_other_validation_is_refused(tmp_path):
     workdirs.validation_mode(config)
 
 
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
+    ("validation", "weigthed", "config.validation='weigthed'; expected one of"),
+    ("deep.warm_start", "no", "deep.warm_start must be True or False, got 'no'"),
+  ],
+)
+def test_bad_settings_are_refused_before_config_json(tmp_path, field, value, match):
+  """A typo must not be recorded in config.json, or the corrected config would be refused."""
+  from experiments.configs import tiny
+
+  config = tiny.get_config()
+  with config.unlocked():
+    section, _, name = field.rpartition(".")
+    target = config[section] if section else config
+    with target.ignore_type():
+      target[name] = value
+  with pytest.raises(ValueError, match=match):
+    workdirs.prepare(str(tmp_path), config, log=lambda _: None)
+  assert not os.path.exists(tmp_path / "config.json")
+
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))

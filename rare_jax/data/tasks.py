@@ -174,7 +174,9 @@ class RareTask:
       raise ValueError(f"task JSON misses keys {missing}; expected all of {names}")
     unknown = sorted(set(record) - set(names) - {"format", "val_weights"})
     if unknown:
-      raise ValueError(f"task JSON has unknown keys {unknown}; expected only {names}")
+      raise ValueError(
+        f"task JSON has unknown keys {unknown}; expected only {names} and 'val_weights'"
+      )
     kinds = {
       "dataset": str,
       "train_split": str,
