@@ -56,3 +56,16 @@ def test_warm_start_settings():
     assert warm[name] is False, name
   for name in ("compare_fmnist", "inat2017", "places365", "self_supervised"):
     assert warm[name] is True, name
+
+
+def test_feature_normalization_settings():
+  """The demo uses the paper's raw features; the configs of published results keep the
+  z-scoring they were measured with, and the test configs theirs."""
+  mode = {
+    name: importlib.import_module(f"experiments.configs.{name}").get_config().feature_normalization
+    for name in NAMES
+  }
+  for name in ("demo", "compare_imagenet"):
+    assert mode[name] == "none", name
+  for name in ("compare_fmnist", "self_supervised", "compare_self_supervised", "tiny", "tiny_deep"):
+    assert mode[name] == "standardize", name

@@ -27,6 +27,7 @@ def get_config(arg=None):
   config.deep.frozen_blocks = 0
   config.deep.epochs = 2  # E of docs/results/self_supervised (the demo now trains 4)
   config.deep.warm_start = True  # as measured there (the demo restarts from M_pre)
+  config.feature_normalization = "standardize"  # as measured there (the demo: "none")
   config.deep.freeze_batchnorm = False  # frozen BatchNorm is for the EfficientNet-Lite trunks
   config.self_supervised = ml_collections.ConfigDict()
   config.self_supervised.epochs = 5

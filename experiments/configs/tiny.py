@@ -12,6 +12,7 @@ def get_config(arg=None):
   config = demo.get_config(arg)
   config.features = "pixel_pca"
   config.feature_dim = 16
+  config.feature_normalization = "standardize"  # pixel-PCA components differ in scale
   config.strategies = ("ours_linear", "tropel")
   config.num_feature_updates = 2
   config.rounds_per_update = 3

@@ -22,6 +22,7 @@ def get_config(arg=None):
   config.rounds_per_update = 2
   config.batch_size = 5
   config.pseudo_negative_factor = 10.0
+  config.feature_normalization = "standardize"  # the small trunk trained here
   config.deep.model = "resnet_tiny"
   config.deep.init = ""  # M_pre trained here on the related split
   config.deep.image_size = None  # 28x28, one channel
