@@ -5,15 +5,13 @@ r"""Ours vs Tropel (and the frozen-feature and random floors) from the ImageNet 
 
 The demo's settings (experiments/configs/demo.py: EfficientNet-Lite0 from ImageNet at 48x48,
 N=2, Q=5, B=10, f_a=100, E=4, each deep update from M_pre with the main head started from
-linear models, raw features: `feature_normalization="none"`), on two groups
-of 5 rare Fashion-MNIST categories that cover all 10 classes (the other group's classes are
-the pool's common background), over several seeds. The headline model is METHOD.md's: the
-deep main head for `ours`, the linear models for the frozen-feature strategies. The report
-adds paired differences (strategy minus `tropel`, same seed and category) with 95% intervals.
-The validation set is the demo's weighted one (`config.validation = "weighted"`: every test
-image, rare ones weighted k/n); docs/results/imagenet was measured on subsampled ones (14
-positives per category) with E=2, warm-started updates and z-scored features (commit 805ed52), so a rerun there
-gives other figures and needs a new workdir.
+linear models, raw features, the weighted validation set: every test image, rare ones
+weighted k/n) on two groups of 5 rare Fashion-MNIST categories that cover all 10 classes (the
+other group's classes are the pool's common background), over seeds 0-4. The headline model
+is METHOD.md's: the deep main head for `ours`, the linear models for the frozen-feature
+strategies. The report adds paired differences (strategy minus `tropel`, same seed and
+category) with 95% intervals. docs/results/imagenet holds this config's results; its caveats
+name the earlier run (E=2, warm-started updates, z-scored features, subsampled validation).
 Run time: see README, "Reproducing the paper's comparisons".
 """
 
