@@ -178,6 +178,7 @@ def test_task_of_the_other_validation_is_refused(tmp_path):
   [
     ("validation", "weigthed", "config.validation='weigthed'; expected one of"),
     ("deep.warm_start", "no", "deep.warm_start must be True or False, got 'no'"),
+    ("feature_normalization", "zscore", "feature_normalization must be one of .*'zscore'"),
   ],
 )
 def test_bad_settings_are_refused_before_config_json(tmp_path, field, value, match):
