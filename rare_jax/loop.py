@@ -242,10 +242,50 @@ def observe(
       the run, and results are the same): the radix selections then histogram shard by shard
       and the training-set positions are found shard by shard (`select.nth_true`).
   """
+  state, _ = observe_into(
+    state,
+    query_ids,
+    answers,
+    features,
+    None,
+    config=config,
+    train_size=train_size,
+    pool_sharding=pool_sharding,
+  )
+  return state
+
+
+def observe_into(
+  state: LoopState,
+  query_ids: jax.Array,
+  answers: jax.Array,
+  features: jax.Array,
+  rows_buffer: jax.Array | None,
+  *,
+  config: LoopConfig,
+  train_size: int,
+  pool_sharding: NamedSharding | None = None,
+) -> tuple[LoopState, jax.Array]:
+  """`observe`, writing the gathered training-set rows over `rows_buffer` and returning them.
+
+  The rows (`[C, train_size, D]` in the features' dtype, 1 GiB for 10 categories of 12,288
+  rows of 2048 float32) are the round's largest temporary. Jitted with `rows_buffer` donated
+  and the returned rows passed back as the next round's buffer, the gather writes into memory
+  the process already holds: a fresh allocation of that size costs a page fault per 4 KiB on
+  a CPU host (`runner.Engine` does this on CPUs). The buffer's contents are never read, and
+  the state is the one `observe` returns.
+
+  Args:
+    rows_buffer: `[C, train_size, D]` array of the features' dtype, or None (a fresh one).
+    Others: as in `observe`.
+
+  Returns:
+    (the new state, the training-set rows: pass them back as the next `rows_buffer`).
+  """
   next_round = state.round + 1
-  rows = jnp.arange(state.num_categories)[:, None]
-  labels = state.labels.at[rows, query_ids].set(answers.astype(jnp.int8))
-  label_round = state.label_round.at[rows, query_ids].set(next_round)
+  categories = jnp.arange(state.num_categories)[:, None]
+  labels = state.labels.at[categories, query_ids].set(answers.astype(jnp.int8))
+  label_round = state.label_round.at[categories, query_ids].set(next_round)
   unlabeled = labels < 0
   num_positive, num_negative = label_counts(labels)
 
@@ -263,11 +303,17 @@ def observe(
   warm = _where_fitted(fitted(state), state.linear, jax.tree.map(jnp.zeros_like, state.linear))
   fit = both_classes(labels, pseudo_negative)
   ids, member = training_set(labels, pseudo_negative, train_size, pool_sharding=pool_sharding)
-  model, scores = _fit_and_score(
-    labels, ids, member, features[ids], features, warm, fit, config=config
-  )
+  rows = features[ids]
+  if rows_buffer is not None:
+    if rows_buffer.shape != rows.shape or rows_buffer.dtype != rows.dtype:
+      raise ValueError(
+        f"rows_buffer of shape {rows_buffer.shape} and dtype {rows_buffer.dtype}; expected "
+        f"{rows.shape} {rows.dtype} (categories, train_size, features' width and dtype)"
+      )
+    rows = jax.lax.dynamic_update_slice(rows_buffer, rows, (0,) * rows.ndim)
+  model, scores = _fit_and_score(labels, ids, member, rows, features, warm, fit, config=config)
   # A category still without both classes keeps its previous model and ranking.
-  return state.replace(
+  new_state = state.replace(
     round=next_round,
     labels=labels,
     label_round=label_round,
@@ -276,6 +322,7 @@ def observe(
     has_model=jnp.ones((), bool),
     scores=jnp.where(fit[:, None], scores, state.scores),
   )
+  return new_state, rows
 
 
 def refit(

@@ -150,14 +150,39 @@ class Engine:
   float product is formulated to round the same whatever the split: a sharded run is bitwise
   the run on one device (tests/test_loop.py). P must be a multiple of the axis size (pad the
   pool otherwise).
+
+  `reuse_rows` (default: on CPU devices): `step` keeps the last round's gathered training-set
+  rows (`[C, train_size, D]`, 1 GiB for 10 categories x 12,288 rows x 2048 float32) and
+  donates them to the next round, whose gather writes over them (`loop.observe_into`): on a
+  CPU host a fresh allocation of that size page-faults every round (measured: 0.3-0.6 s of a
+  1.6 s round at P = 1M, `benchmarks/loop_round.py`). The engine then holds that memory
+  between rounds (`release_rows` frees it); accelerators' allocators reuse device memory by
+  themselves, so there it is off. The states are the same either way.
   """
 
-  def __init__(self, config: loop.LoopConfig, *, mesh=None, axis: str = "data"):
+  def __init__(
+    self,
+    config: loop.LoopConfig,
+    *,
+    mesh=None,
+    axis: str = "data",
+    reuse_rows: bool | None = None,
+  ):
     self.config = config
     self.mesh = mesh
     self.axis = axis
     if mesh is not None and axis not in mesh.axis_names:
       raise ValueError(f"axis {axis!r} not in mesh axes {mesh.axis_names}")
+    if reuse_rows is None:
+      device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+      reuse_rows = device.platform == "cpu"
+    if not isinstance(reuse_rows, bool):
+      raise ValueError(f"reuse_rows={reuse_rows!r}; expected True, False or None (auto)")
+    self.reuse_rows = reuse_rows
+    self._rows = None  # the last round's training-set rows, donated to the next round
+    # (labels, their label counts) of the last state `step` returned: the next step's
+    # training-set size needs the counts on the host, and observe computes them anyway.
+    self._last_counts = None
     # The [C, P] arrays' sharding, which query, observe and refit also take to keep top-k, the
     # radix selections' histograms and the training-set positions shard-local (None on one
     # device: the plain path).
@@ -168,7 +193,7 @@ class Engine:
     if mesh is None:
       self.features_sharding = self.state_shardings = None
       self.query = jax.jit(query)
-      self.observe = jax.jit(observe, static_argnums=4)
+      self.observe = jax.jit(observe, static_argnums=5, donate_argnums=4)
       self.refit = jax.jit(refit, static_argnums=2)
       self._init = jax.jit(_init_positional, static_argnums=2)
     else:
@@ -188,9 +213,10 @@ class Engine:
       self.query = jax.jit(query, in_shardings=(states,), out_shardings=rep)
       self.observe = jax.jit(
         observe,
-        static_argnums=4,
-        in_shardings=(states, rep, rep, features),
-        out_shardings=states,
+        static_argnums=5,
+        donate_argnums=4,
+        in_shardings=(states, rep, rep, features, rep),
+        out_shardings=(states, rep, rep),
       )
       self.refit = jax.jit(
         refit, static_argnums=2, in_shardings=(states, features), out_shardings=states
@@ -232,7 +258,11 @@ class Engine:
   def step(self, state: loop.LoopState, query_ids, answers, features) -> loop.LoopState:
     """`observe` with the bucketed training-set size computed for this round's answers."""
     answers = np.asarray(answers, bool)
-    num_positive, num_negative = jax.device_get(self._counts(state.labels))
+    if self._last_counts is not None and self._last_counts[0] is state.labels:
+      counts = self._last_counts[1]
+    else:
+      counts = self._counts(state.labels)
+    num_positive, num_negative = jax.device_get(counts)
     train_size = loop.required_train_size(
       num_positive + answers.sum(1),
       num_negative + (~answers).sum(1),
@@ -240,7 +270,35 @@ class Engine:
       config=self.config,
     )
     state, features = self.place_state(state), self.place_features(features)
-    return self.observe(state, query_ids, answers, features, train_size)
+    buffer = self._rows_buffer((state.num_categories, train_size, features.shape[1]), features)
+    state, rows, counts = self.observe(state, query_ids, answers, features, buffer, train_size)
+    self._rows = rows if self.reuse_rows else None
+    self._last_counts = (state.labels, counts)
+    return state
+
+  def _rows_buffer(self, shape: tuple[int, ...], features: jax.Array) -> jax.Array | None:
+    """The buffer `observe` gathers the training sets into: the last round's rows when they
+    fit (same bucket, dtype and sharding), else new zeros (once per bucket); None when rows
+    are not reused."""
+    if not self.reuse_rows:
+      return None
+    rows, self._rows = self._rows, None  # donated below: never used again from here
+    sharding = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+    if (
+      rows is not None
+      and not rows.is_deleted()
+      and rows.shape == shape
+      and rows.dtype == features.dtype
+      and (sharding is None or rows.sharding == sharding)
+    ):
+      return rows
+    del rows
+    return jnp.zeros(shape, features.dtype, device=sharding)
+
+  def release_rows(self) -> None:
+    """Frees the training-set rows kept for the next round (`reuse_rows`); the next `step`
+    allocates them again."""
+    self._rows = None
 
   def refit_on(self, state: loop.LoopState, features) -> loop.LoopState:
     """`refit` on new features, with the bucketed size of the current training set."""
@@ -253,17 +311,21 @@ class Engine:
     return self.query._cache_size() + self.observe._cache_size()
 
 
-def _observe_positional(state, query_ids, answers, features, train_size, *, config, pool_sharding):
+def _observe_positional(
+  state, query_ids, answers, features, rows_buffer, train_size, *, config, pool_sharding
+):
   # jit takes no keyword arguments with in_shardings: the static size is positional.
-  return loop.observe(
+  state, rows = loop.observe_into(
     state,
     query_ids,
     answers,
     features,
+    rows_buffer,
     config=config,
     train_size=train_size,
     pool_sharding=pool_sharding,
   )
+  return state, rows, loop.label_counts(state.labels)  # the counts: observe's own (CSE)
 
 
 def _init_positional(features, seed_ids, seed):

@@ -208,6 +208,42 @@ def test_no_retrace_across_rounds(problem):
   assert engine.compilations() == warm == 2
 
 
+def test_reused_training_rows_are_donated_and_change_no_state(problem, engines):
+  """On CPU the engine keeps each round's gathered training rows and donates them to the next
+  round (no fresh [C, size, D] allocation): the states are those of an engine that allocates
+  them anew, also across a bucket change (a new buffer then) and after `release_rows`."""
+  features, seed_ids, truth = problem
+  reusing = engines["adaptive"]
+  fresh = runner.Engine(reusing.config, reuse_rows=False)
+  assert reusing.reuse_rows and not fresh.reuse_rows  # CPU default: on
+  runs = []
+  for engine in (reusing, fresh):
+    labeler = labelers.SimulatedLabeler(truth)
+    state, states, kept = loop.init(features, seed_ids, seed=0), [], []
+    for round_index in range(7):
+      if round_index == 5:
+        engine.release_rows()
+      ids = np.asarray(engine.query(state))
+      state = engine.step(state, ids, labeler.answer(ids), features)
+      states.append(state)
+      kept.append(engine._rows)
+    runs.append((states, kept))
+  (reused_states, reused_rows), (fresh_states, fresh_rows) = runs
+  for round_index, (a, b) in enumerate(zip(reused_states, fresh_states, strict=True)):
+    assert runner.differing_leaves(a, b) == [], round_index
+  assert all(rows is None for rows in fresh_rows)
+  sizes = [rows.shape[1] for rows in reused_rows]
+  assert len(set(sizes)) > 1, sizes  # the run crossed a bucket: a new buffer was allocated
+  for round_index in range(6):
+    same_bucket = sizes[round_index] == sizes[round_index + 1]
+    released = round_index + 1 == 5
+    # A buffer the next round could use was donated to it (deleted here); otherwise kept.
+    assert reused_rows[round_index].is_deleted() == (same_bucket and not released), round_index
+  assert not reused_rows[-1].is_deleted()
+  with pytest.raises(ValueError, match="reuse_rows"):
+    runner.Engine(reusing.config, reuse_rows="yes")
+
+
 def test_same_seed_same_run_other_seed_other_pseudo_negatives(problem, engines):
   a = run_rounds(engines["adaptive"], problem, 2, seed=0)[-1]
   b = run_rounds(engines["adaptive"], problem, 2, seed=0)[-1]
@@ -435,7 +471,8 @@ def test_sharded_engine_never_gathers_the_pool_on_one_device():
     pool_features = engine.place_features(features)
     state = engine.init(pool_features, seed_ids, seed=0)
     programs[f"query ({querying})"] = engine.query.lower(state)
-  programs["observe"] = engine.observe.lower(state, ids, answers, pool_features, 64)
+  rows = jnp.zeros((CATEGORIES, 64, dim), jnp.float32)
+  programs["observe"] = engine.observe.lower(state, ids, answers, pool_features, rows, 64)
   programs["refit"] = engine.refit.lower(state, pool_features, 64)
   texts = {name: lowered.compile().as_text() for name, lowered in programs.items()}
   gathered = {name: _collective_shapes(text, "all-gather") for name, text in texts.items()}
