@@ -1,23 +1,26 @@
-r"""Times one active-loop round at paper scale against a scikit-learn/numpy baseline.
+r"""Times active-loop rounds at paper scale against a scikit-learn/numpy baseline.
 
     python benchmarks/loop_round.py [--pool=1000000 --dim=2048 --dtypes=float32,bfloat16]
-                                    [--breakdown] [--skip_baseline]
+                                    [--repeats=5] [--breakdown] [--skip_baseline]
 
 State as at the end of a paper-configuration run: per category 50 positives and 455 negatives
 labeled (505 labels) and about 9,500 pseudo-negatives; two warm-up rounds (`--warmup_rounds`),
-so that the timed round starts, like every later round of a run, from a linear model fitted on
-pseudo-negatives of a linear ranking (the first round after the cosine ranking needs about twice
-the L-BFGS iterations: 14-16 instead of 6-8 on the random features here). Prints, per feature
-dtype: (1) rare_jax's round (jitted query + observe: answers, pseudo-negatives, logistic
-regressions, re-scoring the pool), (2) the baseline: sklearn LogisticRegression (lbfgs) per
-category + numpy scoring + argsort rankings + numpy sampling, in its own process on the same
-features, (3) the floor: one jitted pass of `features @ weights.T` over the pool; then the
-ratios and each process's peak resident memory against the feature matrix (8 GiB at the
-default float32 size; the features are never copied). Compilation is excluded (a warm-up
-round runs first). `--breakdown` also times the round's parts one by one against the floor
-(query, pseudo-negatives, training-set ids, the gather of the training sets, the logistic
-regressions warm and cold with their L-BFGS iterations, the re-scoring), to show where a round
-above the floor goes. Not a test: numbers depend on the machine (and its load, printed).
+so that the timed rounds start, like every later round of a run, from a linear model fitted on
+pseudo-negatives of a linear ranking. Then `--repeats` consecutive rounds are timed, each from
+the state the previous one returned (as a run goes; on the random features here the L-BFGS
+iterations of the slowest category go from 7-8 in the first to 13-16 in later ones), each
+followed by a timed floor pass. Prints, per feature dtype: (1) rare_jax's rounds (jitted query
++ observe: answers, pseudo-negatives, logistic regressions, re-scoring the pool), (2) the
+baseline from the same starting states: sklearn LogisticRegression (lbfgs) per category + numpy
+scoring + argsort rankings + numpy sampling, in its own process on the same features, (3) the
+floor: one jitted pass of `features @ weights.T` over the pool; then the ratios of the totals
+(and of the first round alone) and each process's peak resident memory against the feature
+matrix (8 GiB at the default float32 size; the features are never copied). Compilation is
+excluded (the warm-up rounds compile). `--breakdown` also times the first round's parts one by
+one against the floor (query, pseudo-negatives, training-set ids, the gather of the training
+sets into fresh memory and into a reused buffer, the logistic regressions warm and cold with
+their L-BFGS iterations, the re-scoring), to show where a round above the floor goes. Not a
+test: numbers depend on the machine (and its load, printed).
 """
 
 from __future__ import annotations
@@ -142,36 +145,66 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
   def pseudo_negatives(state, ids, answers):
     labels = state.labels.at[jnp.arange(ids.shape[0])[:, None], ids].set(answers.astype(jnp.int8))
     num = select.num_pseudo_negatives(*loop.label_counts(labels), config.pseudo_negative_factor)
-    key = loop.round_key(state, state.round + 1)
-    return labels, select.pseudo_negatives(key, scores=state.scores, unlabeled=labels < 0, num=num)
+    return labels, select.pseudo_negatives(
+      loop.pseudo_negative_key(state),
+      scores=state.scores,
+      unlabeled=labels < 0,
+      num=num,
+      max_num=train_size,
+    )
 
   labels, pseudo = pseudo_negatives(state, ids, answers)
   training_set = jax.jit(loop.training_set, static_argnums=2)
   train_ids, member = training_set(labels, pseudo, train_size)
   gather = jax.jit(lambda features, ids: features[ids])
   rows = gather(features, train_ids)
+  donated = jax.jit(
+    lambda features, ids, buffer: jax.lax.dynamic_update_slice(buffer, features[ids], (0, 0, 0)),
+    donate_argnums=2,
+  )
+  buffers = [jnp.zeros_like(rows)]
+
+  def gather_into_reused_buffer(features, ids):  # as Engine.step on a CPU
+    buffers.append(donated(features, ids, buffers.pop()))
+    return buffers[-1]
+
   targets = (jnp.take_along_axis(labels, train_ids, axis=-1) == 1).astype(jnp.float32)
   fit = jax.jit(
-    lambda rows, targets, weights, init: linear.fit_logistic_batched_with_info(
-      rows, targets, weights, l2=config.l2, init=init, max_iters=config.max_iters, tol=config.tol
+    lambda rows, targets, weights, init, margins: linear.fit_logistic_batched_with_info(
+      rows,
+      targets,
+      weights,
+      l2=config.l2,
+      init=init,
+      max_iters=config.max_iters,
+      tol=config.tol,
+      init_margins=margins,
     )
   )
   weights = member.astype(jnp.float32)
+  # As observe: the warm model's margins are the pool's scores (0 for categories without one).
+  has_warm = loop.fitted(state)
+  warm = jax.tree.map(
+    lambda x: jnp.where(has_warm.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), state.linear
+  )
+  margins = jnp.where(has_warm[:, None], jnp.take_along_axis(state.scores, train_ids, -1), 0.0)
   cold = linear.init_model(rows.shape[2], batch_shape=rows.shape[:1])
+  zeros = jnp.zeros(train_ids.shape)
   one_pass = jax.jit(lambda rows, v: jnp.einsum("cnd,cd->cn", rows, v))
   score = jax.jit(lambda features, model: linear.decision_function(features, model))
   parts = [
     ("one pass over the training sets (X d)", one_pass, (rows, state.linear.weights)),
     ("query (priorities, top-B)", engine.query, (state,)),
     (
-      "answers in, pseudo-negatives (radix selections, random bits)",
+      "answers in, pseudo-negatives (bottom half by radix selection, draw by ranks)",
       pseudo_negatives,
       (state, ids, answers),
     ),
     ("training-set ids (packed words)", training_set, (labels, pseudo, train_size)),
-    (f"gather the training sets {tuple(rows.shape)}", gather, (features, train_ids)),
-    ("logistic regressions, warm start", fit, (rows, targets, weights, state.linear)),
-    ("logistic regressions, cold start", fit, (rows, targets, weights, cold)),
+    (f"gather the training sets {tuple(rows.shape)}, fresh", gather, (features, train_ids)),
+    ("the same gather into a reused buffer", gather_into_reused_buffer, (features, train_ids)),
+    ("logistic regressions, warm start", fit, (rows, targets, weights, warm, margins)),
+    ("logistic regressions, cold start", fit, (rows, targets, weights, cold, zeros)),
     ("re-score the pool (decision_function)", score, (features, state.linear)),
   ]
   print(
@@ -184,10 +217,11 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
     pass_seconds = pass_seconds or seconds
     line = f"  {name}: {seconds:.3f}s = {seconds / floor:.2f}x the floor"
     if fn is fit:
-      # The batched solver runs until the slowest category converges: 3 passes to start (the
-      # centring mean, margins, gradient), then 2 per iteration (X d, then X^T r).
+      # The batched solver runs until the slowest category converges: 1 pass to start (the
+      # centring mean and the gradient's X^T r together; the margins are given), then 2 per
+      # iteration (X d, then X^T r).
       iters = np.asarray(result[1].num_iters)
-      passes = 3 + 2 * int(iters.max())
+      passes = 1 + 2 * int(iters.max())
       line += (
         f"; L-BFGS iterations per category {iters.min()}-{iters.max()}, i.e. {passes} passes: "
         f"{seconds / passes:.3f}s each = {seconds / passes / pass_seconds:.2f}x one X d pass"
@@ -221,43 +255,60 @@ def bench_dtype(args, config, dtype_name: str) -> None:
     warm = rare_jax_round(engine, warm, features, rng)
   jax.block_until_ready(warm)
   del state
-  # The timed round starts from a warm model, as every round after the first does.
-  warm = warm.replace(round=warm.round + 1)
-  ours, after = time_it(rare_jax_round, engine, warm, features, rng, repeats=2)
-  pseudo = np.asarray(after.pseudo_negative.sum(1))
+  # The timed rounds start from a warm model, as every round after the first does, and follow
+  # each other as in a run (each from the state the previous one returned); each is followed
+  # by a timed floor pass, so that both see the same machine (shared machines drift). Each
+  # round's starting state is saved for the baseline, which times its round from the same one.
   floor_fn = jax.jit(floor_pass)
-  weights = after.linear.weights
-  floor_fn(features, weights).block_until_ready()
-  floor, _ = time_it(floor_fn, features, weights, repeats=3)
-  peak = peak_rss_gib()
-  print(
-    f"[{dtype_name}] pseudo-negatives per category: {pseudo.min()}-{pseudo.max()}; "
-    f"compilations: {engine.compilations()}"
-  )
-  print(
-    f"[{dtype_name}] rare_jax round: {ours:.3f}s | floor (one matmul pass): {floor:.3f}s "
-    f"| round/floor = {ours / floor:.2f}x | peak RSS so far {peak:.2f} GiB = "
-    f"{peak / feature_gib:.2f}x the features ({feature_gib:.2f} GiB)",
-    flush=True,
-  )
-  if args.breakdown:
-    breakdown(engine, warm, features, floor, rng)
-  if args.skip_baseline:
-    return
-  # The baseline runs in its own process on the same features (regenerated from the seed), so
-  # that neither holds two feature matrices and each peak RSS is its own.
+  floor_fn(features, warm.linear.weights).block_until_ready()
+  rounds, floors, state, pseudo = [], [], warm, []
+  compiled = engine.compilations()
   with tempfile.TemporaryDirectory() as tmp:
-    state_path = os.path.join(tmp, "state.npz")
-    np.savez(state_path, labels=np.asarray(warm.labels), scores=np.asarray(warm.scores))
-    del features, warm, after, weights
-    command = [sys.executable, __file__, f"--baseline_state={state_path}", f"--dtypes={dtype_name}"]
-    command += [f"--pool={args.pool}", f"--dim={args.dim}", f"--batch_size={args.batch_size}"]
+    state_paths = []
+    for index in range(args.repeats):
+      state_paths.append(os.path.join(tmp, f"state_{index}.npz"))
+      np.savez(state_paths[-1], labels=np.asarray(state.labels), scores=np.asarray(state.scores))
+      seconds, state = time_it(rare_jax_round, engine, state, features, rng)
+      rounds.append(seconds)
+      pseudo.append(np.asarray(state.pseudo_negative.sum(1)))
+      floors.append(time_it(floor_fn, features, state.linear.weights)[0])
+    if engine.compilations() != compiled:
+      print(f"note: the timed rounds compiled {engine.compilations() - compiled} new variant(s)")
+    pseudo = np.concatenate(pseudo)
+    ours, floor = sum(rounds), sum(floors)
+    peak = peak_rss_gib()
+    print(
+      f"[{dtype_name}] {args.repeats} consecutive rounds from the warm state: pseudo-negatives "
+      f"per category {pseudo.min()}-{pseudo.max()}; compilations: {engine.compilations()}"
+    )
+    print(f"[{dtype_name}]   rare_jax round (s):  {' '.join(f'{t:6.3f}' for t in rounds)}")
+    print(f"[{dtype_name}]   floor pass (s):      {' '.join(f'{t:6.3f}' for t in floors)}")
+    print(
+      f"[{dtype_name}] rare_jax rounds: {ours:.3f}s | floor (one matmul pass after each): "
+      f"{floor:.3f}s | round/floor = {ours / floor:.2f}x (first round "
+      f"{rounds[0] / floors[0]:.2f}x) | peak RSS so far {peak:.2f} GiB = "
+      f"{peak / feature_gib:.2f}x the features ({feature_gib:.2f} GiB)",
+      flush=True,
+    )
+    if args.breakdown:
+      breakdown(engine, warm, features, floors[0], rng)
+    if args.skip_baseline:
+      return
+    # The baseline runs in its own process on the same features (regenerated from the seed),
+    # so that neither holds two feature matrices and each peak RSS is its own.
+    del features, warm, state
+    command = [sys.executable, __file__, f"--baseline_state={','.join(state_paths)}"]
+    command += [f"--dtypes={dtype_name}", f"--pool={args.pool}", f"--dim={args.dim}"]
+    command += [f"--batch_size={args.batch_size}"]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
   measured = json.loads(result.stdout.strip().splitlines()[-1])
-  baseline = measured["seconds"]
+  baselines = measured["seconds"]
+  baseline = sum(baselines)
+  print(f"[{dtype_name}]   baseline round (s):  {' '.join(f'{t:6.3f}' for t in baselines)}")
   print(
-    f"[{dtype_name}] baseline (sklearn + numpy, own process): {baseline:.3f}s, peak RSS "
-    f"{measured['peak_rss_gib']:.2f} GiB | speed-up = {baseline / ours:.2f}x | round/floor = "
+    f"[{dtype_name}] baseline (sklearn + numpy, own process, same {args.repeats} starting "
+    f"states): {baseline:.3f}s, peak RSS {measured['peak_rss_gib']:.2f} GiB | speed-up = "
+    f"{baseline / ours:.2f}x (first round {baselines[0] / rounds[0]:.2f}x) | round/floor = "
     f"{ours / floor:.2f}x | rare_jax peak RSS {peak:.2f} GiB = {peak / feature_gib:.2f}x the "
     "features",
     flush=True,
@@ -265,24 +316,28 @@ def bench_dtype(args, config, dtype_name: str) -> None:
 
 
 def run_baseline(args) -> None:
-  """The child process of `bench_dtype`: times `baseline_round`, prints one JSON line."""
+  """The child process of `bench_dtype`: times `baseline_round` from each saved state, prints
+  one JSON line."""
   (dtype_name,) = args.dtypes.split(",")
   features = make_features(args.pool, args.dim, jnp.dtype(dtype_name))
   features_np = np.asarray(features)  # zero-copy on the CPU
   if features_np.dtype != np.float32:
     features_np = features_np.astype(np.float32)  # sklearn/numpy work in float32
     del features
-  with np.load(args.baseline_state) as saved:
-    state = types.SimpleNamespace(labels=saved["labels"], scores=saved["scores"])
-  seconds, _ = time_it(
-    baseline_round,
-    state,
-    features_np,
-    batch_size=args.batch_size,
-    factor=100.0,
-    l2=1.0,
-    rng=np.random.default_rng(0),
-  )
+  seconds = []
+  for path in args.baseline_state.split(","):
+    with np.load(path) as saved:
+      state = types.SimpleNamespace(labels=saved["labels"], scores=saved["scores"])
+    elapsed, _ = time_it(
+      baseline_round,
+      state,
+      features_np,
+      batch_size=args.batch_size,
+      factor=100.0,
+      l2=1.0,
+      rng=np.random.default_rng(0),
+    )
+    seconds.append(elapsed)
   print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_rss_gib()}))
 
 
@@ -300,12 +355,20 @@ def main():
     help="rounds before the timed one (>= 1). With 1 the timed round warm-starts from a model "
     "fitted on the cosine ranking's pseudo-negatives, which only a run's second round does",
   )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=5,
+    help="consecutive rounds timed (each also by the baseline, from the same state), >= 1",
+  )
   parser.add_argument("--skip_baseline", action="store_true")
   parser.add_argument(
     "--breakdown", action="store_true", help="also time the round's parts (needs ~1 GiB more)"
   )
   parser.add_argument("--baseline_state", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.repeats < 1:
+    parser.error(f"--repeats={args.repeats}; expected >= 1")
   if args.warmup_rounds < 1:
     parser.error(f"--warmup_rounds={args.warmup_rounds}; expected >= 1 (the first compiles)")
   if args.baseline_state:

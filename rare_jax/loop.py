@@ -207,14 +207,20 @@ def round_key(state: LoopState, round_index: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(state.seed), round_index)
 
 
-# Random querying folds this into the round's key: the pseudo-negatives of the same round draw
-# from the round key itself, and the two draws must not share random bits.
+# The round's random draws fold these into its key, so that they share no random bits: the
+# random query rule's priorities and the pseudo-negatives.
 _QUERY_STREAM = 1
+_PSEUDO_NEGATIVE_STREAM = 2
 
 
 def query_key(state: LoopState) -> jax.Array:
   """The key of the random query of the round after `state` (`fold_in(seed, round)`-derived)."""
   return jax.random.fold_in(round_key(state, state.round + 1), _QUERY_STREAM)
+
+
+def pseudo_negative_key(state: LoopState) -> jax.Array:
+  """The key of the pseudo-negative draw of the round after `state`."""
+  return jax.random.fold_in(round_key(state, state.round + 1), _PSEUDO_NEGATIVE_STREAM)
 
 
 def observe(
@@ -291,18 +297,23 @@ def observe_into(
 
   if config.pseudo_negative_factor > 0:
     pseudo_negative = select.pseudo_negatives(
-      round_key(state, next_round),
+      pseudo_negative_key(state),
       scores=state.scores,
       unlabeled=unlabeled,
       num=select.num_pseudo_negatives(num_positive, num_negative, config.pseudo_negative_factor),
+      max_num=train_size,  # >= labels + pseudo-negatives (required_train_size)
       pool_sharding=pool_sharding,
     )
   else:
     pseudo_negative = jnp.zeros_like(state.pseudo_negative)
 
-  warm = _where_fitted(fitted(state), state.linear, jax.tree.map(jnp.zeros_like, state.linear))
+  has_warm = fitted(state)
+  warm = _where_fitted(has_warm, state.linear, jax.tree.map(jnp.zeros_like, state.linear))
   fit = both_classes(labels, pseudo_negative)
   ids, member = training_set(labels, pseudo_negative, train_size, pool_sharding=pool_sharding)
+  # The warm model's logits on the training rows are the pool's current scores (0 for a zero
+  # model): the fit needs no pass to start.
+  margins = jnp.where(has_warm[:, None], jnp.take_along_axis(state.scores, ids, axis=-1), 0.0)
   rows = features[ids]
   if rows_buffer is not None:
     if rows_buffer.shape != rows.shape or rows_buffer.dtype != rows.dtype:
@@ -311,7 +322,9 @@ def observe_into(
         f"{rows.shape} {rows.dtype} (categories, train_size, features' width and dtype)"
       )
     rows = jax.lax.dynamic_update_slice(rows_buffer, rows, (0,) * rows.ndim)
-  model, scores = _fit_and_score(labels, ids, member, rows, features, warm, fit, config=config)
+  model, scores = _fit_and_score(
+    labels, ids, member, rows, features, warm, margins, fit, config=config
+  )
   # A category still without both classes keeps its previous model and ranking.
   new_state = state.replace(
     round=next_round,
@@ -347,7 +360,7 @@ def refit(
   )
   rows = features[ids]  # [C, train_size, D]: the only rows gathered from the pool
   model, scores = _fit_and_score(
-    state.labels, ids, member, rows, features, zeros, fit, config=config
+    state.labels, ids, member, rows, features, zeros, jnp.zeros(ids.shape), fit, config=config
   )
   # The seeds are in the training set (labels from round 0): their centroid from its rows.
   seeds = jnp.logical_and(state.label_round == 0, state.labels == 1)
@@ -368,10 +381,11 @@ def _where_fitted(fit: jax.Array, model: linear.LinearModel, other: linear.Linea
   )
 
 
-def _fit_and_score(labels, ids, valid, rows, features, init, fit, *, config):
+def _fit_and_score(labels, ids, valid, rows, features, init, margins, fit, *, config):
   """Algorithm 1 lines 15-18: fit on L_p (1), L_n and W_n (0); score the pool in one pass.
 
-  `ids`, `valid` are the training set (`training_set`), `rows` its gathered features. Categories
+  `ids`, `valid` are the training set (`training_set`), `rows` its gathered features, `margins`
+  the logits of the starting model `init` on them. Categories
   where `fit` (`[C]` bool) is False get no examples (their one-class fit would be degenerate
   and, running to `max_iters`, would hold up the batched solver); the caller keeps another
   model for them.
@@ -386,6 +400,7 @@ def _fit_and_score(labels, ids, valid, rows, features, init, fit, *, config):
     init=init,
     max_iters=config.max_iters,
     tol=config.tol,
+    init_margins=margins,
   )
   return model, linear.decision_function(features, model).T.astype(jnp.float32)
 

@@ -445,15 +445,18 @@ def pseudo_negatives(
   scores: jax.Array,
   unlabeled: jax.Array,
   num: jax.Array,
+  max_num: int | None = None,
   pool_sharding: NamedSharding | None = None,
 ) -> jax.Array:
   """Draws pseudo-negatives (paper line 14) uniformly from the bottom 50% of the ranking.
 
   Args:
-    key: PRNG key for this round.
+    key: PRNG key for this round's draw.
     scores: `[C, P]` current positive scores.
     unlabeled: `[C, P]` bool, images without a human label for that category.
     num: `[C]` int32 how many to draw (all candidates if fewer).
+    max_num: static bound on `num` (>= every row's `num`, e.g. the padded training-set
+      size): the draw works on `[C, max_num]` ranks. None: P // 2, always enough.
     pool_sharding: the sharding of the `[C, P]` arrays when the pool is split over a mesh
       (`NamedSharding(mesh, P(None, axis))`): the selections' histograms are then shard-local,
       summed across devices. None (one device): the plain path. Same result either way.
@@ -462,5 +465,118 @@ def pseudo_negatives(
     `[C, P]` bool mask of exactly `min(num, floor(U/2))` images per category.
   """
   candidates = bottom_half(scores, unlabeled, pool_sharding=pool_sharding)
-  random_keys = jax.random.bits(key, scores.shape, jnp.uint32)
-  return smallest_k_mask(random_keys, candidates, num, pool_sharding=pool_sharding)
+  return uniform_subset(key, candidates, num, max_num=max_num, pool_sharding=pool_sharding)
+
+
+def uniform_subset(
+  key: jax.Array,
+  candidates: jax.Array,
+  num: jax.Array,
+  *,
+  max_num: int | None = None,
+  pool_sharding: NamedSharding | None = None,
+) -> jax.Array:
+  """`[..., P]` mask of `min(num, #candidates)` of each row's candidates, drawn uniformly
+  without replacement.
+
+  Drawn in rank space: with m candidates in a row, `min(num, m - num)` distinct ranks in
+  [0, m) (`distinct_ranks`; the complement when more than half are wanted), then their pool
+  positions (`nth_true`, one pass over the packed mask). The random numbers and sorts are
+  `[..., max_num]`, not `[..., P]`: one random word per candidate and two radix selections
+  over the pool (the previous draw) cost about 100 ms a round at C = 10, P = 1M on a CPU.
+
+  Args:
+    key: PRNG key.
+    candidates: `[..., P]` bool.
+    num: `[...]` int, how many to draw per row.
+    max_num: static bound on `num` (see `pseudo_negatives`); None: P // 2.
+    pool_sharding: the sharding of `candidates` over a mesh, if any (see `nth_true`).
+  """
+  size = candidates.shape[-1]
+  bound = max(1, size // 2) if max_num is None else max(1, min(int(max_num), size // 2))
+  if max_num is not None and not isinstance(num, jax.core.Tracer):
+    if np.any(np.asarray(num) > max_num):
+      raise ValueError(f"num {np.asarray(num).tolist()} exceeds max_num={max_num}")
+  available = jnp.sum(candidates, axis=-1, dtype=jnp.int32)
+  wanted = jnp.clip(num.astype(jnp.int32), 0, available)
+  complement = 2 * wanted > available  # draw the ones to leave out instead (fewer)
+  count = jnp.where(complement, available - wanted, wanted)  # <= available // 2 <= P // 2
+  ranks = distinct_ranks(key, available, count, bound)
+  positions = nth_true(candidates, ranks, fill_value=-1, pool_sharding=pool_sharding)
+  drawn = _mask_of_positions(positions, size, pool_sharding)
+  return jnp.where(complement[..., None], jnp.logical_and(candidates, ~drawn), drawn)
+
+
+_NO_RANK = np.iinfo(np.int32).max
+
+
+def distinct_ranks(key: jax.Array, population: jax.Array, count: jax.Array, size: int):
+  """`[..., size]` int32 per row: `count` distinct ranks drawn uniformly from
+  [0, population), in increasing order, then `2^31 - 1` in the unused slots.
+
+  Draws `count` ranks with replacement, then redraws the repeats until none is left. The
+  procedure commutes with every relabelling of [0, population), so the set it ends with is a
+  uniformly random `count`-subset. Needs `count <= population // 2` (each redraw then hits a
+  new rank with probability >= 1/2: a few sorts of `[..., size]` in all) and `count <= size`.
+
+  Args:
+    key: PRNG key (redraw i uses `fold_in(key, i)`).
+    population, count: `[...]` int32.
+    size: static number of slots.
+  """
+  population = population.astype(jnp.int32)
+  shape = population.shape + (size,)
+  used = jnp.arange(size, dtype=jnp.int32) < count[..., None]
+  high = jnp.maximum(population, 1)[..., None]
+
+  def draw(index):
+    return jax.random.randint(jax.random.fold_in(key, index), shape, 0, high, jnp.int32)
+
+  def repeats(ranks):  # all but the first of equal ranks (sorted rows)
+    same = jnp.concatenate(
+      [jnp.zeros(shape[:-1] + (1,), bool), ranks[..., 1:] == ranks[..., :-1]], axis=-1
+    )
+    return jnp.logical_and(same, ranks != _NO_RANK)
+
+  def redraw(carry):
+    index, ranks = carry
+    return index + 1, jnp.sort(jnp.where(repeats(ranks), draw(index), ranks), axis=-1)
+
+  ranks = jnp.sort(jnp.where(used, draw(0), _NO_RANK), axis=-1)
+  _, ranks = jax.lax.while_loop(lambda carry: jnp.any(repeats(carry[1])), redraw, (1, ranks))
+  return ranks
+
+
+def _mask_of_positions(
+  positions: jax.Array, size: int, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
+  """`[..., size]` bool, True at `positions` (`[..., S]` int32; negative entries: none).
+
+  With `pool_sharding` each device sets the positions that fall in its own columns.
+  """
+  axis = pool_axis(pool_sharding)
+  devices = _axis_size(pool_sharding)
+  if axis is None or size % devices:
+    return _local_mask_of_positions(positions, size)
+  width = size // devices
+
+  def local(positions):
+    offset = jax.lax.axis_index(axis) * width
+    inside = jnp.logical_and(positions >= offset, positions < offset + width)
+    return _local_mask_of_positions(jnp.where(inside, positions - offset, -1), width)
+
+  return jax.shard_map(
+    local,
+    mesh=pool_sharding.mesh,
+    in_specs=PartitionSpec(),
+    out_specs=_last_axis_spec(positions.ndim, axis),
+  )(positions)
+
+
+def _local_mask_of_positions(positions: jax.Array, size: int) -> jax.Array:
+  lead = positions.shape[:-1]
+  rows = math.prod(lead)
+  flat = positions.reshape(rows, -1)
+  index = jnp.where(flat >= 0, flat, size)  # out of bounds: dropped
+  mask = jnp.zeros((rows, size), bool).at[jnp.arange(rows)[:, None], index].set(True, mode="drop")
+  return mask.reshape(lead + (size,))

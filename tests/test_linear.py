@@ -165,6 +165,27 @@ def test_warm_start_same_optimum_fewer_iterations():
   assert int(warm_info.num_iters) < int(cold_info.num_iters), (warm_info, cold_info)
 
 
+def test_given_initial_margins_start_the_same_fit():
+  """A warm start given its margins (e.g. the pool's scores) runs the fit a computed start
+  runs: same optimum and iterations; margins of another model are a different start; shapes
+  are checked."""
+  data = pad(*make_data(3), NUM_PADDING)
+  perturbed = (data[0], data[1], data[2] * np.linspace(0.8, 1.2, data[2].size))
+  with jax.enable_x64(True):
+    fit = fit64("lbfgs")
+    near, _ = fit(*perturbed, init=ZEROS)
+    computed, computed_info = fit(*data, init=near)
+    margins = data[0] @ np.asarray(near.weights) + float(near.bias)
+    given, given_info = fit(*data, init=near, init_margins=jnp.asarray(margins))
+    _, wrong_info = fit(*data, init=near, init_margins=jnp.asarray(margins + 3.0))
+  np.testing.assert_allclose(given.weights, computed.weights, atol=1e-9)
+  np.testing.assert_allclose(given.bias, computed.bias, atol=1e-9)
+  assert int(given_info.num_iters) == int(computed_info.num_iters)
+  assert int(wrong_info.num_iters) != int(computed_info.num_iters)
+  with pytest.raises(ValueError, match="init_margins of shape"):
+    linear.fit_logistic(*data, l2=L2, init_margins=jnp.zeros(3))
+
+
 NUM_CATEGORIES = 3
 BATCHED_TRACES = []
 

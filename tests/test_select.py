@@ -144,6 +144,42 @@ def test_pseudo_negatives_count_range_and_uniformity():
   np.testing.assert_array_equal(np.asarray(unjitted)[0], draws[7])  # jit == no jit
 
 
+def test_uniform_subset_draws_every_subset_equally_often_and_exactly_num():
+  """6 candidates among 9 positions: 2 of them (15 subsets, drawn as ranks) and 4 of them (15
+  subsets, drawn as the 2 left out) come out equally often; 0, all and more than all are
+  exact; the ranks behind them are distinct, sorted and padded."""
+  candidates = np.zeros((5, 9), bool)
+  candidates[:, [0, 2, 3, 5, 7, 8]] = True
+  num = jnp.array([2, 4, 0, 6, 50])
+  draw = jax.jit(
+    lambda r: select.uniform_subset(jax.random.fold_in(jax.random.key(0), r), candidates, num)
+  )
+  counts = [{}, {}]
+  for r in range(3000):
+    mask = np.asarray(draw(r))
+    np.testing.assert_array_equal(mask.sum(1), [2, 4, 0, 6, 6])
+    assert not np.any(mask & ~candidates)
+    for row in (0, 1):
+      subset = tuple(np.flatnonzero(mask[row]))
+      counts[row][subset] = counts[row].get(subset, 0) + 1
+  for row in (0, 1):
+    assert len(counts[row]) == 15, counts[row]
+    # 200 expected each; binomial sd about 14: 6 sd either way.
+    assert min(counts[row].values()) > 115 and max(counts[row].values()) < 285, counts[row]
+  ranks = np.asarray(
+    select.distinct_ranks(
+      jax.random.key(1), jnp.array([10, 1, 0, 1000]), jnp.array([5, 0, 0, 3]), 6
+    )
+  )
+  no_rank = np.iinfo(np.int32).max
+  for row, (population, count) in enumerate([(10, 5), (1, 0), (0, 0), (1000, 3)]):
+    drawn = ranks[row, :count]
+    assert len(set(drawn)) == count and np.all(np.diff(drawn) > 0)
+    assert np.all((drawn >= 0) & (drawn < population)) and np.all(ranks[row, count:] == no_rank)
+  with pytest.raises(ValueError, match="exceeds max_num=3"):
+    select.uniform_subset(jax.random.key(0), jnp.asarray(candidates), num, max_num=3)
+
+
 def _bisection_smallest_k_mask(keys, valid, k):
   """The previous implementation (32 bisection steps, ties by a cumulative sum), one row."""
 
