@@ -296,6 +296,7 @@ def bench_dtype(args, config, dtype_name: str) -> None:
       return
     # The baseline runs in its own process on the same features (regenerated from the seed),
     # so that neither holds two feature matrices and each peak RSS is its own.
+    engine.release_rows()
     del features, warm, state
     command = [sys.executable, __file__, f"--baseline_state={','.join(state_paths)}"]
     command += [f"--dtypes={dtype_name}", f"--pool={args.pool}", f"--dim={args.dim}"]

@@ -4,7 +4,8 @@
 when it resumes one, refuses a fingerprint that differs: resuming with other features, seeds or
 loop settings (l2, B, f_a, ...) would silently mix two runs in one set of checkpoints and logs.
 
-A fingerprint is a flat JSON dict: the strategy, the seed, the `LoopConfig` fields, the deep
+A fingerprint is a flat JSON dict: the strategy, the seed, the `LoopConfig` fields, the loop's
+version (`loop.LOOP_VERSION`: code that draws or fits differently), the deep
 update period Q (deep strategies), and for each array (pool and validation features, seed
 positions, validation ground truth) its shape, dtype and a SHA-256 of up to `SAMPLE_ROWS` rows
 evenly spaced through it (cheap on a large pool; exact, so a resumed run is bit-identical).
@@ -20,6 +21,7 @@ import os
 import jax
 import numpy as np
 
+from rare_jax import loop
 from rare_jax.checkpoint import write_json_atomic
 
 FILENAME = "fingerprint.json"
@@ -63,6 +65,7 @@ def run_fingerprint(
     val_weights: `[V]` validation weights; None (all 1) adds no key, as before the field.
   """
   fingerprint = {"strategy": strategy, "seed": int(seed), **dataclasses.asdict(loop_config)}
+  fingerprint["loop_version"] = loop.LOOP_VERSION  # (absent: version 1)
   if rounds_per_update is not None:
     fingerprint["rounds_per_update"] = int(rounds_per_update)
   for name, value in (

@@ -28,6 +28,12 @@ from rare_jax import linear, select
 
 UNKNOWN = -1
 
+# The loop's version: raised when a change makes the same inputs give other states (runs that
+# started before it can then neither resume bit-exactly nor replay). It is in each run's
+# fingerprint, so such a run directory is refused. 2 (2026-12-04): pseudo-negatives
+# drawn in rank space, warm fits started from the pool's scores.
+LOOP_VERSION = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -239,10 +245,14 @@ def observe(
     state: the state `query_ids` were computed from.
     query_ids: `[C, B]` pool positions that were asked.
     answers: `[C, B]` bool answers.
-    features: `[P, D]` the cached pool features.
+    features: `[P, D]` the cached pool features, the ones `state.scores` were computed on
+      (after new features, `refit` first): the warm start's logits on the training rows are
+      taken from `state.scores` rather than recomputed. (So a float64 fit starts from float32
+      logits.)
     config: static loop settings.
     train_size: static padded training-set size, >= every category's |L_p|+|L_n|+|W_n|
-      (see `required_train_size`).
+      (`required_train_size`; `Engine.step` computes it). Smaller, the pseudo-negative draw
+      and the training sets come out wrong without an error (traced values are not checked).
     pool_sharding: the sharding of the state's `[C, P]` arrays when the pool is split over a
       mesh (`runner.Engine`; not a `LoopConfig` field: how the pool is laid out is no setting of
       the run, and results are the same): the radix selections then histogram shard by shard
@@ -286,7 +296,8 @@ def observe_into(
     Others: as in `observe`.
 
   Returns:
-    (the new state, the training-set rows: pass them back as the next `rows_buffer`).
+    (the new state, the training-set rows: pass them back as the next `rows_buffer`; None
+    when `rows_buffer` is None, so that the rows are no output of a jitted call then).
   """
   next_round = state.round + 1
   categories = jnp.arange(state.num_categories)[:, None]
@@ -335,7 +346,7 @@ def observe_into(
     has_model=jnp.ones((), bool),
     scores=jnp.where(fit[:, None], scores, state.scores),
   )
-  return new_state, rows
+  return new_state, (rows if rows_buffer is not None else None)
 
 
 def refit(

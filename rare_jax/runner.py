@@ -534,6 +534,7 @@ def run_strategy(
         deep_metrics = None
         if updates_after(round_index):
           version += 1
+          engine.release_rows()  # not held through the deep update
           features, val_features, deep_metrics = updater.update(state, version)
           state = engine.refit_on(state, features)
         store.save(
@@ -553,6 +554,7 @@ def run_strategy(
           f"{record['labels_per_category']:4d} | positives found {record['positives_found']} | "
           f"mean F1 {record['mean_f1']:.3f}{deep} | {record['seconds']:.2f}s"
         )
+  engine.release_rows()  # an engine kept for other runs (compare) holds no rows between them
   return records
 
 
@@ -640,6 +642,7 @@ def replay_strategy(
         return mismatch(round_index, f"bad answers record ({e})")
       state = engine.step(state, query_ids, answer, features)
       if updater is not None and round_index % per_update == 0:
+        engine.release_rows()
         features, val_features, _ = updater.update(state, round_index // per_update)
         different = differing_leaves(
           (features, val_features), recorded.features(round_index // per_update)

@@ -2,8 +2,9 @@
 
 Everything here is pure and jittable, works on `[C, P]` score arrays (C categories of a group,
 P images in the pool) and touches each array a bounded number of times: top-k instead of full
-sorts, and order statistics by radix selection over 32-bit keys (two histogram passes) instead
-of sorting for the bottom-50% rule and for uniform sampling without replacement.
+sorts, an order statistic by radix selection over 32-bit keys (two histogram passes) instead
+of sorting for the bottom-50% rule, and uniform sampling without replacement in rank space
+(random numbers and sorts of the sample's size, not the pool's).
 """
 
 from __future__ import annotations
@@ -494,13 +495,15 @@ def uniform_subset(
   """
   size = candidates.shape[-1]
   bound = max(1, size // 2) if max_num is None else max(1, min(int(max_num), size // 2))
-  if max_num is not None and not isinstance(num, jax.core.Tracer):
-    if np.any(np.asarray(num) > max_num):
-      raise ValueError(f"num {np.asarray(num).tolist()} exceeds max_num={max_num}")
   available = jnp.sum(candidates, axis=-1, dtype=jnp.int32)
-  wanted = jnp.clip(num.astype(jnp.int32), 0, available)
+  wanted = jnp.clip(jnp.asarray(num).astype(jnp.int32), 0, available)
   complement = 2 * wanted > available  # draw the ones to leave out instead (fewer)
   count = jnp.where(complement, available - wanted, wanted)  # <= available // 2 <= P // 2
+  if not isinstance(count, jax.core.Tracer) and np.any(np.asarray(count) > bound):
+    raise ValueError(
+      f"num {np.asarray(num).tolist()} needs more than max_num={max_num} draws for "
+      f"{np.asarray(available).tolist()} candidates; expected max_num >= num"
+    )
   ranks = distinct_ranks(key, available, count, bound)
   positions = nth_true(candidates, ranks, fill_value=-1, pool_sharding=pool_sharding)
   drawn = _mask_of_positions(positions, size, pool_sharding)

@@ -382,6 +382,15 @@ def test_run_dir_of_other_features_or_settings_is_refused(problem, engines, tmp_
       ValueError, match=f"{re.escape(str(run_dir))} was started with other settings.*{match}"
     ):
       run_ours_linear(problem, run_dir, **kwargs)
+  # A run started by code that draws or fits differently (no loop_version there: version 1).
+  path = run_dir / "fingerprint.json"
+  older = json.loads(path.read_text())
+  del older["loop_version"]
+  path.write_text(json.dumps(older))
+  match = rf"differs in loop_version: None in the run, {loop.LOOP_VERSION} now"
+  with pytest.raises(ValueError, match=match):
+    run_ours_linear(problem, run_dir, engine=engine)
+  path.write_bytes(files[path])
   assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files  # untouched
   # The same settings resume exactly, also in a directory from before fingerprints.
   (run_dir / "fingerprint.json").unlink()
