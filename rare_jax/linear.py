@@ -633,8 +633,9 @@ def fit_logistic(
     solver: "lbfgs" (2 feature passes per iteration) or "newton" (Hessian matmul per iteration).
     init_margins: `[N]` the logits of `init` on the rows (`features @ init.weights +
       init.bias`) when the caller has them, e.g. the pool's scores under that model: saves
-      the fit its first pass. None: computed. Margins that are not `init`'s are a wrong
-      starting point (the solver then converges from the wrong iterate's gradient).
+      the fit its first pass. None: computed. Margins that are not `init`'s make the fit
+      wrong without an error: the solver updates the margins it is given and never
+      recomputes them, so it converges (and reports convergence) for another problem.
 
   Returns:
     A `LinearModel` with weights `[D]` and a scalar bias, in f32 (f64 for f64 features).

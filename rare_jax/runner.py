@@ -154,8 +154,10 @@ class Engine:
   `reuse_rows` (default: on CPU devices): `step` keeps the last round's gathered training-set
   rows (`[C, train_size, D]`, 1 GiB for 10 categories x 12,288 rows x 2048 float32) and
   donates them to the next round, whose gather writes over them (`loop.observe_into`): on a
-  CPU host a fresh allocation of that size page-faults every round (measured: 0.3-0.6 s of a
-  1.6 s round at P = 1M, `benchmarks/loop_round.py`). The engine then holds that memory
+  CPU host a fresh allocation of that size page-faults every round (2-core CPU, P = 1M,
+  `benchmarks/loop_round.py --breakdown`: the gather alone 0.70 s into fresh memory, 0.07 s
+  into the reused buffer; whole rounds 1.60-1.72 s before, 1.25-1.45 s after). The engine
+  then holds that memory
   between rounds (`release_rows` frees it); accelerators' allocators reuse device memory by
   themselves, so there it is off. The states are the same either way.
   """

@@ -484,7 +484,9 @@ def uniform_subset(
   [0, m) (`distinct_ranks`; the complement when more than half are wanted), then their pool
   positions (`nth_true`, one pass over the packed mask). The random numbers and sorts are
   `[..., max_num]`, not `[..., P]`: one random word per candidate and two radix selections
-  over the pool (the previous draw) cost about 100 ms a round at C = 10, P = 1M on a CPU.
+  over the pool were the previous draw (the whole pseudo-negative step took 0.45 s with it and
+  0.26 s with this one at C = 10, P = 1M on a 2-core CPU, `benchmarks/loop_round.py
+  --breakdown`).
 
   Args:
     key: PRNG key.
