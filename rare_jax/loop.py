@@ -281,7 +281,7 @@ def observe_into(
   config: LoopConfig,
   train_size: int,
   pool_sharding: NamedSharding | None = None,
-) -> tuple[LoopState, jax.Array]:
+) -> tuple[LoopState, jax.Array | None]:
   """`observe`, writing the gathered training-set rows over `rows_buffer` and returning them.
 
   The rows (`[C, train_size, D]` in the features' dtype, 1 GiB for 10 categories of 12,288
