@@ -182,12 +182,7 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
     )
   )
   weights = member.astype(jnp.float32)
-  # As observe: the warm model's margins are the pool's scores (0 for categories without one).
-  has_warm = loop.fitted(state)
-  warm = jax.tree.map(
-    lambda x: jnp.where(has_warm.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), state.linear
-  )
-  margins = jnp.where(has_warm[:, None], jnp.take_along_axis(state.scores, train_ids, -1), 0.0)
+  warm, margins = loop.warm_start(state, train_ids)  # as observe starts its fits
   cold = linear.init_model(rows.shape[2], batch_shape=rows.shape[:1])
   zeros = jnp.zeros(train_ids.shape)
   one_pass = jax.jit(lambda rows, v: jnp.einsum("cnd,cd->cn", rows, v))

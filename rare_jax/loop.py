@@ -318,13 +318,9 @@ def observe_into(
   else:
     pseudo_negative = jnp.zeros_like(state.pseudo_negative)
 
-  has_warm = fitted(state)
-  warm = _where_fitted(has_warm, state.linear, jax.tree.map(jnp.zeros_like, state.linear))
   fit = both_classes(labels, pseudo_negative)
   ids, member = training_set(labels, pseudo_negative, train_size, pool_sharding=pool_sharding)
-  # The warm model's logits on the training rows are the pool's current scores (0 for a zero
-  # model): the fit needs no pass to start.
-  margins = jnp.where(has_warm[:, None], jnp.take_along_axis(state.scores, ids, axis=-1), 0.0)
+  warm, margins = warm_start(state, ids)
   rows = features[ids]
   if rows_buffer is not None:
     if rows_buffer.shape != rows.shape or rows_buffer.dtype != rows.dtype:
@@ -383,6 +379,18 @@ def refit(
     has_model=jnp.ones((), bool),
     scores=jnp.where(fit[:, None], scores, cosine),
   )
+
+
+def warm_start(state: LoopState, ids: jax.Array) -> tuple[linear.LinearModel, jax.Array]:
+  """The model `observe`'s fits start from and its logits on the training rows `ids` `[C, N]`.
+
+  The state's model where it has one (`fitted`), else zeros. Its logits are the pool's current
+  scores at `ids` (0 for a zero model), so the fit needs no pass over the rows to start.
+  """
+  has_model = fitted(state)
+  model = _where_fitted(has_model, state.linear, jax.tree.map(jnp.zeros_like, state.linear))
+  margins = jnp.where(has_model[:, None], jnp.take_along_axis(state.scores, ids, axis=-1), 0.0)
+  return model, margins
 
 
 def _where_fitted(fit: jax.Array, model: linear.LinearModel, other: linear.LinearModel):
