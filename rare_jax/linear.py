@@ -166,6 +166,21 @@ def _split_bfloat16(vectors: jax.Array) -> jax.Array:
   return jnp.concatenate([hi, mid, lo], axis=-1).astype(jnp.bfloat16)
 
 
+# XLA:CPU runs a product that contracts the rows of a tall operand (`X^T r`, `[N, D] x [N]`)
+# about 1.4x slower than `X d` over the same bytes (37.6 vs 26.9 ms at [10, 12288, 2048] f32 on
+# this project's 2-core CPU machine). Split into blocks of `_ROW_BLOCK` rows, one batched
+# product of the blocks whose partial sums are then added, it runs at `X d`'s speed (24.4 ms).
+# Only the summation order differs (float rounding).
+_ROW_BLOCK = 256
+
+
+def _row_block(num_rows: int) -> int:
+  """Rows per block for f32 products that contract the rows on CPU; 0 for one product."""
+  if jax.default_backend() != "cpu" or num_rows % _ROW_BLOCK or num_rows < 2 * _ROW_BLOCK:
+    return 0
+  return _ROW_BLOCK
+
+
 def features_times(
   features: jax.Array, columns: jax.Array, contract_rows: bool = False
 ) -> jax.Array:
@@ -182,9 +197,21 @@ def features_times(
     product = product.reshape(*product.shape[:-1], 3, k)
     return (product[..., 2, :] + product[..., 1, :]) + product[..., 0, :]
   # f32/f64 (and, upcast, other low-precision types such as f16).
+  features, columns = features.astype(out_dtype), columns.astype(out_dtype)
+  block = _row_block(features.shape[0]) if contract_rows else 0
+  if block:  # [N/B, B, D]^T x [N/B, B, K] -> [N/B, D, K] partial sums, then their sum
+    blocks = features.shape[0] // block
+    partial = lax.dot_general(
+      features.reshape(blocks, block, -1),
+      columns.reshape(blocks, block, -1),
+      (((1,), (1,)), ((0,), (0,))),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=out_dtype,
+    )
+    return jnp.sum(partial, axis=0)
   return lax.dot_general(
-    features.astype(out_dtype),
-    columns.astype(out_dtype),
+    features,
+    columns,
     (contract, ((), ())),
     precision=lax.Precision.HIGHEST,
     preferred_element_type=out_dtype,
@@ -204,9 +231,21 @@ def _vectors_times_features(vectors: jax.Array, features: jax.Array) -> jax.Arra
     parts = _split_bfloat16(vectors.T).T  # [3K, N]: hi, mid, lo blocks
     product = lax.dot_general(parts, features, contract, preferred_element_type=out_dtype)
     return (product[2 * k :] + product[k : 2 * k]) + product[:k]
+  vectors, features = vectors.astype(out_dtype), features.astype(out_dtype)
+  block = _row_block(features.shape[0]) if vectors.ndim == 2 else 0
+  if block:  # [K, N/B, B] x [N/B, B, D] -> [N/B, K, D] partial sums, then their sum
+    blocks = features.shape[0] // block
+    partial = lax.dot_general(
+      vectors.reshape(vectors.shape[0], blocks, block),
+      features.reshape(blocks, block, -1),
+      (((2,), (1,)), ((1,), (0,))),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=out_dtype,
+    )
+    return jnp.sum(partial, axis=0)
   return lax.dot_general(
-    vectors.astype(out_dtype),
-    features.astype(out_dtype),
+    vectors,
+    features,
     contract,
     precision=lax.Precision.HIGHEST,
     preferred_element_type=out_dtype,

@@ -31,8 +31,9 @@ UNKNOWN = -1
 # The loop's version: raised when a change makes the same inputs give other states (runs that
 # started before it can then neither resume bit-exactly nor replay). It is in each run's
 # fingerprint, so such a run directory is refused. 2 (2026-12-04): pseudo-negatives
-# drawn in rank space, warm fits started from the pool's scores.
-LOOP_VERSION = 2
+# drawn in rank space, warm fits started from the pool's scores. 3 (2026-12-04): on CPU the
+# fits sum their products over the rows in blocks of 256 rows (other float rounding).
+LOOP_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -290,6 +290,28 @@ def test_decision_function_matches_numpy():
   np.testing.assert_allclose(single, expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1024, 1000])
+def test_products_over_the_rows_match_float64(rows):
+  """`X^T c` and `V X` (the gradient's and the centring mean's products): on CPU, over a
+  multiple of 256 rows (>= 512) they run as one batch of 256-row blocks whose partial sums are
+  added (faster on XLA:CPU); any other count, as one product. Both to f32 rounding."""
+  rng = np.random.default_rng(11)
+  features = rng.normal(size=(rows, 48)).astype(np.float32)
+  columns = rng.normal(size=(rows, 3)).astype(np.float32)
+  expected = features.astype(np.float64).T @ columns.astype(np.float64)
+  product = jax.jit(linear.features_times, static_argnums=2)
+  np.testing.assert_allclose(product(features, columns, True), expected, rtol=1e-5, atol=1e-4)
+  vectors_times = jax.jit(linear._vectors_times_features)
+  np.testing.assert_allclose(vectors_times(columns.T, features), expected.T, rtol=1e-5, atol=1e-4)
+  blocked = jax.default_backend() == "cpu" and rows % 256 == 0
+  for function, args in (
+    (product, (features, columns, True)),
+    (vectors_times, (columns.T, features)),
+  ):
+    text = function.lower(*args).as_text()
+    assert ("batching_dims" in text or "batch_dims" in text) == blocked, text
+
+
 def test_decision_function_bfloat16_keeps_float32_accuracy():
   """bf16 features times f32 weights: as accurate as f32 maths on the bf16 values (rounding
   the weights to bf16 instead would be off by about 1e-2 here)."""
