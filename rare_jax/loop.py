@@ -159,32 +159,42 @@ def init(features: jax.Array, seed_ids: jax.Array, *, seed: int | jax.Array) -> 
   )
 
 
-def label_counts(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(|L_p|, |L_n|) per category, `[C]` int32 each."""
+def label_counts(
+  labels: jax.Array, *, pool_sharding: NamedSharding | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """(|L_p|, |L_n|) per category, `[C]` int32 each. `pool_sharding`: as in `observe`."""
   return (
-    jnp.sum(labels == 1, axis=-1, dtype=jnp.int32),
-    jnp.sum(labels == 0, axis=-1, dtype=jnp.int32),
+    select.count_true(labels == 1, pool_sharding=pool_sharding),
+    select.count_true(labels == 0, pool_sharding=pool_sharding),
   )
 
 
-def both_classes(labels: jax.Array, pseudo_negative: jax.Array) -> jax.Array:
+def both_classes(
+  labels: jax.Array, pseudo_negative: jax.Array, *, pool_sharding: NamedSharding | None = None
+) -> jax.Array:
   """`[C]` bool: the category's training set holds a positive and a negative.
 
   Pseudo-negatives count as negatives. A logistic regression fitted on one class only is
   degenerate (sklearn refuses it): the bias runs away and the weights shrink towards 0, so the
   float32 scores collapse to a few values and top-k ties fall back to pool order.
+  `pool_sharding`: as in `observe`.
   """
   negative = jnp.logical_or(labels == 0, pseudo_negative)
-  return jnp.logical_and(jnp.any(labels == 1, axis=-1), jnp.any(negative, axis=-1))
+  positives = select.count_true(labels == 1, pool_sharding=pool_sharding)
+  return jnp.logical_and(
+    positives > 0, select.count_true(negative, pool_sharding=pool_sharding) > 0
+  )
 
 
-def fitted(state: LoopState) -> jax.Array:
+def fitted(state: LoopState, *, pool_sharding: NamedSharding | None = None) -> jax.Array:
   """`[C]` bool: which categories' scores come from a linear model (else the cosine ranking).
 
   Derived from the state rather than stored, so checkpoints keep their layout: the current
   model was fitted on `labels` and `pseudo_negative`, and only where both classes were there.
+  `pool_sharding`: as in `observe`.
   """
-  return jnp.logical_and(state.has_model, both_classes(state.labels, state.pseudo_negative))
+  both = both_classes(state.labels, state.pseudo_negative, pool_sharding=pool_sharding)
+  return jnp.logical_and(state.has_model, both)
 
 
 def query(
@@ -198,10 +208,10 @@ def query(
   top = functools.partial(select.top_unlabeled, num=config.batch_size, pool_sharding=pool_sharding)
   if config.querying == "random":
     return top(select.random_priority(query_key(state), labels=state.labels))
-  num_positive, num_negative = label_counts(state.labels)
+  num_positive, num_negative = label_counts(state.labels, pool_sharding=pool_sharding)
   positive_rule = select.use_positive_rule(
     querying=config.querying,
-    has_model=fitted(state),
+    has_model=fitted(state, pool_sharding=pool_sharding),
     num_positive=num_positive,
     num_negative=num_negative,
   )
@@ -305,7 +315,7 @@ def observe_into(
   labels = state.labels.at[categories, query_ids].set(answers.astype(jnp.int8))
   label_round = state.label_round.at[categories, query_ids].set(next_round)
   unlabeled = labels < 0
-  num_positive, num_negative = label_counts(labels)
+  num_positive, num_negative = label_counts(labels, pool_sharding=pool_sharding)
 
   if config.pseudo_negative_factor > 0:
     pseudo_negative = select.pseudo_negatives(
@@ -319,9 +329,9 @@ def observe_into(
   else:
     pseudo_negative = jnp.zeros_like(state.pseudo_negative)
 
-  fit = both_classes(labels, pseudo_negative)
+  fit = both_classes(labels, pseudo_negative, pool_sharding=pool_sharding)
   ids, member = training_set(labels, pseudo_negative, train_size, pool_sharding=pool_sharding)
-  warm, margins = warm_start(state, ids)
+  warm, margins = warm_start(state, ids, pool_sharding=pool_sharding)
   rows = features[ids]
   if rows_buffer is not None:
     if rows_buffer.shape != rows.shape or rows_buffer.dtype != rows.dtype:
@@ -361,7 +371,7 @@ def refit(
   model's where the training set holds both classes, else the cosine ranking to the seeds.
   `pool_sharding` as in `observe`.
   """
-  fit = both_classes(state.labels, state.pseudo_negative)
+  fit = both_classes(state.labels, state.pseudo_negative, pool_sharding=pool_sharding)
   zeros = jax.tree.map(jnp.zeros_like, state.linear)
   ids, member = training_set(
     state.labels, state.pseudo_negative, train_size, pool_sharding=pool_sharding
@@ -382,13 +392,16 @@ def refit(
   )
 
 
-def warm_start(state: LoopState, ids: jax.Array) -> tuple[linear.LinearModel, jax.Array]:
+def warm_start(
+  state: LoopState, ids: jax.Array, *, pool_sharding: NamedSharding | None = None
+) -> tuple[linear.LinearModel, jax.Array]:
   """The model `observe`'s fits start from and its logits on the training rows `ids` `[C, N]`.
 
   The state's model where it has one (`fitted`), else zeros. Its logits are the pool's current
   scores at `ids` (0 for a zero model), so the fit needs no pass over the rows to start.
+  `pool_sharding`: as in `observe`.
   """
-  has_model = fitted(state)
+  has_model = fitted(state, pool_sharding=pool_sharding)
   model = _where_fitted(has_model, state.linear, jax.tree.map(jnp.zeros_like, state.linear))
   margins = jnp.where(has_model[:, None], jnp.take_along_axis(state.scores, ids, axis=-1), 0.0)
   return model, margins
@@ -444,7 +457,7 @@ def training_set(
   # `jnp.nonzero(size=size, fill_value=0)` per row, without its cumulative sum over the pool.
   ranks = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), member.shape[:-1] + (size,))
   ids = select.nth_true(member, ranks, fill_value=0, pool_sharding=pool_sharding)
-  count = jnp.sum(member, axis=-1, dtype=jnp.int32)
+  count = select.count_true(member, pool_sharding=pool_sharding)
   valid = jnp.arange(size)[None, :] < count[:, None]
   return ids, valid
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import fingerprint, labelers, linear, loop, metrics, sharding
+from rare_jax import fingerprint, labelers, linear, loop, metrics, select, sharding
 from rare_jax.checkpoint import CheckpointStore, record_or_check
 
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
@@ -229,9 +229,9 @@ class Engine:
         in_shardings=(features, rep),
         out_shardings=states,
       )
-    self._counts = jax.jit(loop.label_counts)
+    self._counts = jax.jit(functools.partial(loop.label_counts, pool_sharding=pool))
     self._sizes = jax.jit(
-      lambda labels, pseudo: jnp.sum((labels >= 0) | pseudo, axis=-1, dtype=jnp.int32)
+      lambda labels, pseudo: select.count_true((labels >= 0) | pseudo, pool_sharding=pool)
     )
 
   def place_features(self, features) -> jax.Array:
@@ -327,7 +327,8 @@ def _observe_positional(
     train_size=train_size,
     pool_sharding=pool_sharding,
   )
-  return state, rows, loop.label_counts(state.labels)  # the counts: observe's own (CSE)
+  # The counts: observe's own (CSE).
+  return state, rows, loop.label_counts(state.labels, pool_sharding=pool_sharding)
 
 
 def _init_positional(features, seed_ids, seed):

@@ -248,6 +248,43 @@ def _last_axis_spec(ndim: int, axis) -> PartitionSpec:
   return PartitionSpec(*([None] * (ndim - 1)), axis)
 
 
+# XLA:CPU sums a `[C, P]` bool mask as int32 through a materialised int32 copy and a tree of
+# partial reductions (14.8 ms at [10, 1,000,000] on this project's 2-core CPU machine); int8
+# sums over blocks of 127 entries (which cannot overflow int8), then an int32 sum of those,
+# take 1.2 ms. Integer sums: the counts are exact either way.
+_COUNT_BLOCK = 127
+
+
+def count_true(mask: jax.Array, *, pool_sharding: NamedSharding | None = None) -> jax.Array:
+  """`jnp.sum(mask, axis=-1, dtype=jnp.int32)` of a `[..., P]` bool mask, as int8 block sums.
+
+  `pool_sharding`: the sharding of `mask` when its last axis is split over a mesh
+  (`pool_axis`): each device counts its own columns and the counts are summed across devices
+  (the blocks never straddle two devices' columns).
+  """
+  axis = pool_axis(pool_sharding)
+  if axis is None or mask.shape[-1] % _axis_size(pool_sharding):
+    return _count_true_local(mask)
+  return jax.shard_map(
+    lambda shard: jax.lax.psum(_count_true_local(shard), axis),
+    mesh=pool_sharding.mesh,
+    in_specs=_last_axis_spec(mask.ndim, axis),
+    out_specs=PartitionSpec(),
+  )(mask)
+
+
+def _count_true_local(mask: jax.Array) -> jax.Array:
+  """`count_true` on one device (or one device's columns)."""
+  size = mask.shape[-1]
+  whole = size - size % _COUNT_BLOCK
+  counts = jnp.sum(mask[..., whole:], axis=-1, dtype=jnp.int32)  # the last, partial block
+  if whole:
+    blocks = mask[..., :whole].astype(jnp.int8)
+    blocks = blocks.reshape(mask.shape[:-1] + (whole // _COUNT_BLOCK, _COUNT_BLOCK))
+    counts = counts + jnp.sum(jnp.sum(blocks, axis=-1, dtype=jnp.int8), -1, dtype=jnp.int32)
+  return counts
+
+
 def _histogram(
   digits: jax.Array, weights: jax.Array, pool_sharding: NamedSharding | None = None
 ) -> jax.Array:
@@ -370,7 +407,7 @@ def nth_true(
   width = size // devices
 
   def local(shard, n):
-    count = jnp.sum(shard, axis=-1, dtype=jnp.int32)  # [...]
+    count = _count_true_local(shard)  # [...]
     counts = jax.lax.all_gather(count, axis)  # [devices, ...]
     index = jax.lax.axis_index(axis)
     earlier = jnp.arange(devices).reshape((devices,) + (1,) * count.ndim) < index
@@ -420,11 +457,11 @@ def smallest_k_mask(
     pool_sharding: the sharding of `keys` and `valid` when their last axis is split over a
       mesh (`pool_axis`): the histograms are then shard-local plus a sum across devices.
   """
-  k = jnp.minimum(k, jnp.sum(valid, axis=-1, dtype=jnp.int32))
+  k = jnp.minimum(k, count_true(valid, pool_sharding=pool_sharding))
   threshold = _kth_smallest(keys, valid, jnp.maximum(k, 1), pool_sharding)[..., None]
   below = jnp.logical_and(valid, keys < threshold)
   tied = jnp.logical_and(valid, keys == threshold)
-  room = k - jnp.sum(below, axis=-1, dtype=jnp.int32)
+  room = k - count_true(below, pool_sharding=pool_sharding)
   # The first `room` tied entries: those up to the position of the (room - 1)-th (none if 0).
   last = nth_true(tied, room[..., None] - 1, fill_value=-1, pool_sharding=pool_sharding)
   positions = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
@@ -436,7 +473,7 @@ def bottom_half(
   scores: jax.Array, unlabeled: jax.Array, *, pool_sharding: NamedSharding | None = None
 ) -> jax.Array:
   """`[C, P]` mask of the lowest-scoring floor(U/2) unlabeled images of each category."""
-  half = jnp.sum(unlabeled, axis=-1, dtype=jnp.int32) // 2
+  half = count_true(unlabeled, pool_sharding=pool_sharding) // 2
   return smallest_k_mask(sortable_keys(scores), unlabeled, half, pool_sharding=pool_sharding)
 
 
@@ -497,7 +534,7 @@ def uniform_subset(
   """
   size = candidates.shape[-1]
   bound = max(1, size // 2) if max_num is None else max(1, min(int(max_num), size // 2))
-  available = jnp.sum(candidates, axis=-1, dtype=jnp.int32)
+  available = count_true(candidates, pool_sharding=pool_sharding)
   wanted = jnp.clip(jnp.asarray(num).astype(jnp.int32), 0, available)
   complement = 2 * wanted > available  # draw the ones to leave out instead (fewer)
   count = jnp.where(complement, available - wanted, wanted)  # <= available // 2 <= P // 2

@@ -232,10 +232,11 @@ def test_selections_with_the_pool_split_over_8_devices_are_the_one_device_ones()
   rng = np.random.default_rng(5)
   rows, pool = 4, 8 * 40
 
-  def both(fn, *args, **static):
-    """(one device, split over the mesh) results of `fn(*args)` as NumPy arrays."""
+  def both(fn, *args, width=pool, **static):
+    """(one device, split over the mesh) results of `fn(*args)` as NumPy arrays; the args
+    `width` wide are split."""
     one = jax.jit(functools.partial(fn, **static))(*args)
-    shardings = tuple(split if np.shape(a)[-1:] == (pool,) else None for a in args)
+    shardings = tuple(split if np.shape(a)[-1:] == (width,) else None for a in args)
     sharded = jax.jit(functools.partial(fn, pool_sharding=split, **static), in_shardings=shardings)
     return np.asarray(one), np.asarray(sharded(*args))  # jit places the uncommitted args
 
@@ -280,8 +281,23 @@ def test_selections_with_the_pool_split_over_8_devices_are_the_one_device_ones()
   one, split_result = both(select.nth_true, jnp.asarray(mask), ranks, fill_value=-3)
   np.testing.assert_array_equal(split_result, one)
   assert np.sum(one >= 0) == mask.sum()
+  for columns in (pool, 8 * 300):  # 40 columns per device (no whole block), 300 (2 and a part)
+    mask = rng.random((rows, columns)) < np.array([[0.0], [0.02], [0.5], [1.0]])
+    one, split_result = both(select.count_true, jnp.asarray(mask), width=columns)
+    np.testing.assert_array_equal(one, mask.sum(1))
+    np.testing.assert_array_equal(split_result, one)
   with pytest.raises(ValueError, match="only the last"):
     select.pool_axis(NamedSharding(mesh, PartitionSpec("data", None)))
+
+
+@pytest.mark.parametrize("size", [0, 1, 126, 127, 128, 254, 1000, 127 * 300 + 5])
+def test_count_true_is_an_exact_sum(size):
+  """int8 sums over blocks of 127, then int32: exact for all-True rows (no int8 overflow)."""
+  rng = np.random.default_rng(size)
+  mask = rng.random((2, 4, size)) < np.array([0.0, 0.3, 0.9, 1.0])[:, None]
+  counts = jax.jit(select.count_true)(jnp.asarray(mask))
+  assert counts.dtype == jnp.int32
+  np.testing.assert_array_equal(counts, mask.sum(-1))
 
 
 def test_nth_true_is_nonzero():
