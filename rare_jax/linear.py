@@ -170,12 +170,13 @@ def _split_bfloat16(vectors: jax.Array) -> jax.Array:
 # about 1.4x slower than `X d` over the same bytes (37.6 vs 26.9 ms at [10, 12288, 2048] f32 on
 # this project's 2-core CPU machine). Split into blocks of `_ROW_BLOCK` rows, one batched
 # product of the blocks whose partial sums are then added, it runs at `X d`'s speed (24.4 ms).
-# Only the summation order differs (float rounding).
+# Only the summation order differs (float rounding). Applies to the f32/f64 products, which on
+# CPU include the fits of bf16 and f16 features (upcast to f32 first).
 _ROW_BLOCK = 256
 
 
 def _row_block(num_rows: int) -> int:
-  """Rows per block for f32 products that contract the rows on CPU; 0 for one product."""
+  """Rows per block for f32/f64 products that contract the rows on CPU; 0 for one product."""
   if jax.default_backend() != "cpu" or num_rows % _ROW_BLOCK or num_rows < 2 * _ROW_BLOCK:
     return 0
   return _ROW_BLOCK
@@ -198,7 +199,8 @@ def features_times(
     return (product[..., 2, :] + product[..., 1, :]) + product[..., 0, :]
   # f32/f64 (and, upcast, other low-precision types such as f16).
   features, columns = features.astype(out_dtype), columns.astype(out_dtype)
-  block = _row_block(features.shape[0]) if contract_rows else 0
+  two_d = features.ndim == 2 and columns.ndim == 2
+  block = _row_block(features.shape[0]) if contract_rows and two_d else 0
   if block:  # [N/B, B, D]^T x [N/B, B, K] -> [N/B, D, K] partial sums, then their sum
     blocks = features.shape[0] // block
     partial = lax.dot_general(
@@ -232,7 +234,7 @@ def _vectors_times_features(vectors: jax.Array, features: jax.Array) -> jax.Arra
     product = lax.dot_general(parts, features, contract, preferred_element_type=out_dtype)
     return (product[2 * k :] + product[k : 2 * k]) + product[:k]
   vectors, features = vectors.astype(out_dtype), features.astype(out_dtype)
-  block = _row_block(features.shape[0]) if vectors.ndim == 2 else 0
+  block = _row_block(features.shape[0]) if vectors.ndim == 2 and features.ndim == 2 else 0
   if block:  # [K, N/B, B] x [N/B, B, D] -> [N/B, K, D] partial sums, then their sum
     blocks = features.shape[0] // block
     partial = lax.dot_general(

@@ -32,7 +32,8 @@ UNKNOWN = -1
 # started before it can then neither resume bit-exactly nor replay). It is in each run's
 # fingerprint, so such a run directory is refused. 2 (2026-12-04): pseudo-negatives
 # drawn in rank space, warm fits started from the pool's scores. 3 (2026-12-04): on CPU the
-# fits sum their products over the rows in blocks of 256 rows (other float rounding).
+# fits sum their products over the rows in blocks of 256 rows (other float rounding; runs on
+# accelerators compute as before, but their version-2 directories are refused too).
 LOOP_VERSION = 3
 
 

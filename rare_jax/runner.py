@@ -564,8 +564,10 @@ def run_strategy(
 def _round_record(
   state, round_index, config, val_features, val_ground_truth, val_weights=None
 ) -> dict:
+  # Plain sums (eager, once per round): a sharded state stays sharded, nothing is gathered.
+  labels = state.labels
   num_positive, num_negative = (
-    np.asarray(x) for x in jax.device_get(loop.label_counts(state.labels))
+    np.asarray(x) for x in jax.device_get(((labels == 1).sum(-1), (labels == 0).sum(-1)))
   )
   seeds = np.asarray(jax.device_get((state.label_round == 0).sum(-1)))
   record = {

@@ -260,11 +260,14 @@ def count_true(mask: jax.Array, *, pool_sharding: NamedSharding | None = None) -
 
   `pool_sharding`: the sharding of `mask` when its last axis is split over a mesh
   (`pool_axis`): each device counts its own columns and the counts are summed across devices
-  (the blocks never straddle two devices' columns).
+  (the blocks never straddle two devices' columns). A sharded pool that does not split evenly
+  is summed by XLA as it partitions it (the blocks' reshape could gather it).
   """
   axis = pool_axis(pool_sharding)
-  if axis is None or mask.shape[-1] % _axis_size(pool_sharding):
+  if axis is None:
     return _count_true_local(mask)
+  if mask.shape[-1] % _axis_size(pool_sharding):
+    return jnp.sum(mask, axis=-1, dtype=jnp.int32)
   return jax.shard_map(
     lambda shard: jax.lax.psum(_count_true_local(shard), axis),
     mesh=pool_sharding.mesh,

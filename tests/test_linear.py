@@ -290,11 +290,12 @@ def test_decision_function_matches_numpy():
   np.testing.assert_allclose(single, expected[:, 0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1024, 1000])
+@pytest.mark.parametrize("rows", [256, 512, 1000, 1024])
 def test_products_over_the_rows_match_float64(rows):
   """`X^T c` and `V X` (the gradient's and the centring mean's products): on CPU, over a
   multiple of 256 rows (>= 512) they run as one batch of 256-row blocks whose partial sums are
-  added (faster on XLA:CPU); any other count, as one product. Both to f32 rounding."""
+  added (faster on XLA:CPU); any other count, as one product. Both to f32 rounding, and the
+  vector forms keep their shapes."""
   rng = np.random.default_rng(11)
   features = rng.normal(size=(rows, 48)).astype(np.float32)
   columns = rng.normal(size=(rows, 3)).astype(np.float32)
@@ -303,7 +304,13 @@ def test_products_over_the_rows_match_float64(rows):
   np.testing.assert_allclose(product(features, columns, True), expected, rtol=1e-5, atol=1e-4)
   vectors_times = jax.jit(linear._vectors_times_features)
   np.testing.assert_allclose(vectors_times(columns.T, features), expected.T, rtol=1e-5, atol=1e-4)
-  blocked = jax.default_backend() == "cpu" and rows % 256 == 0
+  np.testing.assert_allclose(
+    linear._rmatvec(jnp.asarray(features), jnp.asarray(columns[:, 0])),
+    expected[:, 0],
+    rtol=1e-5,
+    atol=1e-4,
+  )
+  blocked = jax.default_backend() == "cpu" and rows % 256 == 0 and rows >= 512
   for function, args in (
     (product, (features, columns, True)),
     (vectors_times, (columns.T, features)),

@@ -281,11 +281,19 @@ def test_selections_with_the_pool_split_over_8_devices_are_the_one_device_ones()
   one, split_result = both(select.nth_true, jnp.asarray(mask), ranks, fill_value=-3)
   np.testing.assert_array_equal(split_result, one)
   assert np.sum(one >= 0) == mask.sum()
-  for columns in (pool, 8 * 300):  # 40 columns per device (no whole block), 300 (2 and a part)
-    mask = rng.random((rows, columns)) < np.array([[0.0], [0.02], [0.5], [1.0]])
-    one, split_result = both(select.count_true, jnp.asarray(mask), width=columns)
-    np.testing.assert_array_equal(one, mask.sum(1))
-    np.testing.assert_array_equal(split_result, one)
+  # 40 columns per device (no whole block), 300 (2 and a part): counted shard by shard (a psum
+  # of the counts). A pool that 8 devices cannot split evenly: the plain sum.
+  counted = jax.jit(functools.partial(select.count_true, pool_sharding=split))
+  for columns in (pool, 8 * 300, 8 * 300 + 3):
+    mask = jnp.asarray(rng.random((rows, columns)) < np.array([[0.0], [0.02], [0.5], [1.0]]))
+    even = columns % 8 == 0
+    if even:
+      one, split_result = both(select.count_true, mask, width=columns)
+      np.testing.assert_array_equal(split_result, one)
+      mask = jax.device_put(mask, split)
+    np.testing.assert_array_equal(counted(mask), np.asarray(mask).sum(1))
+    text = counted.lower(mask).as_text()
+    assert ("psum" in text or "all_reduce" in text) == even, columns
   with pytest.raises(ValueError, match="only the last"):
     select.pool_axis(NamedSharding(mesh, PartitionSpec("data", None)))
 
