@@ -182,6 +182,13 @@ def _row_block(num_rows: int) -> int:
   return _ROW_BLOCK
 
 
+def _exact_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
+  """`lax.dot_general` at full precision, accumulated in the operands' (f32/f64) dtype."""
+  return lax.dot_general(
+    lhs, rhs, dimension_numbers, precision=lax.Precision.HIGHEST, preferred_element_type=lhs.dtype
+  )
+
+
 def features_times(
   features: jax.Array, columns: jax.Array, contract_rows: bool = False
 ) -> jax.Array:
@@ -203,21 +210,12 @@ def features_times(
   block = _row_block(features.shape[0]) if contract_rows and two_d else 0
   if block:  # [N/B, B, D]^T x [N/B, B, K] -> [N/B, D, K] partial sums, then their sum
     blocks = features.shape[0] // block
-    partial = lax.dot_general(
-      features.reshape(blocks, block, -1),
-      columns.reshape(blocks, block, -1),
-      (((1,), (1,)), ((0,), (0,))),
-      precision=lax.Precision.HIGHEST,
-      preferred_element_type=out_dtype,
+    dims = (((1,), (1,)), ((0,), (0,)))
+    return jnp.sum(
+      _exact_dot(features.reshape(blocks, block, -1), columns.reshape(blocks, block, -1), dims),
+      axis=0,
     )
-    return jnp.sum(partial, axis=0)
-  return lax.dot_general(
-    features,
-    columns,
-    (contract, ((), ())),
-    precision=lax.Precision.HIGHEST,
-    preferred_element_type=out_dtype,
-  )
+  return _exact_dot(features, columns, (contract, ((), ())))
 
 
 def _vectors_times_features(vectors: jax.Array, features: jax.Array) -> jax.Array:
@@ -237,21 +235,12 @@ def _vectors_times_features(vectors: jax.Array, features: jax.Array) -> jax.Arra
   block = _row_block(features.shape[0]) if vectors.ndim == 2 and features.ndim == 2 else 0
   if block:  # [K, N/B, B] x [N/B, B, D] -> [N/B, K, D] partial sums, then their sum
     blocks = features.shape[0] // block
-    partial = lax.dot_general(
-      vectors.reshape(vectors.shape[0], blocks, block),
-      features.reshape(blocks, block, -1),
-      (((2,), (1,)), ((1,), (0,))),
-      precision=lax.Precision.HIGHEST,
-      preferred_element_type=out_dtype,
+    dims = (((2,), (1,)), ((1,), (0,)))
+    return jnp.sum(
+      _exact_dot(vectors.reshape(-1, blocks, block), features.reshape(blocks, block, -1), dims),
+      axis=0,
     )
-    return jnp.sum(partial, axis=0)
-  return lax.dot_general(
-    vectors,
-    features,
-    contract,
-    precision=lax.Precision.HIGHEST,
-    preferred_element_type=out_dtype,
-  )
+  return _exact_dot(vectors, features, contract)
 
 
 def _matvec(features: jax.Array, vector: jax.Array) -> jax.Array:

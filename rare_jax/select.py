@@ -263,6 +263,8 @@ def count_true(mask: jax.Array, *, pool_sharding: NamedSharding | None = None) -
   (the blocks never straddle two devices' columns). A sharded pool that does not split evenly
   is summed by XLA as it partitions it (the blocks' reshape could gather it).
   """
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f"mask of dtype {mask.dtype}; expected bool (e.g. `labels == 1`)")
   axis = pool_axis(pool_sharding)
   if axis is None:
     return _count_true_local(mask)

@@ -306,6 +306,8 @@ def test_count_true_is_an_exact_sum(size):
   counts = jax.jit(select.count_true)(jnp.asarray(mask))
   assert counts.dtype == jnp.int32
   np.testing.assert_array_equal(counts, mask.sum(-1))
+  with pytest.raises(ValueError, match="mask of dtype int8; expected bool"):
+    select.count_true(jnp.asarray(mask, jnp.int8))  # int8 block sums of non-0/1 values overflow
 
 
 def test_nth_true_is_nonzero():
