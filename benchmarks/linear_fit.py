@@ -7,7 +7,8 @@ same labels but 10 fewer, and a fresh draw of pseudo-negatives) are timed, again
 `sklearn.linear_model.LogisticRegression(C=1/l2, solver="lbfgs")` fitted per category on the
 unpadded rows (f64), at its default tol=1e-4 and at rare_jax's default 1e-6 (same meaning).
 
-Run (on CPU add `--solvers lbfgs --sklearn-categories 2`: Newton and sklearn are slow there):
+Run (on CPU add `--solvers active_lbfgs,lbfgs --sklearn-categories 2`: Newton and sklearn are
+slow there):
   python benchmarks/linear_fit.py [--categories 10 --rows 10240 --dim 2048]
 """
 
@@ -114,7 +115,7 @@ def main():
   parser.add_argument("--l2", type=float, default=1.0)
   parser.add_argument("--tols", default="1e-4,1e-6", help="1e-4: sklearn default; 1e-6: ours")
   parser.add_argument("--max-iters", type=int, default=500)
-  parser.add_argument("--solvers", default="lbfgs,newton")
+  parser.add_argument("--solvers", default="active_lbfgs,lbfgs,newton")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument(

@@ -7,8 +7,7 @@ State as at the end of a paper-configuration run: per category 50 positives and 
 labeled (505 labels) and about 9,500 pseudo-negatives; two warm-up rounds (`--warmup_rounds`),
 so that the timed rounds start, like every later round of a run, from a linear model fitted on
 pseudo-negatives of a linear ranking. Then `--repeats` consecutive rounds are timed, each from
-the state the previous one returned (as a run goes; on the random features here the L-BFGS
-iterations of the slowest category go from 7-8 in the first to 13-16 in later ones), each
+the state the previous one returned (as a run goes), each
 followed by a timed floor pass. Prints, per feature dtype: (1) rare_jax's rounds (jitted query
 + observe: answers, pseudo-negatives, logistic regressions, re-scoring the pool), (2) the
 baseline from the same starting states: sklearn LogisticRegression (lbfgs) per category + numpy
@@ -19,7 +18,8 @@ matrix (8 GiB at the default float32 size; the features are never copied). Compi
 excluded (the warm-up rounds compile). `--breakdown` also times the first round's parts one by
 one against the floor (query, pseudo-negatives, training-set ids, the gather of the training
 sets into fresh memory and into a reused buffer, the logistic regressions warm and cold with
-their L-BFGS iterations, the re-scoring), to show where a round above the floor goes. Not a
+their iterations, by the loop's solver and by L-BFGS, the re-scoring), to show where a round
+above the floor goes. Not a
 test: numbers depend on the machine (and its load, printed).
 """
 
@@ -169,18 +169,23 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
     return buffers[-1]
 
   targets = (jnp.take_along_axis(labels, train_ids, axis=-1) == 1).astype(jnp.float32)
-  fit = jax.jit(
-    lambda rows, targets, weights, init, margins: linear.fit_logistic_batched_with_info(
-      rows,
-      targets,
-      weights,
-      l2=config.l2,
-      init=init,
-      max_iters=config.max_iters,
-      tol=config.tol,
-      init_margins=margins,
+
+  def fitter(solver):
+    return jax.jit(
+      lambda rows, targets, weights, init, margins: linear.fit_logistic_batched_with_info(
+        rows,
+        targets,
+        weights,
+        l2=config.l2,
+        init=init,
+        max_iters=config.max_iters,
+        tol=config.tol,
+        init_margins=margins,
+        solver=solver,
+      )
     )
-  )
+
+  fit, lbfgs = fitter("active_lbfgs"), fitter("lbfgs")  # the loop's solver, the previous one
   weights = member.astype(jnp.float32)
   warm, margins = loop.warm_start(state, train_ids)  # as observe starts its fits
   cold = linear.init_model(rows.shape[2], batch_shape=rows.shape[:1])
@@ -199,7 +204,9 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
     (f"gather the training sets {tuple(rows.shape)}, fresh", gather, (features, train_ids)),
     ("the same gather into a reused buffer", gather_into_reused_buffer, (features, train_ids)),
     ("logistic regressions, warm start", fit, (rows, targets, weights, warm, margins)),
+    ("the same by L-BFGS", lbfgs, (rows, targets, weights, warm, margins)),
     ("logistic regressions, cold start", fit, (rows, targets, weights, cold, zeros)),
+    ("the same by L-BFGS", lbfgs, (rows, targets, weights, cold, zeros)),
     ("re-score the pool (decision_function)", score, (features, state.linear)),
   ]
   print(
@@ -211,14 +218,15 @@ def breakdown(engine, state, features, floor: float, rng) -> None:
     seconds, result = time_it(fn, *args, repeats=2)
     pass_seconds = pass_seconds or seconds
     line = f"  {name}: {seconds:.3f}s = {seconds / floor:.2f}x the floor"
-    if fn is fit:
+    if fn in (fit, lbfgs):
       # The batched solver runs until the slowest category converges: 1 pass to start (the
-      # centring mean and the gradient's X^T r together; the margins are given), then 2 per
-      # iteration (X d, then X^T r).
+      # centring mean and the gradient's X^T r together; the margins are given), 1 more for
+      # active_lbfgs (the rows' squared norms), then 2 per iteration (X d, then X^T r);
+      # active_lbfgs's iterations also build a 256 x 256 Gram matrix per category.
       iters = np.asarray(result[1].num_iters)
-      passes = 1 + 2 * int(iters.max())
+      passes = (1 if fn is lbfgs else 2) + 2 * int(iters.max())
       line += (
-        f"; L-BFGS iterations per category {iters.min()}-{iters.max()}, i.e. {passes} passes: "
+        f"; iterations per category {iters.min()}-{iters.max()}, i.e. {passes} passes: "
         f"{seconds / passes:.3f}s each = {seconds / passes / pass_seconds:.2f}x one X d pass"
       )
     print(line, flush=True)

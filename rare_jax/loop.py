@@ -33,8 +33,10 @@ UNKNOWN = -1
 # fingerprint, so such a run directory is refused. 2 (2026-12-04): pseudo-negatives
 # drawn in rank space, warm fits started from the pool's scores. 3 (2026-12-04): on CPU the
 # fits sum their products over the rows in blocks of 256 rows (other float rounding; runs on
-# accelerators compute as before, but their version-2 directories are refused too).
-LOOP_VERSION = 3
+# accelerators compute as before, but their version-2 directories are refused too). 4
+# (2026-12-04): the logistic regressions are fitted by `linear`'s "active_lbfgs" solver
+# instead of L-BFGS (the same optimum within `tol`, other iterates).
+LOOP_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
