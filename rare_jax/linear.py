@@ -17,18 +17,22 @@ model the margins along a direction are `z + alpha * u`, so once `u = X d` is kn
 step is O(N). Each iteration then takes the gradient (`X^T r`): 2 passes per iteration.
 - `"active_lbfgs"` (default): L-BFGS (memory 10) whose initial inverse-Hessian estimate is
   recomputed every iteration from the Hessian at the current model with only its
-  `_ACTIVE_ROWS` (256) rows of largest curvature `p (1 - p)` exact and the rest (in a loop
+  `_ACTIVE_ROWS` (256) rows of largest curvature `weight * p (1 - p)` exact and the rest (in a loop
   round, thousands of easy pseudo-negatives) counted as the multiple of the identity with
   their trace, inverted by the Woodbury identity (a 256 x 256 Gram matrix of the gathered rows
-  and its Cholesky factor: no pass over the features, but about 1.3 passes' worth of work per
-  iteration on a 2-core CPU at D = 2048), plus one pass per fit (the rows' squared norms).
+  and its Cholesky factor: no pass over the features, but 1-2 passes' worth of time per
+  iteration on a 2-core CPU at D = 2048, depending on its memory bandwidth at the time), plus
+  one pass per fit (the rows' squared norms).
   The curvature of a warm-started fit sits in a few hundred rows, so it needs far fewer
-  iterations. Measured on this project's 2-core CPU at tol 1e-6, C = 10, D = 2048: on a loop
-  round's training sets (N = 12,288, random features, `benchmarks/loop_round.py`'s states)
+  iterations. Measured on this project's 2-core CPU at tol 1e-6, C = 10, D = 2048: on one
+  saved round of a `benchmarks/loop_round.py`-shaped run (N = 12,288, random features)
   warm 3-4 iterations instead of 7-15 (0.45-0.51 s vs 0.79-0.86 s), cold 17-19 instead of
   23-26 but 1.9-2.1 s vs 1.4-1.5 s; on `benchmarks/linear_fit.py`'s clustered features
   (N = 10,240) warm 13 instead of 51 (1.13 vs 1.79 s), cold 24 instead of 67 (2.09 vs 2.38
   s). At tol 1e-4 plain L-BFGS was faster there (0.44 vs 0.62 s warm, 0.68 vs 1.56 s cold).
+  The identity part has a floor (`_ACTIVE_FLOOR` of the mean curvature per coordinate) that
+  keeps the small system well conditioned in f32 when the penalty is tiny, and an iteration
+  whose direction is not finite or does not descend takes steepest descent instead.
 - `"lbfgs"`: L-BFGS (memory 10).
 - `"newton"`: forms the (D+1)^2 Hessian each iteration (a D-times heavier matmul, in low
   precision for bf16 features) and converges in a handful of iterations. At C=10, N=10,240,
@@ -59,6 +63,9 @@ SOLVERS = ("active_lbfgs", "lbfgs", "newton")
 _LBFGS_MEMORY = 10
 # Rows of the "active_lbfgs" Hessian that are exact (`_active_hessian_inverse`).
 _ACTIVE_ROWS = 256
+# The smallest diagonal entry of that Hessian's identity part, relative to the mean curvature
+# per coordinate (`_active_hessian_inverse`).
+_ACTIVE_FLOOR = 1e-3
 _LINE_SEARCH_STEPS = 20
 # The line search stops once |phi'(alpha)| <= _LINE_SEARCH_RTOL * |phi'(0)|: nearly exact.
 _LINE_SEARCH_RTOL = 1e-2
@@ -82,8 +89,8 @@ class FitInfo:
   """How a fit ended (per category when batched).
 
   Attributes:
-    num_iters: solver iterations run (each costs 2 passes over the features, see the module
-      docstring).
+    num_iters: solver iterations run (each costs 2 passes over the features for "lbfgs" and
+      "active_lbfgs"; see the module docstring).
     grad_norm: max-abs gradient of the objective divided by `sum(example_weights)`.
     converged: `grad_norm <= tol`.
     objective: the objective divided by `sum(example_weights)` at the returned model.
@@ -407,6 +414,13 @@ def _inverse_hessian_times(grad, s_hist, y_hist, count, newest, precondition):
   return gamma * h_grad + s.T @ first - gamma * (hy.T @ solved)
 
 
+def _centred_squared_norms(problem: _Problem) -> jax.Array:
+  """`[N]` squared norms of the centred rows `x_i - mean` (one pass), for
+  `_active_hessian_inverse`'s trace of the rows it does not keep exactly."""
+  features = problem.features.astype(problem.mean.dtype)
+  return jnp.sum(jnp.square(features - problem.mean), axis=-1)
+
+
 def _active_hessian_inverse(problem: _Problem, margins: jax.Array, squared_norms: jax.Array):
   """`V -> V M^-1` for rows `V` `[k, D+1]`: M approximates the Hessian at `margins`.
 
@@ -429,6 +443,11 @@ def _active_hessian_inverse(problem: _Problem, margins: jax.Array, squared_norms
       (1e-3 * problem.l2 + jnp.sum(rest))[None],
     ]
   )
+  # Floor: a fraction of the data's mean curvature per coordinate, so that I + U U^T below stays
+  # well conditioned in f32 when the penalty is tiny next to the curvature and few rows are left
+  # out (otherwise its Cholesky factor came out NaN for l2 = 1e-3 at N = 200, D = 64).
+  mean_curvature = jnp.dot(curvature, squared_norms + 1) / (dim + 1)
+  diagonal = jnp.maximum(diagonal, _ACTIVE_FLOOR * mean_curvature)
   centred = features[top].astype(dtype) - problem.mean
   rows = jnp.concatenate([centred, jnp.ones((top.shape[0], 1), dtype)], axis=1)
   # M = S (I + U^T U) S with S = diagonal^(1/2) and U = rows * curvature^(1/2) / S: the
@@ -455,9 +474,8 @@ def _fit_lbfgs(problem: _Problem, w0, b0, margins, grad_w, grad_b, *, max_iters,
   dim = w0.shape[0] + 1
   dtype = w0.dtype
   zeros_hist = jnp.zeros((_LBFGS_MEMORY, dim), dtype)
-  if active:  # the centred rows' squared norms, for the trace of the inexact rows: one pass
-    features = problem.features.astype(dtype)
-    squared_norms = jnp.sum(jnp.square(features - problem.mean), axis=-1)
+  if active:
+    squared_norms = _centred_squared_norms(problem)
   state = dict(
     w=w0,
     b=b0,
@@ -484,6 +502,10 @@ def _fit_lbfgs(problem: _Problem, w0, b0, margins, grad_w, grad_b, *, max_iters,
     direction = -_inverse_hessian_times(
       grad, state["s_hist"], state["y_hist"], state["count"], state["newest"], precondition
     )
+    # A direction that is not finite or does not descend (an inaccurate preconditioner in low
+    # precision): steepest descent instead.
+    usable = jnp.all(jnp.isfinite(direction)) & (jnp.dot(direction, grad) < 0)
+    direction = jnp.where(usable, direction, -grad)
     direction_w, direction_b = direction[:-1], direction[-1]
     along = problem.margins(direction_w, direction_b)
     alpha, _ = _line_search(problem, state["w"], state["margins"], direction_w, along)

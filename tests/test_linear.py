@@ -192,8 +192,9 @@ def test_given_initial_margins_start_the_same_fit(solver):
 def test_active_hessian_inverse_solves_the_low_rank_plus_diagonal_hessian(monkeypatch, active_rows):
   """active_lbfgs's initial matrix is M^-1 for M = the exact curvature of the `active_rows`
   most curved rows + (penalty + the other rows' curvature trace / D) on the weights, (1e-3
-  penalty + their summed curvature) on the bias; with all rows active, M is the Hessian (plus
-  that ridge on the bias). Checked against a dense numpy solve of that M."""
+  penalty + their summed curvature) on the bias, each at least `_ACTIVE_FLOOR` of the mean
+  curvature per coordinate; with all rows active, M is the Hessian (plus that ridge or floor on
+  the bias). Checked against a dense numpy solve of that M."""
   monkeypatch.setattr(linear, "_ACTIVE_ROWS", active_rows)
   features, labels, weights = pad(*make_data(5), NUM_PADDING)
   rng = np.random.default_rng(6)
@@ -216,10 +217,83 @@ def test_active_hessian_inverse_solves_the_low_rank_plus_diagonal_hessian(monkey
   rest_norms = np.delete(np.asarray(squared_norms), top)
   rows = np.c_[features[top] - mean, np.ones(top.size)] * np.sqrt(curvature[top])[:, None]
   diagonal = np.r_[np.full(DIM, l2 + rest @ rest_norms / DIM), 1e-3 * l2 + rest.sum()]
+  floor = linear._ACTIVE_FLOOR * curvature @ (np.asarray(squared_norms) + 1) / (DIM + 1)
+  assert (diagonal < floor).any() == (active_rows >= curvature.size)  # the floor binds there
+  diagonal = np.maximum(diagonal, floor)
   expected = np.linalg.solve(np.diag(diagonal) + rows.T @ rows, vectors.T).T
   np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
   if active_rows < curvature.size:  # the identity part is in use (and not negligible)
     assert rest.sum() > 0.1 * curvature.sum()
+
+
+def test_inverse_hessian_times_matches_the_two_loop_recursion():
+  """The compact form with a general initial matrix gamma * M^-1 (gamma = s.y / y.M^-1 y of the
+  newest pair) equals the two-loop recursion with that matrix, for a full, a partly filled
+  (junk in the unused slots) and an empty ring buffer."""
+  rng = np.random.default_rng(7)
+  dim, memory = 6, linear._LBFGS_MEMORY
+  root = rng.normal(size=(dim, dim))
+  m_inverse = np.linalg.inv(root @ root.T + dim * np.eye(dim))
+  grad = rng.normal(size=dim)
+  for count, newest in [(memory, 4), (3, 8), (1, 0), (0, memory - 1)]:
+    s_hist, y_hist = rng.normal(size=(memory, dim)), rng.normal(size=(memory, dim))
+    slots = [(newest - age) % memory for age in range(count)][::-1]  # oldest .. newest
+    for slot in slots:  # positive curvature: y = A s for an SPD A
+      y_hist[slot] = (root.T @ root + np.eye(dim)) @ s_hist[slot]
+    with jax.enable_x64(True):
+      ours = linear._inverse_hessian_times(
+        jnp.asarray(grad),
+        jnp.asarray(s_hist),
+        jnp.asarray(y_hist),
+        jnp.asarray(count),
+        jnp.asarray(newest),
+        lambda vectors: vectors @ jnp.asarray(m_inverse),
+      )
+    q, alphas = grad.copy(), []
+    for slot in reversed(slots):
+      alpha = s_hist[slot] @ q / (y_hist[slot] @ s_hist[slot])
+      alphas.append(alpha)
+      q -= alpha * y_hist[slot]
+    gamma = 1.0
+    if count:
+      y_new = y_hist[newest]
+      gamma = s_hist[newest] @ y_new / (y_new @ m_inverse @ y_new)
+    r = gamma * m_inverse @ q
+    for slot, alpha in zip(slots, reversed(alphas), strict=True):
+      r += s_hist[slot] * (alpha - y_hist[slot] @ r / (y_hist[slot] @ s_hist[slot]))
+    np.testing.assert_allclose(np.asarray(ours), r, rtol=1e-10, err_msg=f"count {count}")
+
+
+def test_centred_squared_norms():
+  features, labels, weights = pad(*make_data(5), NUM_PADDING)
+  scaled = weights / weights.sum()
+  mean = scaled @ features
+  with jax.enable_x64(True):
+    problem = linear._Problem(
+      jnp.asarray(features), jnp.asarray(labels), jnp.asarray(scaled), jnp.asarray(mean), 0.1
+    )
+    norms = np.asarray(linear._centred_squared_norms(problem))
+  np.testing.assert_allclose(norms, np.sum((features - mean) ** 2, axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["active_lbfgs", "lbfgs"])
+@pytest.mark.parametrize("l2, weight_scale", [(1e-3, 50.0), (1e-4, 1.0)])
+def test_float32_fits_with_a_tiny_penalty_converge(solver, l2, weight_scale):
+  """A penalty tiny next to the curvature (sklearn's C = 1,000-10,000) with all rows exact in
+  active_lbfgs's Hessian: its small system must stay usable in f32 (it gave NaN weights)."""
+  features, labels, weights = make_data(8, num_rows=200, dim=64)
+  weights = weights * weight_scale
+  fit = functools.partial(
+    linear.fit_logistic_with_info, l2=l2, tol=1e-6, max_iters=500, solver=solver
+  )
+  model, info = jax.jit(fit)(*(jnp.asarray(a, jnp.float32) for a in (features, labels, weights)))
+  assert bool(info.converged) and np.all(np.isfinite(np.asarray(model.weights))), info
+  with jax.enable_x64(True):
+    _, best = jax.jit(functools.partial(fit, tol=1e-10, solver="lbfgs"))(
+      jnp.asarray(features), jnp.asarray(labels), jnp.asarray(weights)
+    )
+  # Nearly separable: at tol 1e-6 either solver stops within a few % of the optimum's objective.
+  assert float(info.objective) <= float(best.objective) * 1.05, (info, best)
 
 
 def test_active_lbfgs_with_few_exact_rows_reaches_sklearns_optimum(monkeypatch):
@@ -231,7 +305,8 @@ def test_active_lbfgs_with_few_exact_rows_reaches_sklearns_optimum(monkeypatch):
   with jax.enable_x64(True):
     _, all_rows_info = fit(*pad(features, labels, weights, NUM_PADDING), init=ZEROS)
     monkeypatch.setattr(linear, "_ACTIVE_ROWS", 8)
-    # A row count no other test uses: traced (and compiled) anew, with 8 exact rows.
+    # A row count no other test uses: traced (and compiled) anew, with 8 exact rows (that
+    # compilation stays in fit64's cache; nothing else calls it with 103 rows).
     model, info = fit(*pad(features, labels, weights, NUM_PADDING + 7), init=ZEROS)
   assert bool(info.converged), info
   assert int(info.num_iters) != int(all_rows_info.num_iters)  # another initial matrix
