@@ -17,9 +17,9 @@ model the margins along a direction are `z + alpha * u`, so once `u = X d` is kn
 step is O(N). Each iteration then takes the gradient (`X^T r`): 2 passes per iteration.
 - `"active_lbfgs"` (default): L-BFGS (memory 10) whose initial inverse-Hessian estimate is
   recomputed every iteration from the Hessian at the current model with only its
-  `_ACTIVE_ROWS` (256) rows of largest curvature `weight * p (1 - p)` exact and the rest (in a loop
-  round, thousands of easy pseudo-negatives) counted as the multiple of the identity with
-  their trace, inverted by the Woodbury identity (a 256 x 256 Gram matrix of the gathered rows
+  `_ACTIVE_ROWS` (256) rows of largest curvature `weight * p (1 - p)` exact and the rest (in
+  a loop round, thousands of easy pseudo-negatives) counted as the multiple of the identity
+  with their trace, inverted by the Woodbury identity (a 256 x 256 Gram matrix of the gathered rows
   and its Cholesky factor: no pass over the features, but 1-2 passes' worth of time per
   iteration on a 2-core CPU at D = 2048, depending on its memory bandwidth at the time), plus
   one pass per fit (the rows' squared norms).
@@ -428,8 +428,9 @@ def _active_hessian_inverse(problem: _Problem, margins: jax.Array, squared_norms
   near the boundary, once a run is warm) are exact and the rest (thousands of easy
   pseudo-negatives) count as the multiple of the identity with their trace (`squared_norms`:
   the centred rows' squared norms), plus the penalty (on the unpenalised bias a tiny ridge, as
-  in `_hessian`). Inverted by the Woodbury identity: a `[a, a]` Gram matrix of the gathered
-  rows and its Cholesky factor, no pass over the features.
+  in `_hessian`), each diagonal entry at least `_ACTIVE_FLOOR` of the mean curvature per
+  coordinate. Inverted by the Woodbury identity: a `[a, a]` Gram matrix of the gathered rows
+  and its Cholesky factor, no pass over the features.
   """
   features, dtype = problem.features, problem.mean.dtype
   num_rows, dim = features.shape
