@@ -7,8 +7,8 @@ State as at the end of a paper-configuration run: per category 50 positives and 
 labeled (505 labels) and about 9,500 pseudo-negatives; two warm-up rounds (`--warmup_rounds`),
 so that the timed rounds start, like every later round of a run, from a linear model fitted on
 pseudo-negatives of a linear ranking. Then `--repeats` consecutive rounds are timed, each from
-the state the previous one returned (as a run goes), each
-followed by a timed floor pass. Prints, per feature dtype: (1) rare_jax's rounds (jitted query
+the state the previous one returned (as a run goes), each followed by a timed floor pass.
+Prints, per feature dtype: (1) rare_jax's rounds (jitted query
 + observe: answers, pseudo-negatives, logistic regressions, re-scoring the pool), (2) the
 baseline from the same starting states: sklearn LogisticRegression (lbfgs) per category + numpy
 scoring + argsort rankings + numpy sampling, in its own process on the same features, (3) the
@@ -19,8 +19,7 @@ excluded (the warm-up rounds compile). `--breakdown` also times the first round'
 one against the floor (query, pseudo-negatives, training-set ids, the gather of the training
 sets into fresh memory and into a reused buffer, the logistic regressions warm and cold with
 their iterations, by the loop's solver and by L-BFGS, the re-scoring), to show where a round
-above the floor goes. Not a
-test: numbers depend on the machine (and its load, printed).
+above the floor goes. Not a test: numbers depend on the machine (and its load, printed).
 """
 
 from __future__ import annotations
