@@ -61,6 +61,10 @@ from jax import lax
 SOLVERS = ("active_lbfgs", "lbfgs", "newton")
 
 _LBFGS_MEMORY = 10
+# The unpenalised bias gets this fraction of the penalty as a ridge in the Newton Hessian and
+# in active_lbfgs's estimate: it keeps them invertible when every example saturates, and only
+# shapes directions (the line search and the gradient stay exact).
+_BIAS_RIDGE = 1e-3
 # Rows of the "active_lbfgs" Hessian that are exact (`_active_hessian_inverse`).
 _ACTIVE_ROWS = 256
 # The smallest diagonal entry of that Hessian's identity part, relative to the mean curvature
@@ -441,7 +445,7 @@ def _active_hessian_inverse(problem: _Problem, margins: jax.Array, squared_norms
   diagonal = jnp.concatenate(
     [
       jnp.full((dim,), problem.l2 + jnp.dot(rest, squared_norms) / dim, dtype),
-      (1e-3 * problem.l2 + jnp.sum(rest))[None],
+      (_BIAS_RIDGE * problem.l2 + jnp.sum(rest))[None],
     ]
   )
   # Floor: a fraction of the data's mean curvature per coordinate, so that I + U U^T below stays
@@ -518,7 +522,8 @@ def _fit_lbfgs(problem: _Problem, w0, b0, margins, grad_w, grad_b, *, max_iters,
     step, change = alpha * direction, new_grad - grad
     curvature = jnp.dot(step, change)
     # Keep the pair only when it carries positive curvature; a rejected step (alpha = 0)
-    # clears the memory so the next direction is steepest descent, and two in a row stop.
+    # clears the memory so the next direction comes from the initial matrix alone (steepest
+    # descent for plain L-BFGS), and two in a row stop.
     keep = curvature > jnp.finfo(dtype).eps * jnp.dot(change, change)
     newest = jnp.where(keep, (state["newest"] + 1) % _LBFGS_MEMORY, state["newest"])
     moved = alpha > 0
@@ -568,9 +573,7 @@ def _hessian(problem: _Problem, margins: jax.Array) -> jax.Array:
   dim = mean.shape[0]
   gram = gram + problem.l2 * jnp.eye(dim, dtype=compute_dtype)
   top = jnp.concatenate([gram, cross_centred[:, None]], axis=1)
-  # A tiny ridge on the bias keeps the system solvable when every example saturates (the bias
-  # is unpenalised); it only shapes the direction, which the line search then scales.
-  bottom = jnp.concatenate([cross_centred, (total + 1e-3 * problem.l2)[None]])
+  bottom = jnp.concatenate([cross_centred, (total + _BIAS_RIDGE * problem.l2)[None]])
   return jnp.concatenate([top, bottom[None]], axis=0)
 
 

@@ -157,9 +157,8 @@ class Engine:
   CPU host a fresh allocation of that size page-faults every round (2-core CPU, P = 1M,
   `benchmarks/loop_round.py --breakdown`: the gather alone 0.70 s into fresh memory, 0.07 s
   into the reused buffer; whole rounds 1.60-1.72 s before, 1.25-1.45 s after). The engine
-  then holds that memory
-  between rounds (`release_rows` frees it); accelerators' allocators reuse device memory by
-  themselves, so there it is off. The states are the same either way.
+  then holds that memory between rounds (`release_rows` frees it); accelerators' allocators
+  reuse device memory by themselves, so there it is off. The states are the same either way.
   """
 
   def __init__(
