@@ -35,8 +35,10 @@ UNKNOWN = -1
 # fits sum their products over the rows in blocks of 256 rows (other float rounding; runs on
 # accelerators compute as before, but their version-2 directories are refused too). 4
 # (2026-12-04): the logistic regressions are fitted by `linear`'s "active_lbfgs" solver
-# instead of L-BFGS (the same optimum within `tol`, other iterates).
-LOOP_VERSION = 4
+# instead of L-BFGS (the same optimum within `tol`, other iterates). 5 (2026-12-05): on CPU the
+# LAPACK kernels of those fits (scipy's OpenBLAS) run on one thread (`linear._one_lapack_thread`),
+# whose factorisations round differently from the several threads before (one per core).
+LOOP_VERSION = 5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -368,6 +368,27 @@ def test_one_compilation_across_rounds():
   assert len(BATCHED_TRACES) == traces
 
 
+def test_a_cpu_fit_runs_scipys_lapack_on_one_thread(monkeypatch):
+  """XLA:CPU's Cholesky and triangular solves call scipy's OpenBLAS: its threads would compete
+  with XLA's and make the rounding depend on their number, so a fit sets them to 1 (scipy's
+  library only: numpy's keeps its threads)."""
+  threadpoolctl = pytest.importorskip("threadpoolctl")
+  import scipy.linalg.cython_lapack  # noqa: F401
+
+  blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+  scipys = [lib for lib in blas if "scipy.libs" in lib.filepath or "/scipy/" in lib.filepath]
+  others = {lib.filepath: lib.num_threads for lib in blas if lib not in scipys}
+  if not scipys:
+    pytest.skip(f"scipy's BLAS is not a library of its own here: {[b.filepath for b in blas]}")
+  for lib in scipys:
+    lib.set_num_threads(2)
+  monkeypatch.setattr(linear, "_LAPACK_THREADS_SET", False)
+  features, labels, weights = make_data(3)
+  jax.jit(functools.partial(linear.fit_logistic, l2=L2)).lower(features, labels, weights)
+  assert [lib.num_threads for lib in scipys] == [1] * len(scipys)
+  assert {lib.filepath: lib.num_threads for lib in blas if lib not in scipys} == others
+
+
 def test_degenerate_training_sets_stay_finite():
   """One class only (the bias grows until the gradient is small), an all-padding category."""
   features, labels, weights = (np.array(a) for a in batched_data(30))
