@@ -20,16 +20,16 @@ step is O(N). Each iteration then takes the gradient (`X^T r`): 2 passes per ite
   `_ACTIVE_ROWS` (256) rows of largest curvature `weight * p (1 - p)` exact and the rest (in
   a loop round, thousands of easy pseudo-negatives) counted as the multiple of the identity
   with their trace, inverted by the Woodbury identity (a 256 x 256 Gram matrix of the gathered rows
-  and its Cholesky factor: no pass over the features, but 1-2 passes' worth of time per
-  iteration on a 2-core CPU at D = 2048, depending on its memory bandwidth at the time), plus
-  one pass per fit (the rows' squared norms).
+  and its Cholesky factor: no pass over the features, but about one pass's worth of time per
+  iteration on a 2-core CPU at D = 2048), plus one pass per fit (the rows' squared norms).
   The curvature of a warm-started fit sits in a few hundred rows, so it needs far fewer
-  iterations. Measured on this project's 2-core CPU at tol 1e-6, C = 10, D = 2048: on one
-  saved round of a `benchmarks/loop_round.py`-shaped run (N = 12,288, random features)
-  warm 3-4 iterations instead of 7-15 (0.45-0.51 s vs 0.79-0.86 s), cold 17-19 instead of
-  23-26 but 1.9-2.1 s vs 1.4-1.5 s; on `benchmarks/linear_fit.py`'s clustered features
-  (N = 10,240) warm 13 instead of 51 (1.13 vs 1.79 s), cold 24 instead of 67 (2.09 vs 2.38
-  s). At tol 1e-4 plain L-BFGS was faster there (0.44 vs 0.62 s warm, 0.68 vs 1.56 s cold).
+  iterations. Measured on this project's 2-core CPU at tol 1e-6, C = 10, D = 2048, with
+  scipy's LAPACK on one thread (`_one_lapack_thread`): on one saved round of a
+  `benchmarks/loop_round.py`-shaped run (N = 12,288, random features) warm 3-4 iterations
+  instead of 7-15 (0.25-0.27 s vs 0.56-0.59 s), cold 17-19 instead of 23-26 (1.02 vs 0.97-0.98
+  s); on `benchmarks/linear_fit.py`'s clustered features (N = 10,240) warm 13 instead of 51
+  (0.79 vs 1.87 s), cold 24 instead of 67 (1.44 vs 2.82 s). At tol 1e-4 they were even warm
+  (0.41 vs 0.43 s) and plain L-BFGS faster cold (0.69 vs 0.96 s).
   The identity part has a floor (`_ACTIVE_FLOOR` of the mean curvature per coordinate) that
   keeps the small system well conditioned in f32 when the penalty is tiny, and an iteration
   whose direction is not finite or does not descend takes steepest descent instead.
