@@ -372,8 +372,8 @@ def test_a_cpu_fit_runs_scipys_lapack_on_one_thread(monkeypatch):
   """XLA:CPU's Cholesky and triangular solves call scipy's OpenBLAS: its threads would compete
   with XLA's and make the rounding depend on their number, so a fit sets them to 1 (scipy's
   library only: numpy's keeps its threads)."""
-  threadpoolctl = pytest.importorskip("threadpoolctl")
   import scipy.linalg.cython_lapack  # noqa: F401
+  import threadpoolctl
 
   blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
   scipys = [lib for lib in blas if "scipy.libs" in lib.filepath or "/scipy/" in lib.filepath]
