@@ -20,8 +20,9 @@ setuptools.setup(
         "grain>=0.2.2,<0.3",
         "array_record>=0.5,<0.9",
         "scikit-learn>=1.3,<1.10",
-        # Sets scipy's OpenBLAS (the LAPACK XLA:CPU calls) to one thread (linear.py).
-        "threadpoolctl>=3.1,<4",
+        # Sets scipy's OpenBLAS (the LAPACK XLA:CPU calls) to one thread (linear.py); 3.5 is the
+        # first to recognise the libscipy_openblas libraries of current scipy/numpy wheels.
+        "threadpoolctl>=3.5,<4",
         "absl-py>=2.0,<3",
         "ml_collections>=0.1.1,<2",
         "numpy>=1.26,<3",

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 import flax
 import jax
@@ -649,6 +650,10 @@ def _validate(features, labels, example_weights, l2, init, max_iters, tol, solve
 
 
 _LAPACK_THREADS_SET = False
+_LAPACK_THREADS_LOCK = threading.Lock()
+# Where scipy's wheels keep their own BLAS (pip: scipy.libs/, macOS: scipy/.dylibs/, source
+# builds against the scipy-openblas32 package), relative to the directory holding `scipy/`.
+_SCIPY_BLAS_DIRS = ("scipy", "scipy.libs", "scipy_openblas32")
 
 
 def _one_lapack_thread() -> None:
@@ -660,29 +665,72 @@ def _one_lapack_thread() -> None:
   OpenBLAS threads keep spinning after each call and take cores from XLA's matmuls, and the
   factorisations' rounding depends on their number (2 vs 1 threads gave weights 1e-7 apart).
   On this project's 2-core CPU one thread made a warm batched fit (C = 10, N = 12,288,
-  D = 2048) 0.30 s instead of 0.45 s and five loop rounds at P = 1M 4.16 s instead of 4.90 s.
-  So the libraries under scipy's installation (else, if scipy links a BLAS elsewhere, every
-  BLAS library loaded) are set to one thread when a fit is first traced on a CPU backend;
-  `threadpoolctl.threadpool_limits` undoes it (then results depend on the thread count).
+  D = 2048) 0.27-0.32 s instead of 0.44-0.48 s (set by OPENBLAS_NUM_THREADS=1 then).
+
+  So, when a fit is first traced and JAX's default backend is the CPU (fits placed on a CPU
+  device under another default backend are not covered), the BLAS libraries in scipy's own
+  directories (pip's wheels; numpy's library keeps its threads) are set to one thread with
+  threadpoolctl; if scipy has none of its own and exactly one BLAS library is loaded (conda's
+  shared OpenBLAS or MKL, a system scipy), that one, numpy's too; otherwise nothing, with a
+  warning. A failure is logged, never raised: it costs speed, not results on this machine.
+  OpenBLAS takes its thread count from one controlling thread: a count set earlier from
+  another thread can keep this from taking effect (warned), and threadpoolctl can set it back
+  from the thread that set it (then results depend on the thread count again).
   """
   global _LAPACK_THREADS_SET
   if _LAPACK_THREADS_SET or jax.default_backend() != "cpu":
     return
-  _LAPACK_THREADS_SET = True
+  with _LAPACK_THREADS_LOCK:
+    if _LAPACK_THREADS_SET:
+      return
+    _LAPACK_THREADS_SET = True  # one attempt per process, whatever its outcome
+    try:
+      _set_lapack_threads(1)
+    except Exception as error:  # a speed setting must never fail a fit
+      logging.warning("rare_jax.linear: could not set scipy's BLAS threads: %r", error)
+
+
+def _set_lapack_threads(count: int) -> None:
+  """`_one_lapack_thread`'s work: finds scipy's BLAS libraries and sets their thread count."""
   import scipy
   import scipy.linalg.cython_lapack  # noqa: F401  (loads the BLAS library jaxlib's kernels use)
   import threadpoolctl
 
   blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
   root = os.path.dirname(os.path.dirname(os.path.realpath(scipy.__file__)))
-  scipys = [
-    lib for lib in blas if os.path.realpath(lib.filepath).startswith(os.path.join(root, "scipy"))
-  ]
-  for lib in scipys or blas:
+  dirs = tuple(os.path.join(root, name) + os.sep for name in _SCIPY_BLAS_DIRS)
+  chosen = [lib for lib in blas if os.path.realpath(lib.filepath).startswith(dirs)]
+  if not chosen and len(blas) == 1:
+    chosen = blas
+    logging.warning(
+      "rare_jax.linear: scipy has no BLAS of its own here; setting the one loaded, %s, to %d "
+      "thread(s) (numpy shares it)",
+      blas[0].filepath,
+      count,
+    )
+  elif not chosen:
+    logging.warning(
+      "rare_jax.linear: scipy's BLAS not found among %s; LAPACK keeps its threads (slower fits "
+      "on CPU, rounding that depends on the thread count)",
+      [lib.filepath for lib in blas],
+    )
+  for lib in chosen:
     before = lib.num_threads
-    if before != 1:
-      lib.set_num_threads(1)
-      logging.info("rare_jax.linear: BLAS %s set to 1 thread (was %d)", lib.filepath, before)
+    if before == count:
+      continue
+    lib.set_num_threads(count)
+    if lib.num_threads == count:
+      logging.info(
+        "rare_jax.linear: BLAS %s set to %d thread(s) (was %d)", lib.filepath, count, before
+      )
+    else:
+      logging.warning(
+        "rare_jax.linear: BLAS %s kept %d threads (asked %d: OpenBLAS obeys the thread that set "
+        "its count first)",
+        lib.filepath,
+        lib.num_threads,
+        count,
+      )
 
 
 def _fit_one(

@@ -375,18 +375,35 @@ def test_a_cpu_fit_runs_scipys_lapack_on_one_thread(monkeypatch):
   import scipy.linalg.cython_lapack  # noqa: F401
   import threadpoolctl
 
-  blas = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+  controller = threadpoolctl.ThreadpoolController()
+  blas = controller.select(user_api="blas").lib_controllers
   scipys = [lib for lib in blas if "scipy.libs" in lib.filepath or "/scipy/" in lib.filepath]
-  others = {lib.filepath: lib.num_threads for lib in blas if lib not in scipys}
   if not scipys:
-    pytest.skip(f"scipy's BLAS is not a library of its own here: {[b.filepath for b in blas]}")
-  for lib in scipys:
-    lib.set_num_threads(2)
+    pytest.skip(
+      f"scipy's BLAS is not a library of its own here (threadpoolctl "
+      f"{threadpoolctl.__version__} found {[lib.filepath for lib in blas]})"
+    )
+  others = {lib.filepath: lib.num_threads for lib in blas if lib not in scipys}
+  with controller.select(filepath=[lib.filepath for lib in scipys]).limit(limits=2):
+    if [lib.num_threads for lib in scipys] != [2] * len(scipys):
+      pytest.skip(f"scipy's BLAS would not take 2 threads: {[lib.num_threads for lib in scipys]}")
+    monkeypatch.setattr(linear, "_LAPACK_THREADS_SET", False)
+    features, labels, weights = make_data(3)
+    jax.jit(functools.partial(linear.fit_logistic, l2=L2)).lower(features, labels, weights)
+    threads = [lib.num_threads for lib in scipys]
+  assert threads == [1] * len(scipys)
+  assert {lib.filepath: lib.num_threads for lib in blas if lib not in scipys} == others
+
+
+def test_a_failure_to_set_lapack_threads_never_fails_a_fit(monkeypatch):
+  def broken(count):
+    raise RuntimeError("no BLAS here")
+
+  monkeypatch.setattr(linear, "_set_lapack_threads", broken)
   monkeypatch.setattr(linear, "_LAPACK_THREADS_SET", False)
   features, labels, weights = make_data(3)
   jax.jit(functools.partial(linear.fit_logistic, l2=L2)).lower(features, labels, weights)
-  assert [lib.num_threads for lib in scipys] == [1] * len(scipys)
-  assert {lib.filepath: lib.num_threads for lib in blas if lib not in scipys} == others
+  assert linear._LAPACK_THREADS_SET  # tried once, not again at every trace
 
 
 def test_degenerate_training_sets_stay_finite():
