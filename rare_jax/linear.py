@@ -672,7 +672,8 @@ def _one_lapack_thread() -> None:
   directories (pip's wheels; numpy's library keeps its threads) are set to one thread with
   threadpoolctl; if scipy has none of its own and exactly one BLAS library is loaded (conda's
   shared OpenBLAS or MKL, a system scipy), that one, numpy's too; otherwise nothing, with a
-  warning. A failure is logged, never raised: it costs speed, not results on this machine.
+  warning. A failure is logged, never raised: fits stay correct, only slower, with rounding
+  that depends on the thread count.
   OpenBLAS takes its thread count from one controlling thread: a count set earlier from
   another thread can keep this from taking effect (warned), and threadpoolctl can set it back
   from the thread that set it (then results depend on the thread count again).
