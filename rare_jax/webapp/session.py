@@ -19,8 +19,6 @@ embedded chunk) and gives the same features.
 
 from __future__ import annotations
 
-import functools
-import io
 import os
 import re
 import threading
@@ -29,12 +27,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from rare_jax import runner
 from rare_jax.checkpoint import CheckpointStore, write_json_atomic
-from rare_jax.data import folder
-from rare_jax.webapp import folder_run
+from rare_jax.webapp import folder_run, pool_images
 from rare_jax.webapp.labeler import (
   DONE,
   LABELING,
@@ -48,8 +44,7 @@ from rare_jax.webapp.labeler import (
 DEEP_REQUESTS = "deep_requests.json"
 _EPOCH = re.compile(r"^deep update (\d+): epoch (\d+)/(\d+)")
 
-# Longest side of the images the app serves (re-encoded; the originals are never sent).
-THUMBNAIL_SIZE = 256
+THUMBNAIL_SIZE = pool_images.THUMBNAIL_SIZE  # longest side of the images the app serves
 
 
 class LabelingSession:
@@ -82,6 +77,8 @@ class LabelingSession:
     self._decided = 0  # the newest round whose update_after was answered
     self._deep: dict[str, Any] = {"status": "idle", "message": "", "progress": 0.0}
     self._deep_changes = 0
+    # Served images: where the folder resolves to is taken now (checked again per request).
+    self._images = pool_images.PoolImages(run)
 
   # The loop.
 
@@ -334,28 +331,15 @@ class LabelingSession:
     }
 
   def image(self, image_id: int) -> tuple[bytes, str]:
-    """(bytes, mimetype) of pool image `image_id`, re-encoded at most THUMBNAIL_SIZE wide.
+    """(bytes, mimetype) of pool image `image_id`, re-encoded at most THUMBNAIL_SIZE wide;
+    checked and bounded as it is served (`pool_images`).
 
     Raises:
       IndexError: no such image id in this run's pool.
-      ValueError: the file no longer decodes.
+      ValueError: the file is refused (moved out of the folder, not a regular file, too big)
+        or no longer decodes.
     """
-    return _thumbnail(self.run.file_path(image_id))
-
-
-@functools.lru_cache(maxsize=1024)
-def _thumbnail(path: str) -> tuple[bytes, str]:
-  try:
-    image = folder.decode_image(path)
-  except Exception as error:
-    raise ValueError(f"{path} no longer decodes: {error}") from None
-  image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
-  buffer = io.BytesIO()
-  if max(image.size) <= 128:  # small images (icons, MNIST-like): lossless
-    image.save(buffer, format="PNG")
-    return buffer.getvalue(), "image/png"
-  image.save(buffer, format="JPEG", quality=88)
-  return buffer.getvalue(), "image/jpeg"
+    return self._images.thumbnail(image_id)
 
 
 class _ProgressUpdater:

@@ -1,0 +1,183 @@
+"""Pool images as the labeling app serves them: checked where they are when served, bounded.
+
+A pool file may change after the run was prepared (the folder is the person's own, and other
+programs may write to it). So every `GET /image/<id>` checks again what it reads:
+
+- the file is opened where it resolves to now (`os.path.realpath`) with `O_NOFOLLOW` and
+  `O_NONBLOCK` (a FIFO swapped in cannot block the request), and that open file must be a
+  regular file (`fstat`) that lies under the images folder's real root, taken when the session
+  was created; a seed outside the folder must still be the file its path named then. On Linux
+  (and macOS) the path of the opened descriptor itself is checked, so a directory swapped for a
+  symlink between the check and the open is refused too;
+- at most `MAX_IMAGE_BYTES` are read, and only images of at most `MAX_IMAGE_PIXELS` pixels are
+  decoded, `DECODE_SLOTS` at a time (a file grown to gigabytes, or a decompression bomb, costs
+  a refusal, not the server's memory).
+
+Refusals raise `ValueError` (the server answers 410). Thumbnails are cached by the identity of
+the file read (device, inode, size, modification time), so a replaced file is checked and read
+again, never answered from the cache of the file it replaced.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import stat
+import sys
+import threading
+from typing import Any
+
+from PIL import Image
+
+from rare_jax.data import folder
+
+# Longest side of the images the app serves (re-encoded; the originals are never sent).
+THUMBNAIL_SIZE = 256
+# Largest image file read to make a thumbnail (bigger ones are refused, not read).
+MAX_IMAGE_BYTES = 128 * 1024 * 1024
+# Largest image decoded: PIL's decompression-bomb limit, which the folder scan also applies
+# (so every image of the pool can be shown). Held at most DECODE_SLOTS at a time.
+MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+DECODE_SLOTS = 2
+CACHE_SIZE = 1024
+
+_OPEN_FLAGS = (
+  os.O_RDONLY
+  | getattr(os, "O_NOFOLLOW", 0)
+  | getattr(os, "O_NONBLOCK", 0)
+  | getattr(os, "O_CLOEXEC", 0)
+  | getattr(os, "O_BINARY", 0)
+)
+_READ_CHUNK = 1024 * 1024
+
+
+class PoolImages:
+  """Thumbnails of a run's pool images, by id.
+
+  Args:
+    run: a `folder_run.FolderRun` (its `manifest` and `file_path`). Where the images folder
+      and the seeds outside it resolve to is taken now: files are served from there only.
+  """
+
+  def __init__(self, run: Any):
+    self._run = run
+    self._real_root = os.path.realpath(run.manifest["root"])
+    seeds_outside = range(int(run.manifest["num_folder_images"]), run.pool_size)
+    self._outside = {i: os.path.realpath(run.file_path(i)) for i in seeds_outside}
+    self._cache: collections.OrderedDict[tuple, tuple[bytes, str]] = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+  def thumbnail(self, image_id: int) -> tuple[bytes, str]:
+    """(bytes, mimetype) of pool image `image_id`, re-encoded at most THUMBNAIL_SIZE wide.
+
+    Raises:
+      IndexError: no such image id in this run's pool.
+      ValueError: the file is gone, resolves outside where the pool was, is not a regular file,
+        is over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS, or no longer decodes.
+    """
+    path = self._run.file_path(image_id)
+    fd = self._open(image_id, path)
+    try:
+      info = os.fstat(fd)
+      key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+      with self._lock:
+        cached = self._cache.get(key)
+        if cached is not None:
+          self._cache.move_to_end(key)
+          return cached
+      data = _read_at_most(fd, MAX_IMAGE_BYTES, path)
+    finally:
+      os.close(fd)
+    with self._decode_slots:
+      result = _encode_thumbnail(data, path)
+    with self._lock:
+      self._cache[key] = result
+      while len(self._cache) > CACHE_SIZE:
+        self._cache.popitem(last=False)
+    return result
+
+  def _open(self, image_id: int, path: str) -> int:
+    """A descriptor of the regular file `path` resolves to, if it is where the pool was."""
+    real = os.path.realpath(path)
+    if not self._allowed(image_id, real):
+      raise ValueError(f"{path} now resolves outside the images folder; not served")
+    try:
+      fd = os.open(real, _OPEN_FLAGS)
+    except OSError as error:
+      raise ValueError(f"{path} cannot be opened ({error.strerror or error})") from None
+    try:
+      info = os.fstat(fd)
+      if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file any more; not served")
+      if info.st_size > MAX_IMAGE_BYTES:
+        raise ValueError(
+          f"{path} is {info.st_size} bytes, over the {MAX_IMAGE_BYTES} the app reads; not served"
+        )
+      opened = _path_of(fd)
+      if opened is not None and not self._allowed(image_id, opened):
+        raise ValueError(f"{path} changed while it was opened; not served")
+    except BaseException:
+      os.close(fd)
+      raise
+    return fd
+
+  def _allowed(self, image_id: int, real: str) -> bool:
+    if image_id in self._outside:  # a seed outside the folder: the file it named
+      return real == self._outside[image_id]
+    return os.path.commonpath([real, self._real_root]) == self._real_root
+
+
+def _path_of(fd: int) -> str | None:
+  """Where the open file `fd` is (the kernel's answer), or None where it cannot be asked."""
+  if sys.platform.startswith("linux"):
+    try:
+      return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+      return None
+  if sys.platform == "darwin":
+    import fcntl
+
+    try:
+      path = fcntl.fcntl(fd, fcntl.F_GETPATH, b"\0" * 1024)
+      return os.fsdecode(path.rstrip(b"\0"))
+    except (OSError, AttributeError):
+      return None
+  return None
+
+
+def _read_at_most(fd: int, limit: int, path: str) -> bytes:
+  """The whole file, or ValueError once it has grown past `limit` bytes."""
+  chunks, total = [], 0
+  while True:
+    chunk = os.read(fd, min(_READ_CHUNK, limit + 1 - total))
+    if not chunk:
+      return b"".join(chunks)
+    chunks.append(chunk)
+    total += len(chunk)
+    if total > limit:
+      raise ValueError(f"{path} is over the {limit} bytes the app reads; not served")
+
+
+def _encode_thumbnail(data: bytes, path: str) -> tuple[bytes, str]:
+  try:
+    with Image.open(io.BytesIO(data)) as header:  # reads the header only
+      width, height = header.size
+  except Exception as error:
+    raise ValueError(f"{path} no longer decodes: {error}") from None
+  if width * height > MAX_IMAGE_PIXELS:
+    raise ValueError(
+      f"{path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS} the app decodes; not served"
+    )
+  try:
+    image = folder.decode_image(io.BytesIO(data))  # PIL reads a file object like a path
+  except Exception as error:
+    raise ValueError(f"{path} no longer decodes: {error}") from None
+  image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+  buffer = io.BytesIO()
+  if max(image.size) <= 128:  # small images (icons, MNIST-like): lossless
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
+  image.save(buffer, format="JPEG", quality=88)
+  return buffer.getvalue(), "image/jpeg"
