@@ -17,18 +17,28 @@ browsers fetch on their own without the token: an empty 204. Routes:
     GET  /export/labels.csv, /export/labels.json   the labels given so far, as a download
                              (what `python -m rare_jax.export` writes)
 
-POST bodies are JSON objects of at most `max_request_bytes` (413 beyond). Refusals are JSON
-`{"error": ...}` with a status that says why: 400 malformed, 401 token, 404 unknown image or
-route, 405 method, 409 conflict (stale batch, answered already, nothing to undo, incomplete
-batch, no open batch), 413 too large, 422 an id or category that is not queried, 507 a disk
-full when saving a submitted batch (the answers stay on the page). Files are
-only ever reached through an image id of the run's pool: no request names a path.
+POST bodies are JSON objects of exactly the fields shown (types checked; others, or nesting
+deeper than Python's JSON decoder takes, are 400) of at most `max_request_bytes`, declared
+(Content-Length) or chunked (413 beyond; a chunked body is read up to one byte past the limit).
+Refusals are JSON `{"error": ...}` with a status that says why: 400 malformed, 401 token, 404
+unknown image or route, 405 method, 409 conflict (stale batch, answered already, nothing to
+undo, incomplete batch, no open batch), 410 an image file that is gone, no longer decodes, or
+is refused as it is served (resolves outside the folder, not a regular file, over the size
+limits of `pool_images`), 413 too large, 422 an id or category that is not queried, 503 all
+connections busy, 507 a disk full when saving a submitted batch (the answers stay on the
+page). Files are only ever reached through an image id of the run's pool: no request names a
+path.
+
+`Server` gives every connection `read_timeout` seconds per read or write (an idle or half-sent
+request is closed after it) and serves at most `max_connections` at once (one thread each);
+a connection beyond them is answered 503 at once and closed.
 """
 
 from __future__ import annotations
 
 import errno
 import hmac
+import json
 import os
 import pathlib
 import socket
@@ -46,6 +56,8 @@ from rare_jax.webapp.session import LabelingSession
 
 STATIC = pathlib.Path(__file__).parent / "static"
 MAX_REQUEST_BYTES = 16 * 1024
+READ_TIMEOUT_S = 30.0  # per read or write on a connection: idle or half-sent ones are closed
+MAX_CONNECTIONS = 32  # connections served at once (a browser opens about 6 per host)
 _URLSAFE = set(string.ascii_letters + string.digits + "-_")
 _ASSETS = {
   "app.js": "text/javascript; charset=utf-8",
@@ -121,27 +133,23 @@ def create_app(
 
   @app.post("/api/answer")
   def answer():
-    body = _json_body()
-    category = _int(body, "category")
-    image_id = _int(body, "id")
-    value = body.get("answer")
-    if not isinstance(value, bool):
-      return _error(400, f"answer={value!r}; expected true or false")
-    session.labeler.set_answer(_int(body, "serial"), category, image_id, value)
+    body = _json_body({"serial": int, "category": int, "id": int, "answer": bool})
+    session.labeler.set_answer(body["serial"], body["category"], body["id"], body["answer"])
     return flask.jsonify(session.state())
 
   @app.post("/api/undo")
   def undo():
-    undone = session.labeler.undo(_int(_json_body(), "serial"))
+    undone = session.labeler.undo(_json_body({"serial": int})["serial"])
     return flask.jsonify(dict(session.state(), undone=undone))
 
   @app.post("/api/submit")
   def submit():
-    session.labeler.submit(_int(_json_body(), "serial"))
+    session.labeler.submit(_json_body({"serial": int})["serial"])
     return flask.jsonify(session.state())
 
   @app.post("/api/deep_update")
   def deep_update():
+    _json_body({})  # the page sends {}: anything else is a malformed request
     after_round = session.request_deep_update()
     return flask.jsonify(dict(session.state(), deep_update_after_round=after_round))
 
@@ -172,19 +180,57 @@ class _BadRequest(AnswerRejected):
     super().__init__(400, message)
 
 
-def _json_body() -> dict[str, Any]:
-  # Werkzeug stops reading at MAX_CONTENT_LENGTH (declared or chunked) with a 413.
-  body = flask.request.get_json(silent=True)
+def _json_body(fields: dict[str, type]) -> dict[str, Any]:
+  """The request's JSON object, with exactly `fields` (name: int or bool), else 400."""
+  if not flask.request.is_json:
+    raise _BadRequest("expected a JSON object body (Content-Type: application/json)")
+  data = _read_body(flask.request.max_content_length or MAX_REQUEST_BYTES)
+  try:
+    body = json.loads(data)
+  except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
+    body = None
   if not isinstance(body, dict):
     raise _BadRequest("expected a JSON object body (Content-Type: application/json)")
+  unknown = sorted(set(body) - set(fields))
+  if unknown:
+    raise _BadRequest(f"unknown fields {unknown}; expected only {sorted(fields)}")
+  for key, kind in fields.items():
+    value = body.get(key)
+    if kind is bool and not isinstance(value, bool):
+      raise _BadRequest(f"{key}={value!r}; expected true or false")
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+      raise _BadRequest(f"{key}={value!r}; expected an integer")
   return body
 
 
-def _int(body: dict[str, Any], key: str) -> int:
-  value = body.get(key)
-  if not isinstance(value, int) or isinstance(value, bool):
-    raise _BadRequest(f"{key}={value!r}; expected an integer")
-  return value
+def _read_body(limit: int) -> bytes:
+  """The request body, or 413 past `limit` bytes, declared or chunked.
+
+  Werkzeug refuses a Content-Length over the limit, but cuts a chunked body at the limit
+  silently (a padded body would pass as its first `limit` bytes): read it here instead, up to
+  one byte past the limit.
+  """
+  request = flask.request
+  if request.content_length is not None:
+    if request.content_length > limit:
+      raise exceptions.RequestEntityTooLarge()
+    stream = request.stream  # ends at Content-Length
+  elif "wsgi.input_terminated" in request.environ:  # chunked: the server finds its end
+    stream = request.input_stream
+  else:
+    return b""
+  data = bytearray()
+  try:
+    while len(data) <= limit:
+      chunk = stream.read(limit + 1 - len(data))
+      if not chunk:
+        break
+      data += chunk
+  except OSError as error:  # a malformed chunk, a read timeout
+    raise _BadRequest(f"could not read the request body ({error})") from None
+  if len(data) > limit:
+    raise exceptions.RequestEntityTooLarge()
+  return bytes(data)
 
 
 def _error(status: int, message: str) -> flask.Response:
@@ -196,7 +242,63 @@ def _error(status: int, message: str) -> flask.Response:
 class _QuietHandler(serving.WSGIRequestHandler):
   """Logs no requests: their URLs carry the access token."""
 
+  timeout = READ_TIMEOUT_S  # StreamRequestHandler.setup sets it on the connection
+
   def log_request(self, *args, **kwargs) -> None:
+    pass
+
+  def log_error(self, *args, **kwargs) -> None:
+    pass  # http.server's errors quote the request line (the token); timeouts are routine
+
+
+_BUSY = json.dumps({"error": "the server is busy: too many connections; retry", "status": 503})
+_BUSY_RESPONSE = (
+  "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+  f"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: {len(_BUSY)}\r\n\r\n{_BUSY}"
+).encode()
+
+
+class _BoundedServer(serving.ThreadedWSGIServer):
+  """Werkzeug's threaded server with at most `max_connections` connections served at once.
+
+  A connection beyond them is answered 503 and closed from the accepting thread, without a
+  thread of its own (so the threads stay bounded whatever clients do).
+  """
+
+  def __init__(self, host: str, port: int, app: flask.Flask, handler, *, max_connections: int):
+    super().__init__(host, port, app, handler)
+    self._slots = threading.BoundedSemaphore(max_connections)
+
+  def process_request(self, request, client_address) -> None:
+    if not self._slots.acquire(blocking=False):
+      _refuse_busy(request)
+      self.shutdown_request(request)
+      return
+    try:
+      super().process_request(request, client_address)  # starts the connection's thread
+    except BaseException:
+      self._slots.release()
+      raise
+
+  def process_request_thread(self, request, client_address) -> None:
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self._slots.release()
+
+
+def _refuse_busy(connection: socket.socket) -> None:
+  try:
+    connection.setblocking(False)
+    for _ in range(4):  # what the client sent already: read, so closing sends no reset
+      if not connection.recv(65536):
+        break
+  except OSError:
+    pass  # nothing (more) to read now
+  try:
+    connection.settimeout(0.2)  # a fresh socket's send buffer takes it at once
+    connection.sendall(_BUSY_RESPONSE)
+  except OSError:
     pass
 
 
@@ -233,13 +335,29 @@ def check_address(host: str, port: int) -> None:
 class Server:
   """A threaded Werkzeug server for `app` on (host, port) in a background thread.
 
-  Port 0 picks a free port; `url(token)` gives the address to open.
+  Port 0 picks a free port; `url(token)` gives the address to open. Each connection gets
+  `read_timeout` seconds per read or write (then it is closed); at most `max_connections` are
+  served at once, and one beyond them is answered 503.
   """
 
-  def __init__(self, app: flask.Flask, *, host: str = "127.0.0.1", port: int = 0):
-    self._server = serving.make_server(
-      host, port, app, threaded=True, request_handler=_QuietHandler
-    )
+  def __init__(
+    self,
+    app: flask.Flask,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    read_timeout: float = READ_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+  ):
+    if not read_timeout > 0:
+      raise ValueError(f"read_timeout={read_timeout!r}; expected a positive number of seconds")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+      raise ValueError(f"max_connections={max_connections!r}; expected an integer >= 1")
+    if max_connections < 1:
+      raise ValueError(f"max_connections={max_connections!r}; expected an integer >= 1")
+    # A handler class per server: Werkzeug sets protocol_version on it.
+    handler = type("_Handler", (_QuietHandler,), {"timeout": float(read_timeout)})
+    self._server = _BoundedServer(host, port, app, handler, max_connections=max_connections)
     self.host = host
     self.port = self._server.server_port
     self._thread = threading.Thread(
