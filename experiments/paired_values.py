@@ -1,0 +1,206 @@
+r"""Stores the values behind a comparison's paired differences, and their intervals at two levels.
+
+    # From a comparison workdir (every run's metrics.jsonl): the per-(seed, group, category)
+    # values of every strategy and of the baseline, and all intervals.
+    python experiments/paired_values.py --results=docs/results/imagenet \
+        --workdir=runs/compare_imagenet --config=experiments/configs/compare_imagenet.py
+
+    # From a published results folder alone (its paired_differences.json): what the stored
+    # per-seed means allow, the seed-level intervals.
+    python experiments/paired_values.py --results=docs/results/imagenet
+
+A paired difference compares two strategies on the same (seed, category): both runs share the
+task, the seed images and M_pre. `rare_jax.compare` reports a Student-t interval over those
+pairs ("pair level", n = seeds x categories). The categories of one workdir (one seed and one
+group) share a deep model and a pool, so their pairs are not independent. The "seed level"
+interval is a Student-t interval over the seeds' mean differences (n = seeds): seeds share
+nothing, so it is the conservative one.
+
+It rewrites `RESULTS/paired_differences.json` (keeping what `rare_jax.compare` wrote) with, per
+strategy and budget:
+- `per_seed`: the mean difference of each seed (as `rare_jax.compare` stores it);
+- `pair_level` and `seed_level`: `{mean, low, high, n}` of a 95% t interval;
+- `per_pair` (only with --workdir): `[{seed, group, category, value, baseline, difference}]`,
+  from which every interval can be recomputed.
+A comparison between two non-baseline strategies whose differences against the baseline are
+both stored is added under `derived` ("A - B"): per seed, (A - base) - (B - base) = A - B exactly,
+as both are means over the same pairs. Their pair-level interval needs the pairs themselves.
+It also writes `RESULTS/paired_values.md`, a table of both intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> dict:
+  """`{mean, low, high, n}`: a Student-t interval for the mean of `values` (NaN for n < 2)."""
+  values = np.asarray(values, float)
+  n = int(values.size)
+  mean = float(values.mean()) if n else math.nan
+  if n > 1:
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+  else:
+    half = math.nan
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def per_pair_values(config, workdir: str) -> dict:
+  """{strategy: {budget: [{seed, group, category, value, baseline, difference}]}} of the
+  headline F1, strategy against `config.baseline`, read from a comparison workdir."""
+  from rare_jax import compare
+
+  collected = compare.collect(config, workdir)
+  baseline = config.get("baseline", "tropel")
+  base = collected.get(baseline, {})
+  out: dict = {}
+  for strategy, by_seed in collected.items():
+    if strategy == baseline:
+      continue
+    for seed, points in sorted(by_seed.items()):
+      for budget, groups in sorted(points.items()):
+        if budget not in base.get(seed, {}):
+          continue
+        for group_index, (ours, theirs) in enumerate(
+          zip(groups, base[seed][budget], strict=True)
+        ):
+          categories = config.groups[group_index]
+          for category, a, b in zip(categories, ours["f1"], theirs["f1"], strict=True):
+            out.setdefault(strategy, {}).setdefault(str(budget), []).append(
+              {
+                "seed": int(seed),
+                "group": group_index,
+                "category": int(category),
+                "value": float(a),
+                "baseline": float(b),
+                "difference": float(a) - float(b),
+              }
+            )
+  return out
+
+
+def seed_means(pairs: list[dict]) -> list[float]:
+  seeds = sorted({p["seed"] for p in pairs})
+  return [float(np.mean([p["difference"] for p in pairs if p["seed"] == s])) for s in seeds]
+
+
+def enrich(document: dict, pairs: dict | None) -> dict:
+  """`paired_differences.json`'s content with per-pair values and both intervals added."""
+  differences = document["differences"]
+  for strategy, budgets in differences.items():
+    for budget, entry in budgets.items():
+      if pairs is not None and budget in pairs.get(strategy, {}):
+        entry["per_pair"] = pairs[strategy][budget]
+        entry["per_seed"] = seed_means(entry["per_pair"])
+        entry["pair_level"] = t_interval([p["difference"] for p in entry["per_pair"]])
+      else:
+        entry["pair_level"] = {k: entry[k] for k in ("mean", "low", "high", "n")}
+      entry["seed_level"] = t_interval(entry["per_seed"])
+  derived = {}
+  names = list(differences)  # the comparison's order of strategies
+  for i, a in enumerate(names):
+    for b in names[i + 1 :]:
+      for budget in differences[a]:
+        if budget not in differences[b]:
+          continue
+        one, other = differences[a][budget], differences[b][budget]
+        if len(one["per_seed"]) != len(other["per_seed"]):
+          continue
+        per_seed = [x - y for x, y in zip(one["per_seed"], other["per_seed"], strict=True)]
+        entry = {"per_seed": per_seed, "seed_level": t_interval(per_seed)}
+        if "per_pair" in one and "per_pair" in other:
+          entry["pair_level"] = t_interval(
+            [
+              p["value"] - q["value"]
+              for p, q in zip(one["per_pair"], other["per_pair"], strict=True)
+            ]
+          )
+        derived.setdefault(f"{a} - {b}", {})[budget] = entry
+  document["derived"] = derived
+  if pairs is None and not any(
+    "per_pair" in entry for budgets in differences.values() for entry in budgets.values()
+  ):
+    document["per_pair_values"] = (
+      "not stored: this file was written from the per-seed means alone; the pair-level "
+      "intervals are the driver's and cannot be recomputed from it"
+    )
+  else:
+    document.pop("per_pair_values", None)
+  return document
+
+
+def _interval(entry: dict | None) -> str:
+  if entry is None:
+    return "not stored"
+  return f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}] (n = {entry['n']})"
+
+
+def table(document: dict, wanted_derived=None) -> str:
+  """Markdown: both intervals per comparison and budget."""
+  baseline = document["baseline"]
+  lines = [
+    f"Paired differences of the headline F1, 95% t intervals. Pair level: over (seed,"
+    f" category) pairs. Seed level: over the seeds' mean differences.",
+    "",
+    "| comparison | labels | pair level | seed level |",
+    "|---|---|---|---|",
+  ]
+  for strategy, budgets in document["differences"].items():
+    for budget in sorted(budgets, key=int):
+      entry = budgets[budget]
+      lines.append(
+        f"| `{strategy}` - `{baseline}` | {budget} | {_interval(entry['pair_level'])} |"
+        f" {_interval(entry['seed_level'])} |"
+      )
+  for name, budgets in document.get("derived", {}).items():
+    if wanted_derived is not None and name not in wanted_derived:
+      continue
+    a, b = name.split(" - ")
+    for budget in sorted(budgets, key=int):
+      entry = budgets[budget]
+      lines.append(
+        f"| `{a}` - `{b}` | {budget} | {_interval(entry.get('pair_level'))} |"
+        f" {_interval(entry['seed_level'])} |"
+      )
+  return "\n".join(lines) + "\n"
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("results", None, "A results folder holding paired_differences.json.")
+flags.DEFINE_string("workdir", None, "Optional: the comparison's workdir (per-pair values).")
+flags.DEFINE_list("derived", None, "Derived comparisons to list in the table (default: all).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "With --workdir: its config.")
+
+
+def main(argv):
+  del argv
+  path = os.path.join(FLAGS.results, "paired_differences.json")
+  with open(path) as f:
+    document = json.load(f)
+  pairs = None
+  if FLAGS.workdir:
+    if _CONFIG.value is None:
+      raise app.UsageError("--workdir needs the comparison's --config")
+    pairs = per_pair_values(_CONFIG.value, FLAGS.workdir)
+  document = enrich(document, pairs)
+  with open(path + ".tmp", "w") as f:
+    json.dump(document, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+  with open(os.path.join(FLAGS.results, "paired_values.md"), "w") as f:
+    f.write(table(document, FLAGS.derived))
+  print(table(document, FLAGS.derived))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("results")
+  app.run(main)
