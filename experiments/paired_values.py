@@ -70,9 +70,7 @@ def per_pair_values(config, workdir: str) -> dict:
       for budget, groups in sorted(points.items()):
         if budget not in base.get(seed, {}):
           continue
-        for group_index, (ours, theirs) in enumerate(
-          zip(groups, base[seed][budget], strict=True)
-        ):
+        for group_index, (ours, theirs) in enumerate(zip(groups, base[seed][budget], strict=True)):
           categories = config.groups[group_index]
           for category, a, b in zip(categories, ours["f1"], theirs["f1"], strict=True):
             out.setdefault(strategy, {}).setdefault(str(budget), []).append(
@@ -148,8 +146,8 @@ def table(document: dict, wanted_derived=None) -> str:
   """Markdown: both intervals per comparison and budget."""
   baseline = document["baseline"]
   lines = [
-    f"Paired differences of the headline F1, 95% t intervals. Pair level: over (seed,"
-    f" category) pairs. Seed level: over the seeds' mean differences.",
+    "Paired differences of the headline F1, 95% t intervals. Pair level: over (seed,"
+    " category) pairs. Seed level: over the seeds' mean differences.",
     "",
     "| comparison | labels | pair level | seed level |",
     "|---|---|---|---|",
