@@ -42,7 +42,7 @@ def get_config(arg=None):
   # Headline F1 from the linear models on the latest deep update's features: with E=1 the
   # deep main head predicts no positive at p >= 0.5 (measured: mean F1 0.000 after both
   # updates of `ours`, seed 0, group 0), so its F1 cannot rank strategies; its F1 and AP are
-  # still reported. METHOD.md's choice is "deep_head".
+  # still reported. docs/method.md's choice is "deep_head".
   config.evaluate_model = "linear"
   # The first release's M_pre and deep settings, which docs/results/ was measured with: a
   # resnet_tiny pretrained here on the related split, a fresh main head, batch statistics.

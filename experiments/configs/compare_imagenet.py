@@ -8,7 +8,7 @@ N=2, Q=5, B=10, f_a=100, E=4, each deep update from M_pre with the main head sta
 linear models, raw features, the weighted validation set: every test image, rare ones
 weighted k/n) on two groups of 5 rare Fashion-MNIST categories that cover all 10 classes (the
 other group's classes are the pool's common background), over seeds 0-4. The headline model
-is METHOD.md's: the deep main head for `ours`, the linear models for the frozen-feature
+is docs/method.md's: the deep main head for `ours`, the linear models for the frozen-feature
 strategies. The report adds paired differences (strategy minus `tropel`, same seed and
 category) with 95% intervals. docs/results/imagenet holds this config's results; its caveats
 name the earlier run (E=2, warm-started updates, z-scored features, subsampled validation).

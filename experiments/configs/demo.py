@@ -41,7 +41,7 @@ def get_config(arg=None):
   # "none" (the paper's) or "standardize" (z-score with pool statistics: better on the first
   # release's small M_pre, worse at 40-100 labels on the ImageNet features; README)
   config.feature_normalization = "none"
-  # The loop (METHOD.md): N feature updates x Q rounds of B queries per category.
+  # The loop (docs/method.md): N feature updates x Q rounds of B queries per category.
   config.strategies = ("ours", "ours_linear", "tropel")
   config.num_feature_updates = 2  # N
   config.rounds_per_update = 5  # Q
