@@ -62,13 +62,25 @@ def test_chunked_assignment_matches_whole():
   np.testing.assert_allclose(np.asarray(distances), full.min(1), rtol=1e-4, atol=1e-5)
 
 
-def test_fixed_iteration_count_with_zero_tolerance():
-  points, k = _problem("separated")
-  initial = points[:k]
+def test_lloyd_matches_sklearn_from_the_same_centers():
+  """Four Lloyd steps from fixed centers, tolerance 0: scikit-learn's Lloyd from the same
+  centers (max_iter=4, tol=0) must give the same centroids, assignments and inertia."""
+  points, k = _problem("overlapping")
+  initial = points[:k]  # overlapping clusters: far from converged after 4 steps
   result = jax.jit(functools.partial(kmeans.lloyd, max_iterations=4, tolerance=0.0))(
     points, initial
   )
+  reference = KMeans(k, init=initial.astype(np.float64), n_init=1, max_iter=4, tol=0.0)
+  reference.fit(points.astype(np.float64))
+  assert reference.n_iter_ == 4  # sklearn did not stop early: the same 4 updates
   assert int(result.iterations) == 4
+  assert np.bincount(reference.labels_, minlength=k).min() > 0  # no empty-cluster relocation
+  np.testing.assert_allclose(result.centroids, reference.cluster_centers_, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(result.assignments, reference.labels_)
+  np.testing.assert_allclose(float(result.inertia), reference.inertia_, rtol=1e-4)
+  # One step differs from four: the step count is checked by the centroids too.
+  one = kmeans.lloyd(points, initial, max_iterations=1, tolerance=0.0)
+  assert np.abs(np.asarray(one.centroids) - reference.cluster_centers_).max() > 1e-2
 
 
 @pytest.mark.parametrize(
