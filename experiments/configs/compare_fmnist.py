@@ -46,8 +46,8 @@ def get_config(arg=None):
   config.evaluate_model = "linear"
   # The first release's M_pre and deep settings, which docs/results/ was measured with: a
   # resnet_tiny pretrained here on the related split, a fresh main head, batch statistics.
-  # The demo now starts from ImageNet (EfficientNet-Lite0); the comparison from that start is
-  # not measured yet (README, "Reproducing the paper's comparisons").
+  # The demo starts from ImageNet (EfficientNet-Lite0); the comparison from that start is
+  # compare_imagenet.py (docs/reproducing.md).
   config.deep.model = "resnet_tiny"
   config.deep.init = ""
   config.deep.image_size = None

@@ -12,7 +12,7 @@ is docs/method.md's: the deep main head for `ours`, the linear models for the fr
 strategies. The report adds paired differences (strategy minus `tropel`, same seed and
 category) with 95% intervals. docs/results/imagenet holds this config's results; its caveats
 name the earlier run (E=2, warm-started updates, z-scored features, subsampled validation).
-Run time: see README, "Reproducing the paper's comparisons".
+Run time: see docs/reproducing.md, "Ours vs Tropel from the ImageNet start".
 """
 
 from experiments.configs import demo

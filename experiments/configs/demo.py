@@ -9,12 +9,12 @@ pool each, about 42 images). M_pre is EfficientNet-Lite0 with its ImageNet weigh
 setting: an ImageNet model, here applied to another dataset), on the 28x28 images upsampled to
 48x48 as 3 channels; each deep update starts from M_pre on all the labels so far and trains its
 last 5 blocks with BatchNorm statistics kept and the main head started from the linear models
-(README, "Deviations from the paper"). The validation set is every test image, the rare ones
-weighted to the pool's 0.2%. Strategies: `ours` (adaptive queries, pseudo-negatives, a
+(docs/reproducing.md, "Deviations from the paper"). The validation set is every test image,
+the rare ones weighted to the pool's 0.2%. Strategies: `ours` (adaptive queries, pseudo-negatives, a
 background-splitting deep update every Q=5 rounds with re-embedding), `ours_linear` (the same
 on M_pre's frozen features) and `tropel`. N=2 feature updates x Q=5 rounds x B=10 queries per
 category, E=4 epochs per deep update (the frozen blocks' output is computed once and cached).
-Expected run time: see README, "The demo" (about 4.5 minutes on an idle 2-core CPU after
+Expected run time: see README, "The demo" (about 3-4 minutes on an idle 2-core CPU after
 set-up).
 """
 
@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.features = "m_pre"
   config.feature_dim = 64  # pixel_pca only
   # "none" (the paper's) or "standardize" (z-score with pool statistics: better on the first
-  # release's small M_pre, worse at 40-100 labels on the ImageNet features; README)
+  # release's small M_pre, worse at 40-100 labels on the ImageNet features; docs/reproducing.md)
   config.feature_normalization = "none"
   # The loop (docs/method.md): N feature updates x Q rounds of B queries per category.
   config.strategies = ("ours", "ours_linear", "tropel")
