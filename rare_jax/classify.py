@@ -4,16 +4,23 @@ r"""Top-5 ImageNet classes of image files with a pretrained trunk: `python -m ra
     python -m rare_jax.classify --model=resnet50 --init=/path/to/resnet50.pth photo.jpg
 
 A quick check that weights loaded: for each image it prints the five most probable classes
-with their probabilities. Images are resized (shorter side to image_size / 0.875, bicubic) and
-center-cropped to the trunk's resolution, then normalised as its weights expect
-(`rare_jax.models.pretrained`). Unreadable images and unknown models are reported by name;
-the exit status is 1 if any image could not be classified.
+with their probabilities. Images are decoded as everywhere in rare_jax
+(`rare_jax.data.folder.decode_image`: JPEG/PNG, EXIF orientation applied, transparency on
+white, at most `folder.MAX_IMAGE_PIXELS` pixels), resized (shorter side to image_size / 0.875,
+bicubic) and center-cropped to the trunk's resolution, then normalised as its weights expect
+(`rare_jax.models.pretrained`).
+
+A file that cannot be classified (missing, not a regular file such as a FIFO, not a JPEG/PNG,
+damaged, too many pixels) is reported on stderr by name and the others are still classified;
+the exit status is then 1. An unknown `--model` or unusable `--init` weights are one line on
+stderr, exit status 2.
 
 One process only (a few images): it takes no multi-host flags.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -21,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from rare_jax.csvfile import printable
+from rare_jax.data import folder
 from rare_jax.models import pretrained
 
 CROP_FRACTION = 0.875  # the usual ImageNet evaluation crop
@@ -33,6 +42,13 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
   image = image.convert("RGB")
   width, height = image.size
   scale = round(size / CROP_FRACTION) / min(width, height)
+  # Only the center is kept: a very long image (1 x 100000) is first cut to its middle, so
+  # the resize below makes at most about 4 x size by size / 0.875 pixels, not gigabytes.
+  longest = math.ceil(4 * size / scale)
+  if width > longest or height > longest:
+    left, top = max(0, (width - longest) // 2), max(0, (height - longest) // 2)
+    image = image.crop((left, top, left + min(width, longest), top + min(height, longest)))
+    width, height = image.size
   image = image.resize(
     (max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC
   )
@@ -48,16 +64,15 @@ def normalize(images: np.ndarray, trunk: pretrained.TrunkSpec) -> np.ndarray:
 
 
 def load_image(path: str) -> Image.Image:
-  """The decoded image at `path`; ValueError naming the file if it is missing or unreadable."""
+  """The decoded RGB image at `path` (`folder.decode_image`: never blocks on a FIFO, bounded
+  pixels); ValueError naming the file if it is missing, not a regular file or unreadable."""
   try:
-    with Image.open(path) as image:
-      image.load()
-      return image.copy()
+    return folder.decode_image(path)
   except FileNotFoundError:
     raise ValueError(f"{path}: no such file") from None
-  except IsADirectoryError:
-    raise ValueError(f"{path}: is a directory, expected an image file") from None
-  except (UnidentifiedImageError, OSError, SyntaxError) as error:
+  except folder.NotRegularFileError as error:
+    raise ValueError(f"{path}: is {error.kind}, expected an image file") from None
+  except Exception as error:  # PIL raises many types for a damaged file; each is reported
     raise ValueError(f"{path}: not a readable image ({error})") from None
 
 
@@ -85,23 +100,24 @@ class ImageNetClassifier:
 
 
 def classify_files(paths: Sequence[str], *, model: str, init: str = "imagenet", top: int = 5):
-  """Prints the `top` classes of each image file; returns the exit status (1 if any failed)."""
+  """Prints the `top` classes of each image file; returns the exit status: 0, 1 if an image
+  could not be classified (the others are), 2 for an unknown model or unusable weights."""
   try:
     classifier = ImageNetClassifier(model, init)
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+    print(f"error: {printable(str(error))}", file=sys.stderr)
+    return 2
   size = classifier.trunk.image_size
   failed = 0
   for path in paths:
     try:
       crop = center_crop(load_image(path), size)
     except ValueError as error:
-      print(f"error: {error}", file=sys.stderr)
+      print(f"error: {printable(str(error))}", file=sys.stderr)
       failed += 1
       continue
     (best,) = classifier.top_k(crop[None], k=top)
-    print(path.encode("utf-8", "backslashreplace").decode("utf-8"))
+    print(printable(path))
     for name, prob in best:
       print(f"  {prob:6.1%}  {name}")
   return 1 if failed else 0

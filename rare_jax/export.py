@@ -14,8 +14,11 @@ The CSV has the header `path,category,answer,round` and is safe to open in a spr
 starting with `=`, `+`, `-`, `@`, a tab or CR get a leading `'`; file names that are not valid
 UTF-8 get backslash escapes such as `\xff`: see `rare_jax/csvfile.py`). The JSON is an object
 `{"format", "images", "labels": [{path, category, answer, round}, ...]}` with `images` the
-labeled folder; its names are escaped the same way, not quoted. Both are written atomically.
-Errors are one line on stderr: exit status 2 for a bad workdir or --out, 1 for a failed write.
+labeled folder; its names are escaped the same way, not quoted. Both are written atomically;
+the directories of --out are created if missing (checked before anything is read).
+Errors are one line on stderr: exit status 2 for a bad workdir or --out (a directory, or in a
+directory that cannot be created) or a damaged run file (naming the file and line), 1 for a
+failed write.
 One process only (it reads files, no JAX work): it takes no multi-host flags.
 """
 
@@ -89,6 +92,32 @@ def collect_labels(workdir: str) -> tuple[dict, list[dict[str, Any]]]:
   return manifest, labels
 
 
+def prepare_out_file(out: str) -> None:
+  """Checks an `--out` file name before any work, and creates its directory (any format).
+
+  Shared by the commands that write a file (`export`, `predict`): a missing directory is
+  created, the same for CSV and JSON, so a long run never fails only at its last step.
+
+  Raises:
+    ValueError: `out` is empty or a directory, or its directory cannot be created or written
+      (a path component is a file, no permission), naming it.
+  """
+  if not out:
+    raise ValueError("--out is empty; expected a file name (e.g. scores.csv)")
+  if os.path.isdir(out):
+    raise ValueError(f"--out={out!r} is a directory; expected a file name (e.g. labels.csv)")
+  directory = os.path.dirname(os.path.abspath(out))
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as error:
+    raise ValueError(
+      f"--out={out!r}: its folder {directory!r} cannot be created ({error.strerror or error}); "
+      "expected a file in a folder that exists or can be created"
+    ) from None
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise ValueError(f"--out={out!r}: its folder {directory!r} is not writable")
+
+
 def format_of(out: str, format_flag: str | None) -> str:
   """`format_flag`, else `json` for a `.json` out file and `csv` otherwise."""
   if format_flag is not None:
@@ -141,6 +170,7 @@ def main(argv):
 
   try:
     fmt = format_of(_OUT.value, _FORMAT.value)
+    prepare_out_file(_OUT.value)
     manifest, labels = collect_labels(_WORKDIR.value)
     write_labels(_OUT.value, manifest, labels, fmt)
   except ValueError as error:

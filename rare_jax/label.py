@@ -5,9 +5,13 @@ r"""Find a rare category in a folder of your own images, answering yes/no in a b
     python -m rare_jax.label --images=DIR --workdir=DIR \
         --category=Cat=seeds/cat --category=Dog=seeds/dog
 
-`--images` is a folder of JPEG/PNG files (searched recursively; unreadable files are skipped
-and listed); `--seeds` a folder of a few example images of the category, or comma-separated
-image paths (inside the folder or not). Several categories in one session:
+`--images` is a folder of JPEG/PNG files (searched recursively; only regular files are read:
+unreadable files, FIFOs, sockets, devices, broken symlinks, symlinks out of the folder and
+images over `rare_jax.data.folder.MAX_IMAGE_PIXELS` pixels are skipped and listed);
+`--seeds` a few example images of the category (inside the folder or not), read by the first
+rule that applies: an existing folder (its images), an existing file (taken whole, even with
+commas in its name), `@LIST` (a file of image paths, one per line: for names with commas),
+else comma-separated image paths. Several categories in one session:
 `--category=NAME=SEEDS_DIR` once per category (no --seeds), or `--seeds=DIR` holding one
 sub-folder of examples per category (named like the category); every category is asked
 `--batch_size` images per batch and keeps its own budget and counts.
@@ -40,8 +44,10 @@ Layout of DIR: see rare_jax/webapp/folder_run.py. The labels given so far:
 `python -m rare_jax.export --workdir=DIR --out=labels.csv`.
 
 Errors are one line on stderr, never a traceback: a bad --host or --port (checked before any
-work), a disk that fills up or another failed write, exit status 1; a refused folder, seeds,
-workdir (another run's, a file, a damaged config.json or checkpoint), exit status 2.
+work), a disk that fills up or another failed write, exit status 1; a refused setting (e.g. a
+budget that is not a multiple of --batch_size), folder, seeds, --init weights or workdir
+(another run's, a file, a damaged config.json or checkpoint, a damaged line of answers.jsonl
+or submitted.jsonl, named with its line number and what to do), exit status 2.
 
 One process only: a labeling web app split over several hosts makes no sense, so it takes no
 multi-host flags (`rare_jax.distributed_flags`).
@@ -60,6 +66,7 @@ import time
 import jax
 from absl import app, flags
 
+from rare_jax import teardown_noise
 from rare_jax.checkpoint import quiet_library_logging
 from rare_jax.csvfile import printable
 from rare_jax.webapp import folder_run, server
@@ -68,7 +75,10 @@ from rare_jax.webapp.session import LabelingSession
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of JPEG/PNG images to label (recursive).")
 _SEEDS = flags.DEFINE_string(
-  "seeds", None, "Seed positives: a folder, or comma-separated image paths."
+  "seeds",
+  None,
+  "Seed positives: a folder; an image file (taken whole, commas and all); @LIST, a file of "
+  "image paths one per line; or comma-separated image paths.",
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created; reused to resume).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (keep the loopback).")
@@ -143,6 +153,7 @@ def main(argv):
   _tolerant_output()
   if not flags.FLAGS["verbosity"].present:
     quiet_library_logging()  # rare_jax's progress lines, not Orbax's INFO per save
+  teardown_noise.ignore_closed_event_loop_callbacks()  # after a damaged checkpoint's error
   try:
     config = folder_run.make_config(
       budget=_BUDGET.value,
@@ -157,8 +168,8 @@ def main(argv):
       deep_every=_DEEP_EVERY.value,
       deep_updates=_started_with_deep_settings(_WORKDIR.value),
     )
-  except ValueError as error:
-    raise app.UsageError(str(error)) from None
+  except ValueError as error:  # a bad setting or --init: one line, like any refused input
+    fail(str(error), 2)
   categories = _categories()
   try:
     server.check_address(_HOST.value, _PORT.value)  # before minutes of reading images

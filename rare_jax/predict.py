@@ -34,9 +34,16 @@ Outputs, highest score first (`--format`, or `--out`'s suffix):
 N images, `--threshold` those with score >= it; by default every image is written. Progress
 (images, rate, ETA) goes to stderr.
 
-Errors (a workdir that holds no run, a damaged checkpoint or config.json, `--out` a directory)
-are one line on stderr naming the file: exit status 2; a failed write (disk full): exit status
-1, and no partial CSV or temporary file is left.
+The directories of `--out` are created if missing, for every format, before any image is read
+(`rare_jax.export.prepare_out_file`). Image files are read as `rare_jax.data.folder` reads
+them: only regular files (a FIFO, socket or device named `*.png` is skipped and listed, never
+opened for a blocking read), JPEG/PNG of at most `folder.MAX_IMAGE_PIXELS` pixels; every file
+skipped is a line "skipped PATH: REASON" on stderr.
+
+Errors (a workdir that holds no run, a damaged checkpoint or config.json, unusable weights,
+`--out` a directory or in a folder that cannot be created) are one line on stderr naming the
+file: exit status 2; a failed write (disk full): exit status 1, and no partial CSV or temporary
+file is left.
 
 Multi-host: it accepts the flags of `rare_jax.distributed_flags` (--coordinator_address, ...)
 so that a launcher may start it in every process, but it does not split the work: every
@@ -68,12 +75,14 @@ from rare_jax import (
   runner,
   sharding,
   stand_in,
+  teardown_noise,
   trunk_features,
   workdirs,
 )
 from rare_jax import embed as embed_lib
 from rare_jax.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.data import folder, pipeline, sources, tasks
+from rare_jax.export import prepare_out_file
 from rare_jax.webapp import folder_run
 from rare_jax.webapp.labeler import describe_os_error
 
@@ -488,6 +497,7 @@ def write_json(
   }
   if os.path.isdir(path):
     raise ValueError(f"--out={path!r} is a directory; expected a file name")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as write_csv does
   tmp = f"{path}.{os.getpid()}.tmp"
   try:
     with open(tmp, "w", encoding="utf-8") as f:
@@ -526,6 +536,7 @@ def main(argv):
   distributed_flags.initialize()
   if not flags.FLAGS["verbosity"].present:
     quiet_library_logging()  # rare_jax's progress lines, not Orbax's INFO per save
+  teardown_noise.ignore_closed_event_loop_callbacks()  # after a damaged checkpoint's error
   primary = sharding.is_primary()
 
   def log(line: str) -> None:
@@ -539,6 +550,8 @@ def main(argv):
     select_rows([], top_k=_TOP_K.value, threshold=_THRESHOLD.value)  # fail early on bad cuts
     if os.path.isdir(_OUT.value):
       raise ValueError(f"--out={_OUT.value!r} is a directory; expected a file name")
+    if primary:  # the one process that writes: its folder exists before any work
+      prepare_out_file(_OUT.value)
     if not os.path.isdir(_WORKDIR.value):
       raise ValueError(f"--workdir={_WORKDIR.value!r} is not a directory; expected a run's workdir")
     scorer = load_scorer(

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import fingerprint, labelers, linear, loop, metrics, select, sharding
+from rare_jax import answer_logs, fingerprint, labelers, linear, loop, metrics, select, sharding
 from rare_jax.checkpoint import CheckpointStore, record_or_check
 
 # Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
@@ -345,10 +345,15 @@ def abstract_state(features: jax.Array, seed_ids: np.ndarray, seed: int):
 
 
 def read_answers(path: str) -> dict[int, dict]:
-  """The answers log as {round: record}; a torn last line (killed mid-write) is dropped."""
-  if not os.path.exists(path):
-    return {}
-  return {int(record["round"]): record for record in metrics.read_metrics(path)}
+  """The answers log as {round: record}; a torn last line (killed mid-write) is dropped.
+
+  Raises:
+    ValueError: a damaged line (not JSON, or not a {round, query_ids, answers} record of
+      matching shapes), naming the file and the line and saying what to do
+      (`rare_jax.answer_logs`).
+  """
+  records = answer_logs.read_records(path, with_round=True, advice=answer_logs.ANSWERS_ADVICE)
+  return {record["round"]: record for record in records}
 
 
 def evaluate(

@@ -4,7 +4,14 @@
 (case-insensitive; hidden files and folders are left out) that decodes. Ids are positions in
 the sorted list of the readable files' relative POSIX paths, so the same folder always gives
 the same ids. A file that does not decode (corrupt, truncated, not an image, a symlink out of
-the folder) is skipped and listed in `source.skipped` / `source.report()`, never an error.
+the folder, over `MAX_IMAGE_PIXELS` pixels) or that is not a regular file (a FIFO, a socket, a
+device, a broken symlink: found with `os.stat`, never opened) is skipped and listed in
+`source.skipped` / `source.report()`, never an error.
+
+Every image file of the project is read through `decode_image`: it opens the file without
+blocking (`O_NONBLOCK`) and refuses what the open file is, if not a regular file (so a file
+swapped for a FIFO after the scan cannot hang a reader), reads only JPEG/PNG and refuses an
+image over `MAX_IMAGE_PIXELS` before decoding it, whatever PIL's own `MAX_IMAGE_PIXELS` is.
 
 Like `sources.Source`, a `FolderSource` has `len`, `source[i] -> {"image": uint8[H, W, 3],
 "label": int}` (RGB, EXIF orientation applied, transparency composited on white),
@@ -22,29 +29,116 @@ from __future__ import annotations
 
 import os
 import pathlib
+import stat
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_FORMATS = ("JPEG", "PNG", "MPO")  # MPO: a JPEG with extra frames (some cameras)
 UNLABELED = -1
-# Files decoded per progress step. (Images over PIL's decompression-bomb limit, 2x its
-# MAX_IMAGE_PIXELS of about 89 MP, fail to decode and are reported as skipped.)
+# The most pixels an image may have to be decoded: PIL's decompression-bomb error threshold
+# (2x its default MAX_IMAGE_PIXELS of about 89 MP), applied here whatever PIL's setting is
+# (PIL only warns between 1x and 2x, and checks nothing when MAX_IMAGE_PIXELS is None).
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+# Files decoded per progress step.
 _CHUNK = 256
+# A FIFO opened for reading without O_NONBLOCK waits for a writer forever (and a thread
+# blocked in open() cannot be interrupted): never wait, check what was opened instead.
+_OPEN_FLAGS = (
+  os.O_RDONLY
+  | getattr(os, "O_NONBLOCK", 0)
+  | getattr(os, "O_NOCTTY", 0)
+  | getattr(os, "O_CLOEXEC", 0)
+  | getattr(os, "O_BINARY", 0)
+)
 
 
-def decode_image(path: str | os.PathLike) -> Image.Image:
-  """Opens and fully decodes one image file as RGB (EXIF orientation applied, alpha on white).
+class NotRegularFileError(ValueError):
+  """A path that names a FIFO, socket, device or directory, not a file of bytes to read.
+
+  Attributes:
+    kind: what it is, e.g. "a FIFO (named pipe)".
+  """
+
+  def __init__(self, path: str, kind: str):
+    super().__init__(f"{path!r} is {kind}, not a regular file; expected an image file")
+    self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+  """What a `st_mode` names, in words ("a regular file", "a FIFO (named pipe)", ...)."""
+  for test, kind in (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISLNK, "a symlink"),
+  ):
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
+def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+  """`path` opened for reading in binary, if what was opened is a regular file.
+
+  The open never blocks (`O_NONBLOCK`: a FIFO with no writer opens at once) and what it
+  opened is checked with `fstat`, so a file replaced by a FIFO or device after a folder scan
+  is refused here, not read.
 
   Raises:
-    OSError / ValueError / PIL errors: the file does not decode (callers report it).
+    NotRegularFileError: a FIFO, socket, device or directory.
+    OSError: the file cannot be opened (missing, permissions).
   """
-  with Image.open(path) as image:
-    if image.format not in ("JPEG", "PNG", "MPO"):
+  fd = os.open(path, _OPEN_FLAGS)
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      raise NotRegularFileError(os.fsdecode(path), file_kind(mode))
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
+def decode_image(file: str | os.PathLike | IO[bytes]) -> Image.Image:
+  """Opens and fully decodes one JPEG/PNG image as RGB (EXIF orientation applied, alpha on white).
+
+  Args:
+    file: a path (opened with `open_regular_file`: never blocks on a FIFO) or a binary file
+      object.
+
+  Raises:
+    NotRegularFileError: `file` names a FIFO, socket, device or directory.
+    ValueError: not JPEG/PNG, or over `MAX_IMAGE_PIXELS` pixels (refused before decoding).
+    OSError / PIL errors: the file does not decode (callers report it).
+  """
+  if isinstance(file, (str, bytes, os.PathLike)):
+    with open_regular_file(file) as opened:
+      return _decode(opened)
+  return _decode(file)
+
+
+def _decode(file: IO[bytes]) -> Image.Image:
+  try:
+    opened = Image.open(file, formats=IMAGE_FORMATS)
+  except Image.DecompressionBombError as error:  # PIL's own check, at 2x its MAX_IMAGE_PIXELS
+    raise ValueError(f"{error}; expected at most {MAX_IMAGE_PIXELS} pixels") from None
+  with opened as image:
+    if image.format not in IMAGE_FORMATS:
       raise ValueError(f"format {image.format}; expected JPEG or PNG")
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:  # from the header, before any pixel is decoded
+      raise ValueError(
+        f"image of {width}x{height} = {width * height} pixels; expected at most "
+        f"{MAX_IMAGE_PIXELS} (a decompression bomb?)"
+      )
     image.load()  # Decodes everything: a truncated file fails here, not later.
     image = ImageOps.exif_transpose(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (
@@ -146,11 +240,15 @@ class FolderSource:
 
 
 def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
-  """Relative POSIX paths of the image files under `root`, sorted, and symlinks refused.
+  """Relative POSIX paths of the image files under `root`, sorted, and the files refused.
+
+  Only regular files are candidates: a name with an image extension that is a FIFO, socket,
+  device, or a symlink to one (or a broken symlink) is refused after an `os.stat`, without
+  opening it (opening a FIFO would wait for a writer).
 
   Returns:
-    (candidates, refused): files with an image extension (not yet decoded), and
-    (path, reason) for symlinks pointing out of `root`.
+    (candidates, refused): regular files with an image extension (not yet decoded), and
+    (path, reason) for symlinks pointing out of `root` and files that are not regular files.
   """
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
@@ -168,8 +266,24 @@ def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[tuple[str
       if os.path.islink(full) and os.path.commonpath([real, real_root]) != real_root:
         refused.append((relative, "symlink to a file outside the folder"))
         continue
+      reason = _not_regular(full)
+      if reason is not None:
+        refused.append((relative, reason))
+        continue
       candidates.append(relative)
   return sorted(candidates), sorted(refused)
+
+
+def _not_regular(path: str) -> str | None:
+  """Why `path` is not a regular file (what a symlink points to counts), or None if it is."""
+  try:
+    mode = os.stat(path).st_mode  # follows a symlink: what would be read
+  except OSError as error:
+    what = "broken symlink" if os.path.islink(path) else "cannot stat it"
+    return f"{what} ({error.strerror or error})"
+  if stat.S_ISREG(mode):
+    return None
+  return f"{file_kind(mode)}, not a regular file"
 
 
 def _check_one(root: str, relative: str, image_size: int | None):
@@ -245,40 +359,78 @@ def open_folder(
   )
 
 
+def seed_paths(seeds: str | Sequence[str]) -> list[str]:
+  """The seed files a `--seeds` value names, in the order given (not yet checked).
+
+  A string is read by the first rule that applies:
+  - an existing directory: its image files, recursively (`list_image_files`);
+  - an existing file: that one file, whole (its name may hold commas);
+  - `@LIST`: the file LIST holds one path per line (blank lines skipped; relative paths are
+    from the current directory, as on the command line), for names with commas;
+  - otherwise: comma-separated paths (spaces around each trimmed).
+  A list of paths is taken as it is.
+
+  Raises:
+    ValueError: a seed folder with unusable files (a symlink out of it, a FIFO, ...), or a
+      list file that cannot be read.
+  """
+  if not isinstance(seeds, str):
+    return [os.fspath(s) for s in seeds]
+  if os.path.isdir(seeds):
+    found, refused = list_image_files(seeds)
+    if refused:
+      raise ValueError(f"seed folder {seeds!r} has unusable files: {refused}")
+    return [os.path.join(os.path.abspath(seeds), *p.split("/")) for p in found]
+  if os.path.lexists(seeds):
+    return [seeds]
+  if seeds.startswith("@"):
+    try:
+      with open_regular_file(seeds[1:]) as f:
+        text = f.read().decode("utf-8", "surrogateescape")
+    except (OSError, ValueError) as error:
+      raise ValueError(
+        f"seeds={seeds!r}: the list file cannot be read ({error}); expected @FILE naming a "
+        "file with one seed image path per line"
+      ) from None
+    return [line for line in text.splitlines() if line.strip()]
+  return [s.strip() for s in seeds.split(",") if s.strip()]
+
+
 def resolve_seeds(source: FolderSource, seeds: str | Sequence[str]) -> tuple[list[int], list[str]]:
   """Seed positives given as a folder or file paths: (ids in `source`, files outside it).
 
   Args:
     source: the folder the run labels.
-    seeds: a folder (its images, recursively), a comma-separated string of files, or a list
-      of files. Files inside `source.root` must be readable images of the source.
+    seeds: a folder (its images, recursively), an image file, `@LIST` (a file of paths, one
+      per line), comma-separated image files, or a list of files (see `seed_paths`). Files
+      inside `source.root` must be readable images of the source.
 
   Returns:
     (ids of seeds that are images of `source`, sorted absolute paths of seed files outside
     `source.root`; a run adds those to its pool).
 
   Raises:
-    ValueError: no seeds, a missing file, a seed in the folder that was skipped as unreadable,
-      or a seed outside the folder that does not decode.
+    ValueError: no seeds, a missing file or one that is not a regular file, a seed in the
+      folder that was skipped as unreadable, or a seed outside the folder that does not decode.
   """
-  if isinstance(seeds, str):
-    if os.path.isdir(seeds):
-      found, refused = list_image_files(seeds)
-      files = [os.path.join(os.path.abspath(seeds), *p.split("/")) for p in found]
-      if refused:
-        raise ValueError(f"seed folder {seeds!r} has unusable files: {refused}")
-    else:
-      files = [s.strip() for s in seeds.split(",") if s.strip()]
-  else:
-    files = [os.fspath(s) for s in seeds]
+  files = seed_paths(seeds)
   if not files:
     raise ValueError(f"seeds={seeds!r}: no image found; expected a folder or image file paths")
   position = {p: i for i, p in enumerate(source.paths)}
   real_root = os.path.realpath(source.root)
   ids, outside = set(), set()
   for file in files:
-    if not os.path.isfile(file):
-      raise ValueError(f"seed image {file!r} does not exist; expected an image file")
+    if not os.path.lexists(file):
+      comma = (
+        " (a file name with a comma: pass the file alone, or list the files one per line in a "
+        "file given as --seeds=@LIST)"
+        if isinstance(seeds, str) and "," in seeds
+        else ""
+      )
+      raise ValueError(f"seed image {file!r} does not exist; expected an image file{comma}")
+    reason = _not_regular(file)
+    if reason is not None:
+      raise ValueError(f"seed image {file!r}: {reason}; expected an image file")
     real = os.path.realpath(file)
     if os.path.commonpath([real, real_root]) == real_root:
       relative = pathlib.PurePath(os.path.relpath(real, real_root)).as_posix()
@@ -354,13 +506,19 @@ def write_example_folder(
 
 __all__ = [
   "IMAGE_EXTENSIONS",
+  "IMAGE_FORMATS",
+  "MAX_IMAGE_PIXELS",
   "UNLABELED",
   "FolderSource",
+  "NotRegularFileError",
   "decode_image",
+  "file_kind",
   "image_to_pil",
   "list_image_files",
   "open_folder",
+  "open_regular_file",
   "resize_image",
   "resolve_seeds",
+  "seed_paths",
   "write_example_folder",
 ]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rare_jax import labelers, metrics
+from rare_jax import answer_logs, labelers, metrics
 
 # Where the run is, as shown to the page.
 STARTING, LABELING, UPDATING, DONE, FAILED, STOPPED = (
@@ -53,22 +53,13 @@ class LabelingStopped(RuntimeError):
 
 
 def read_journal(path: str | None) -> list[dict]:
-  """The submitted batches, oldest first; a torn last line (killed mid-write) is dropped."""
-  if not path or not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = f.read().split("\n")
-  records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as error:
-      if number >= len(lines) - 1:
-        break
-      raise ValueError(f"{path}: line {number} is not a submitted batch: {error}") from error
-  return records
+  """The submitted batches, oldest first; a torn last line (killed mid-write) is dropped.
+
+  Raises:
+    ValueError: a damaged line (not JSON, or not a {query_ids, answers} record of matching
+      shapes), naming the file and the line and saying what to do (`rare_jax.answer_logs`).
+  """
+  return answer_logs.read_records(path or None, with_round=False, advice=answer_logs.JOURNAL_ADVICE)
 
 
 def describe_os_error(error: OSError, path: str | None = None) -> str:

@@ -136,12 +136,15 @@ class LabelingSession:
       self.labeler.fail(f"the run stopped: {type(error).__name__}: {error}")
 
   def check(self) -> None:
-    """Reads the newest checkpoint now, so a damaged one is refused before serving.
+    """Reads the newest checkpoint and the answers log now, so that damage is refused before
+    serving (one clear error), not in the loop thread after the page opened.
 
     Raises:
-      ValueError: a checkpoint that cannot be restored (naming it).
+      ValueError: a checkpoint that cannot be restored, or a damaged line of answers.jsonl
+        (naming the file and line; the journal was read when the session was made).
     """
     self._refresh()
+    runner.read_answers(os.path.join(self.run.run_dir, "answers.jsonl"))
 
   def _after_round(self) -> None:
     """Called before each query is published. The seam for a background deep update."""
