@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.spatial.distance import cdist
+from sklearn.neighbors import NearestNeighbors
+from sklearn.semi_supervised import LabelSpreading
 
 from rare_jax import pseudo_labels
 
@@ -118,13 +121,18 @@ def test_kd_semi_rejects_mismatched_shapes():
     pseudo_labels.kd_semi_pseudo_positives(jnp.zeros((2, 3)), jnp.ones((2, 4), bool), threshold=0.9)
 
 
-def test_kd_semi_jit_matches(jitted):
+def test_kd_semi_matches_numpy_eager_and_jit(jitted):
   rng = np.random.default_rng(3)
   probabilities = rng.uniform(size=(3, 50)).astype(np.float32)
+  probabilities[:, :4] = np.float32(0.9)  # exactly at the threshold: pseudo-positive
+  probabilities[:, 4:8] = np.nextafter(np.float32(0.9), np.float32(0))  # just below: not
   unlabeled = rng.uniform(size=(3, 50)) < 0.7
+  unlabeled[:, :8] = True
+  expected = (probabilities >= np.float32(0.9)) & unlabeled
+  assert expected.sum() > 12 and (~unlabeled & (probabilities >= 0.9)).any()
   eager = pseudo_labels.kd_semi_pseudo_positives(probabilities, unlabeled, threshold=0.9)
-  np.testing.assert_array_equal(jitted["kd_semi"](probabilities, unlabeled), eager)
-  assert eager.sum() > 0
+  np.testing.assert_array_equal(eager, expected)
+  np.testing.assert_array_equal(jitted["kd_semi"](probabilities, unlabeled), expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,13 +180,28 @@ def test_knn_graph_rejects_bad_arguments(kwargs, match):
     pseudo_labels.knn_graph(np.ones((10, 3), np.float32), **kwargs)
 
 
-def test_knn_graph_jit_matches(jitted):
+def test_knn_graph_matches_sklearn_eager_and_jit(jitted):
+  """Neighbours by cosine distance from scikit-learn; weights [cos]_+^3 of those distances."""
   rng = np.random.default_rng(2)
   features = rng.normal(size=(23, 4)).astype(np.float32)
-  eager = pseudo_labels.knn_graph(features, k=4, gamma=3.0, block_size=5)
-  compiled = jitted["knn"](features)
-  np.testing.assert_array_equal(compiled[0], eager[0])
-  np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-6)
+  features[1] = 3.0 * features[0]  # the same direction at another norm: similarity 1
+  search = NearestNeighbors(n_neighbors=4, metric="cosine", algorithm="brute")
+  distances, ids = search.fit(features.astype(np.float64)).kneighbors()  # self excluded
+  similarity = 1.0 - cdist(features, features, metric="cosine")  # float64
+  for neighbors, weights in (
+    pseudo_labels.knn_graph(features, k=4, gamma=3.0, block_size=5),
+    jitted["knn"](features),
+  ):
+    neighbors = np.asarray(neighbors)
+    np.testing.assert_allclose(weights, np.maximum(1.0 - distances, 0.0) ** 3, atol=1e-5)
+    # The same neighbours as sklearn's, up to the order of ties (0 and 1 are one direction).
+    np.testing.assert_allclose(
+      np.take_along_axis(similarity, neighbors, axis=1), 1.0 - distances, atol=1e-5
+    )
+    assert not np.any(neighbors == np.arange(23)[:, None])
+    untied = np.abs(np.diff(1.0 - distances, axis=1)).min(axis=1) > 1e-4
+    np.testing.assert_array_equal(neighbors[untied], ids[untied])
+    assert neighbors[0, 0] == 1 and neighbors[1, 0] == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,15 +320,50 @@ def test_propagate_rejects_bad_inputs():
     pseudo_labels.propagate(neighbors + 12, weights, np.zeros((1, 12), np.int8))
 
 
-def test_propagate_jit_matches(jitted):
-  neighbors, weights = two_cluster_graph()
-  seeds = np.full((2, 12), -1, np.int8)
-  seeds[0, 1], seeds[0, 8] = 1, 0
-  seeds[1, 4], seeds[1, [2, 9]] = 1, 0
-  eager = pseudo_labels.propagate(neighbors, weights, seeds, alpha=0.99, iterations=20)
-  np.testing.assert_allclose(
-    jitted["propagate"](neighbors, weights, seeds), eager, rtol=1e-5, atol=1e-7
-  )
+def label_spreading(neighbors, weights, seeds, alpha):
+  """scikit-learn's LabelSpreading (its own normalised graph and iteration) on the symmetrised
+  kNN affinity A + A^T; rows are its label distributions, columns (negative, positive)."""
+  affinity = np.zeros((len(neighbors), len(neighbors)))
+  np.add.at(affinity, (np.arange(len(neighbors))[:, None], neighbors), weights)
+  symmetric = affinity + affinity.T
+  spread = LabelSpreading(
+    kernel=lambda a, b: symmetric, alpha=alpha, max_iter=100_000, tol=1e-12
+  ).fit(np.arange(len(neighbors), dtype=np.float64)[:, None], seeds)
+  assert spread.n_iter_ < 100_000
+  return spread.label_distributions_
+
+
+@pytest.mark.parametrize("graph", ["hand", "knn"])
+def test_propagate_matches_sklearn_label_spreading_eager_and_jit(graph):
+  """Unbalanced seeds (one-hot Y, as sklearn's): the row-normalised scores are sklearn's label
+  distributions; balanced seeds: the dense closed form (I - alpha W)^-1 Y."""
+  if graph == "hand":
+    neighbors, weights = two_cluster_graph()
+    seeds = np.full((2, 12), -1, np.int8)
+    seeds[0, 1], seeds[0, 8] = 1, 0
+    seeds[1, 4], seeds[1, [2, 9]] = 1, 0
+    alpha = 0.99
+  else:
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(40, 5)).astype(np.float32)
+    neighbors, weights = (np.asarray(x) for x in knn_graph(features, k=5, gamma=3.0))
+    seeds = np.full((2, 40), -1, np.int8)
+    seeds[0, [0, 3]], seeds[0, 10:20] = 1, 0
+    seeds[1, 25], seeds[1, [5, 30, 31, 32]] = 1, 0
+    alpha = 0.8
+  static = dict(alpha=alpha, iterations=60, balance_seeds=False)
+  eager = pseudo_labels.propagate(neighbors, weights, seeds, **static)
+  jitted = propagate(neighbors, weights, seeds, **static)
+  for scores in (eager, jitted):
+    scores = np.asarray(scores, np.float64)
+    for c in range(len(seeds)):
+      expected = label_spreading(neighbors, weights.astype(np.float64), seeds[c], alpha)
+      np.testing.assert_allclose(
+        scores[c] / scores[c].sum(axis=1, keepdims=True), expected, atol=1e-4
+      )
+  balanced = propagate(neighbors, weights, seeds, alpha=alpha, iterations=60)
+  expected = dense_propagate(neighbors, weights, seeds, alpha)
+  np.testing.assert_allclose(balanced, expected, atol=1e-4 * np.abs(expected).max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,17 +386,31 @@ def test_deep_prop_labels_and_entropy_weights_by_hand():
   assert weight.dtype == jnp.float32
 
 
-def test_deep_prop_weights_in_unit_interval_and_jit(jitted):
+def test_deep_prop_matches_numpy_entropy_weights_eager_and_jit(jitted):
   rng = np.random.default_rng(6)
   scores = rng.uniform(-1e-6, 1.0, size=(3, 40, 2)).astype(np.float32)
+  scores[0, :3] = [[0.0, 0.0], [0.0, 0.7], [0.4, 0.4]]  # unreached, certain, a 50/50 split
   unlabeled = rng.uniform(size=(3, 40)) < 0.8
-  eager = pseudo_labels.deep_prop_pseudo_labels(scores, unlabeled)
-  positive, negative, weight = eager
-  assert np.all((np.asarray(weight) >= 0) & (np.asarray(weight) <= 1))
-  assert not np.any(np.asarray(positive) & np.asarray(negative))
-  np.testing.assert_array_equal(np.asarray(positive) | np.asarray(negative), unlabeled)
-  for got, want in zip(jitted["labels"](scores, unlabeled), eager, strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  unlabeled[0, :3] = True
+  # Iscen et al. Eq. 11 in numpy: z_hat = [z]_+ / sum, omega = 1 - H(z_hat) / log 2.
+  clipped = np.maximum(scores.astype(np.float64), 0.0)
+  total = clipped.sum(axis=-1)
+  z_hat = clipped / np.where(total > 0, total, 1.0)[..., None]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    entropy_bits = -np.sum(np.where(z_hat > 0, z_hat * np.log2(z_hat), 0.0), axis=-1)
+  reached = unlabeled & (total > 0)
+  expected_weight = np.where(reached, 1.0 - entropy_bits, 0.0)
+  expected_positive = reached & (z_hat[..., 1] > z_hat[..., 0])
+  expected_negative = reached & ~(z_hat[..., 1] > z_hat[..., 0])
+  np.testing.assert_allclose(expected_weight[0, :3], [0.0, 1.0, 0.0], atol=1e-12)
+  assert np.sum((expected_weight > 0.05) & (expected_weight < 0.95)) > 20  # not all 0 or 1
+  for positive, negative, weight in (
+    pseudo_labels.deep_prop_pseudo_labels(scores, unlabeled),
+    jitted["labels"](scores, unlabeled),
+  ):
+    np.testing.assert_array_equal(positive, expected_positive)
+    np.testing.assert_array_equal(negative, expected_negative)
+    np.testing.assert_allclose(weight, expected_weight, atol=1e-5)
 
 
 def test_deep_prop_rejects_bad_shapes():
