@@ -158,6 +158,14 @@ def test_a_fifo_named_png_is_skipped_by_the_folder_scan_without_being_opened(ima
   assert "skipped a/pipe.png: a FIFO" in source.report()
 
 
+def test_files_of_other_formats_are_skipped_with_a_reason_that_says_so(images):
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(images / "a" / "gif.png", format="GIF")
+  (images / "a" / "empty.png").write_bytes(b"")
+  skipped = dict(folder.open_folder(images).skipped)
+  for name in ("a/gif.png", "a/empty.png"):
+    assert "not a JPEG or PNG image" in skipped[name], skipped
+
+
 def test_a_file_swapped_for_a_fifo_after_the_scan_is_refused_when_opened(images):
   source = folder.open_folder(images)
   path = source.file_path(0)

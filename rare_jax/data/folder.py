@@ -35,7 +35,7 @@ from concurrent import futures
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG", "MPO")  # MPO: a JPEG with extra frames (some cameras)
@@ -126,10 +126,12 @@ def decode_image(file: str | os.PathLike | IO[bytes]) -> Image.Image:
 
 
 def _decode(file: IO[bytes]) -> Image.Image:
-  try:
-    opened = Image.open(file, formats=IMAGE_FORMATS)
+  try:  # only the JPEG and PNG readers look at the bytes (MPO comes through JPEG's)
+    opened = Image.open(file, formats=("JPEG", "PNG"))
   except Image.DecompressionBombError as error:  # PIL's own check, at 2x its MAX_IMAGE_PIXELS
     raise ValueError(f"{error}; expected at most {MAX_IMAGE_PIXELS} pixels") from None
+  except UnidentifiedImageError:  # its message shows a file object's repr, not the format
+    raise ValueError("not a JPEG or PNG image (no JPEG/PNG header)") from None
   with opened as image:
     if image.format not in IMAGE_FORMATS:
       raise ValueError(f"format {image.format}; expected JPEG or PNG")
