@@ -166,7 +166,7 @@ def test_classify_cli(tmp_path, photos, capsys):
   assert "cat.jpg" in out and "cat" in out.split("cat.jpg", 1)[1]
   assert len(out.strip().splitlines()) == 6  # the path and five classes
   assert "broken.png: not a readable image" in err
-  assert classify.classify_files([str(cat)], model="vgg16") == 1
+  assert classify.classify_files([str(cat)], model="vgg16") == 2  # bad input
   assert "vgg16" in capsys.readouterr().err
 
 
@@ -334,4 +334,4 @@ def test_classify_command_line(tmp_path, photos):
   done = subprocess.run(
     [*command, "--model=vgg16", str(cat)], capture_output=True, text=True, env=env, timeout=300
   )
-  assert done.returncode == 1 and "vgg16" in done.stderr
+  assert done.returncode == 2 and "vgg16" in done.stderr
