@@ -222,22 +222,51 @@ def _to_flax(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
   return value
 
 
+def _abstract_variables(name: str, model: bgsplit.Classifier) -> dict[str, Any]:
+  """`model`'s variables as shapes and dtypes (nothing computed)."""
+  size = spec(name).image_size
+  return jax.eval_shape(
+    lambda: model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, size, size, 3)))
+  )
+
+
+def weights_max_bytes(abstract: dict[str, Any]) -> int:
+  """What reading a checkpoint of these variables may allocate (`read_state_dict`'s cap).
+
+  Its storages and the arrays made from them, even in float64 (2 x 8 bytes a value), and
+  64 MiB for the pickle or header and tensors beside the variables (`num_batches_tracked`).
+  """
+  values = sum(leaf.size for leaf in jax.tree_util.tree_leaves(abstract))
+  return 16 * values + 64 * 2**20
+
+
+def _names(names: list[str]) -> str:
+  shown = [name if len(name) <= 100 else name[:97] + "..." for name in names]
+  return str(shown)
+
+
 def classifier_variables(
-  name: str, state: dict[str, np.ndarray], model: bgsplit.Classifier, *, source: str = "weights"
+  name: str,
+  state: dict[str, np.ndarray],
+  model: bgsplit.Classifier,
+  *,
+  source: str = "weights",
+  abstract: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Maps a state dict onto `model`'s variables (`{"params", "batch_stats"}`, float32).
 
+  `abstract`: `model`'s variables from `jax.eval_shape`, when the caller has them already.
+
   Raises:
-    ValueError: a variable has no tensor in `state` or shapes differ (naming both); tensors
-      of the trunk that nothing reads are refused too, so a wrong architecture cannot load.
+    ValueError: a variable has no tensor in `state`, or one whose shape differs or that is
+      not floating point (naming both); tensors of the trunk that nothing reads are refused
+      too, so a wrong architecture cannot load.
   """
   trunk = spec(name)
   if any(key.startswith("resnet.embedder.") for key in state):
     state = _from_hugging_face(state)
-  size = trunk.image_size
-  abstract = jax.eval_shape(
-    lambda: model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, size, size, 3)))
-  )
+  if abstract is None:
+    abstract = _abstract_variables(name, model)
   used = set()
   out = {}
   for collection in ("params", "batch_stats"):
@@ -248,9 +277,15 @@ def classifier_variables(
       if torch_name not in state:
         raise ValueError(
           f"{source}: no tensor {torch_name!r} for {collection}/{'/'.join(path)} of {name}; "
-          f"is it a {name} checkpoint? (it holds e.g. {sorted(state)[:3]})"
+          f"is it a {name} checkpoint? (it holds e.g. {_names(sorted(state)[:3])})"
         )
-      value = _to_flax(np.asarray(state[torch_name]), path)
+      value = np.asarray(state[torch_name])
+      if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise ValueError(
+          f"{source}: {torch_name!r} holds {value.dtype} values; {collection}/{'/'.join(path)} "
+          f"of {name} expects floating point"
+        )
+      value = _to_flax(value, path)
       if value.shape != leaf.shape:
         raise ValueError(
           f"{source}: {torch_name!r} has shape {value.shape} after layout conversion; "
@@ -262,7 +297,7 @@ def classifier_variables(
   unused = [k for k in state if k not in used and not k.endswith("num_batches_tracked")]
   if unused:
     raise ValueError(
-      f"{source}: {len(unused)} tensors do not belong to {name} (e.g. {unused[:3]}); "
+      f"{source}: {len(unused)} tensors do not belong to {name} (e.g. {_names(unused[:3])}); "
       "is it another architecture?"
     )
   return out
@@ -283,11 +318,13 @@ def load_classifier(
 
   trunk = spec(name)
   path = weights_path(name) if init == "imagenet" else os.fspath(init)
-  state = checkpoint_io.read_state_dict(path)
   model = bgsplit.Classifier(
     trunk=get_trunk(trunk.model, dtype=dtype, **trunk_kwargs), num_classes=trunk.num_classes
   )
-  return model, classifier_variables(name, state, model, source=path)
+  abstract = _abstract_variables(name, model)
+  # The file may be anyone's: it may make the reader allocate what this architecture needs.
+  state = checkpoint_io.read_state_dict(path, max_bytes=weights_max_bytes(abstract))
+  return model, classifier_variables(name, state, model, source=path, abstract=abstract)
 
 
 def class_names() -> list[str]:
