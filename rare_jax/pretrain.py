@@ -17,6 +17,8 @@ batch, Orbax saves collectively, process 0 writes the feature stores and prints.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -40,7 +42,11 @@ def main(argv):
   if config.features != "m_pre":
     raise app.UsageError(f"config.features is {config.features!r}; pretraining needs 'm_pre'")
   log = print if sharding.is_primary() else (lambda _: None)
-  context = workdirs.prepare(_WORKDIR.value, config, log=log)
+  try:
+    context = workdirs.prepare(_WORKDIR.value, config, log=log)
+  except ValueError as error:  # a bad config, weights file or workdir: one line, status 2
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   log(context.task.summary())
   log(
     f"M_pre features: pool {tuple(context.features.shape)}, validation "

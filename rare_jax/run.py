@@ -18,6 +18,7 @@ the sharded deep steps; process 0 alone writes files and prints progress.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -43,7 +44,11 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value
   started = time.perf_counter()
-  context = workdirs.prepare(workdir, config, log=log)
+  try:
+    context = workdirs.prepare(workdir, config, log=log)
+  except ValueError as error:  # a bad config, weights file or workdir: one line, status 2
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   log(context.task.summary())
   records_by_strategy = {}
   for strategy in config.strategies:
