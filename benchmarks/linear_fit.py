@@ -1,4 +1,4 @@
-"""Times `rare_jax.linear.fit_logistic_batched` against scikit-learn, per category.
+"""Times `rare_jax.active.linear.fit_logistic_batched` against scikit-learn, per category.
 
 The shape is the end of a paper-configuration run: C = 10 categories, each with about 500 labels
 and 9,500 pseudo-negatives, padded to N = 10,240 rows, D = 2048 features (f32 and bf16). A cold
@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rare_jax import linear  # noqa: E402
+from rare_jax.active import linear  # noqa: E402
 
 
 def make_labeled(rng, *, categories, labels, dim, basis, prototypes):

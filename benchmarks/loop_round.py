@@ -40,7 +40,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 import rare_jax
-from rare_jax import linear, loop, runner, select
+from rare_jax.active import linear, loop, runner, select
 
 
 def make_features(pool: int, dim: int, dtype, seed: int = 0) -> jax.Array:

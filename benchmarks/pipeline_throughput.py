@@ -38,8 +38,9 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rare_jax import models, train
+from rare_jax import models
 from rare_jax.data import folder, on_device, pipeline, sources
+from rare_jax.deep import train
 
 FLAGS = flags.FLAGS
 IMAGE_SIZE = 48

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from rare_jax import sharding, train
+from rare_jax.deep import train
+from rare_jax.infra import sharding
 from rare_jax.models import MODELS, BGSplitModel
 
 FLAGS = flags.FLAGS

@@ -21,7 +21,8 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rare_jax import compare, metrics  # noqa: E402
+from rare_jax import compare
+from rare_jax.active import metrics  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The comparison's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The comparison's workdir.")

@@ -20,7 +20,8 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rare_jax import compare, metrics  # noqa: E402
+from rare_jax import compare
+from rare_jax.active import metrics  # noqa: E402
 
 CURVES = (  # (label, which workdir, strategy)
   ("Ours-Self", "self", "ours"),

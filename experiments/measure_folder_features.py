@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import make_example_folder  # noqa: E402
-from rare_jax import labelers, runner  # noqa: E402
-from rare_jax.checkpoint import quiet_library_logging  # noqa: E402
+from rare_jax.active import labelers, runner  # noqa: E402
+from rare_jax.infra.checkpoint import quiet_library_logging  # noqa: E402
 from rare_jax.webapp import folder_run  # noqa: E402
 
 

@@ -30,8 +30,9 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rare_jax import deep, embed, selfsup, train, workdirs  # noqa: E402
+from rare_jax import workdirs
 from rare_jax.data import sources, tasks  # noqa: E402
+from rare_jax.deep import embed, selfsup, train, updates  # noqa: E402
 from rare_jax.models import Classifier  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main(argv):
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   task = tasks.RareTask.load(workdir)
-  settings = deep.DeepSettings.from_config(config.deep)
+  settings = updates.DeepSettings.from_config(config.deep)
   ssl = selfsup.SelfSupSettings.from_config(config.self_supervised)
   labels = np.asarray(task.pool_labels)
   train_split = sources.open_source(config.dataset, task.train_split, None)
@@ -96,12 +97,12 @@ def baselines(config, task, settings, data, images) -> dict:
     jax.random.key(int(config.seed), impl="rbg"),
     model=model,
     tx=train.make_optimizer(momentum=0.9, weight_decay=0.0, total_steps=1),
-    input_shape=deep.input_shape(settings, data),
-    mesh=deep.make_mesh(settings),
+    input_shape=updates.input_shape(settings, data),
+    mesh=updates.make_mesh(settings),
   )
   with tempfile.TemporaryDirectory() as tmp:
     random_trunk = np.array(
-      deep.embed(model, state, data, task.pool_ids, tmp, settings, log=lambda _: None).features
+      updates.embed(model, state, data, task.pool_ids, tmp, settings, log=lambda _: None).features
     )
   return {
     "same trunk, random init": (random_trunk, None),

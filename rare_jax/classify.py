@@ -30,8 +30,8 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from rare_jax.csvfile import printable
 from rare_jax.data import folder
+from rare_jax.infra.csvfile import printable
 from rare_jax.models import pretrained
 
 CROP_FRACTION = 0.875  # the usual ImageNet evaluation crop

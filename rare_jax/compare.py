@@ -11,7 +11,7 @@ all its strategies; `python -m rare_jax.replay --workdir=WORKDIR/g0_s0 --strateg
 replays its runs.
 
 Started again with the same command, finished strategies are skipped and interrupted ones
-resume from their checkpoints (see rare_jax.runner); strategies may be added to or dropped
+resume from their checkpoints (see rare_jax.active.runner); strategies may be added to or dropped
 from the config between starts. The report is rewritten after each strategy, so partial
 results are always on disk:
 
@@ -26,7 +26,7 @@ results are always on disk:
     WORKDIR/fig5_ablations.png      F1 vs labels: Ours and the ablations
     WORKDIR/timings.jsonl           wall seconds per (workdir, strategy) session
 
-The model evaluated at a budget point (METHOD.md): the deep model's main head after that
+The model evaluated at a budget point (docs/method.md): the deep model's main head after that
 update for strategies with deep updates, the linear models for frozen-feature strategies.
 """
 
@@ -43,7 +43,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from rare_jax import labelers, metrics, runner, sharding, strategies, workdirs
+from rare_jax import workdirs
+from rare_jax.active import labelers, metrics, runner
+from rare_jax.deep import strategies
+from rare_jax.infra import sharding
 
 FIGURE_3 = ("ours", "ours_linear", "tropel", "tropel_deep", "kd_semi", "deep_prop", "random")
 FIGURE_5 = ("ours", "no_pseudo_neg", "no_bg_split", "no_linear_updates")
@@ -248,7 +251,7 @@ def evaluation_points(
   A point has per-category lists: `linear_f1` (the linear models after that round, on the
   features of the latest deep update), for deep strategies `deep_f1` (the deep main head after
   that update) and the pseudo-label error rates (`pseudo_positive_fpr`,
-  `num_pseudo_positives`), and `f1`, the headline: with `headline` "deep_head" (METHOD.md's
+  `num_pseudo_positives`), and `f1`, the headline: with `headline` "deep_head" (docs/method.md's
   choice, the default) the deep main head for deep strategies and the linear models for
   frozen-feature ones; with "linear" the linear models for every strategy.
 
@@ -742,7 +745,7 @@ def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
 def main(argv):
   from absl import app, flags, logging
 
-  from rare_jax import distributed_flags, sharding
+  from rare_jax.infra import distributed_flags, sharding
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -779,7 +782,7 @@ def _define_flags():
   workdir = flags.DEFINE_string("workdir", None, "Directory of the comparison (created).")
   report_only = flags.DEFINE_bool("report_only", False, "Only rewrite the table and figures.")
   flags.mark_flags_as_required(["config", "workdir"])
-  from rare_jax import distributed_flags
+  from rare_jax.infra import distributed_flags
 
   distributed_flags.define()
   return config, workdir, report_only

@@ -50,7 +50,7 @@ budget that is not a multiple of --batch_size), folder, seeds, --init weights or
 or submitted.jsonl, named with its line number and what to do), exit status 2.
 
 One process only: a labeling web app split over several hosts makes no sense, so it takes no
-multi-host flags (`rare_jax.distributed_flags`).
+multi-host flags (`rare_jax.infra.distributed_flags`).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ import time
 import jax
 from absl import app, flags
 
-from rare_jax import teardown_noise
-from rare_jax.checkpoint import quiet_library_logging
-from rare_jax.csvfile import printable
+from rare_jax.infra import teardown_noise
+from rare_jax.infra.checkpoint import quiet_library_logging
+from rare_jax.infra.csvfile import printable
 from rare_jax.webapp import folder_run, server
 from rare_jax.webapp.labeler import DONE, FAILED, describe_os_error
 from rare_jax.webapp.session import LabelingSession

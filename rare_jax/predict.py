@@ -26,7 +26,7 @@ Outputs, highest score first (`--format`, or `--out`'s suffix):
   (id = index in the split, label = its class name). Paths are safe to open in a spreadsheet:
   a path starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`
   (formula injection), and a file name that is not valid UTF-8 is written with backslash
-  escapes (`\xff`); see `rare_jax/csvfile.py`.
+  escapes (`\xff`); see `rare_jax/infra/csvfile.py`.
 - JSON (COCO-style): `info`, `categories`, `images` (`id` and `file_name`, or `label` for a
   split) and one `annotations` entry per image with `image_id`, `score` and `label` ("yes"
   when score >= 0.5); see `write_json`.
@@ -35,7 +35,7 @@ N images, `--threshold` those with score >= it; by default every image is writte
 (images, rate, ETA) goes to stderr.
 
 The directories of `--out` are created if missing, for every format, before any image is read
-(`rare_jax.export.prepare_out_file`). Image files are read as `rare_jax.data.folder` reads
+(`rare_jax.webapp.exports.prepare_out_file`). Image files are read as `rare_jax.data.folder` reads
 them: only regular files (a FIFO, socket or device named `*.png` is skipped and listed, never
 opened for a blocking read), JPEG/PNG of at most `folder.MAX_IMAGE_PIXELS` pixels; every file
 skipped is a line "skipped PATH: REASON" on stderr.
@@ -45,7 +45,7 @@ Errors (a workdir that holds no run, a damaged checkpoint or config.json, unusab
 file: exit status 2; a failed write (disk full): exit status 1, and no partial CSV or temporary
 file is left.
 
-Multi-host: it accepts the flags of `rare_jax.distributed_flags` (--coordinator_address, ...)
+Multi-host: it accepts the flags of `rare_jax.infra.distributed_flags` (--coordinator_address, ...)
 so that a launcher may start it in every process, but it does not split the work: every
 process scores every image (a linear model on pixel features is cheap) and process 0 alone
 writes the CSV and logs.
@@ -67,23 +67,15 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rare_jax import (
-  csvfile,
-  distributed_flags,
-  linear,
-  models,
-  runner,
-  sharding,
-  stand_in,
-  teardown_noise,
-  trunk_features,
-  workdirs,
-)
-from rare_jax import embed as embed_lib
-from rare_jax.checkpoint import CheckpointStore, quiet_library_logging
+from rare_jax import models, workdirs
+from rare_jax.active import linear, runner
 from rare_jax.data import folder, pipeline, sources, tasks
-from rare_jax.export import prepare_out_file
+from rare_jax.deep import embed as embed_lib
+from rare_jax.deep import stand_in, trunk_features
+from rare_jax.infra import csvfile, distributed_flags, sharding, teardown_noise
+from rare_jax.infra.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.webapp import folder_run
+from rare_jax.webapp.exports import prepare_out_file
 from rare_jax.webapp.labeler import describe_os_error
 
 CHUNK = 1024

@@ -3,14 +3,14 @@ r"""Pretrains M_pre and caches its features: `python -m rare_jax.pretrain`.
     python -m rare_jax.pretrain --config=experiments/configs/demo.py --workdir=runs/demo
 
 Algorithm 1 lines 1-2 on their own: builds (or reloads) the task, gets M_pre as
-config.deep.init says (rare_jax/m_pre.py: pretrained weights, training on the task's related-
+config.deep.init says (rare_jax/deep/m_pre.py: pretrained weights, training on the task's related-
 domain split, or the self-supervised stage), and embeds the pool (with M_pre's hard
 predictions, the auxiliary labels) and the validation set into WORKDIR/features. `rare_jax.run`
 with the same config and workdir then starts from these files instead of training again.
 Interrupted, it resumes from the last epoch's checkpoint and the feature stores' recorded
 progress.
 
-Multi-host: the same command in every process with the flags of `rare_jax.distributed_flags`
+Multi-host: the same command in every process with the flags of `rare_jax.infra.distributed_flags`
 (--coordinator_address, --num_processes, --process_id); each process loads its rows of every
 batch, Orbax saves collectively, process 0 writes the feature stores and prints.
 """
@@ -22,7 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rare_jax import distributed_flags, sharding, workdirs
+from rare_jax import workdirs
+from rare_jax.infra import distributed_flags, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (ml_collections).", lock_config=True

@@ -9,7 +9,7 @@ Strategies with deep updates retrain every deep model (in a scratch directory) a
 the re-embedded features with the recorded ones.
 Exits 0 when every round of every strategy is identical, 1 otherwise.
 
-Multi-host (the flags of `rare_jax.distributed_flags`): every process replays; deep updates
+Multi-host (the flags of `rare_jax.infra.distributed_flags`): every process replays; deep updates
 retrain collectively in a scratch folder under the workdir (removed afterwards); process 0
 prints.
 """
@@ -25,7 +25,9 @@ import tempfile
 import jax
 from absl import app, flags, logging
 
-from rare_jax import distributed_flags, runner, sharding, workdirs
+from rare_jax import workdirs
+from rare_jax.active import runner
+from rare_jax.infra import distributed_flags, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (see rare_jax.run).")
 _STRATEGIES = flags.DEFINE_list(

@@ -24,7 +24,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rare_jax import distributed_flags, labelers, metrics, runner, sharding, strategies, workdirs
+from rare_jax import workdirs
+from rare_jax.active import labelers, metrics, runner
+from rare_jax.deep import strategies
+from rare_jax.infra import distributed_flags, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (ml_collections).", lock_config=True

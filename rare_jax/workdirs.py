@@ -6,7 +6,7 @@ WORKDIR/m_pre/             M_pre's TrainState checkpoints (config.features == "m
 WORKDIR/features/          the features the loop starts from: for "pixel_pca" pool.npy and
                            val.npy; for "m_pre" feature stores pool/ (with M_pre's hard
                            predictions, the auxiliary labels) and val/
-WORKDIR/<strategy>/        one directory per strategy (see rare_jax.runner)
+WORKDIR/<strategy>/        one directory per strategy (see rare_jax.active.runner)
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import deep, m_pre, runner, selfsup, sharding, stand_in, strategies
+from rare_jax.active import runner
 from rare_jax.data import sources, tasks
+from rare_jax.deep import m_pre, selfsup, stand_in, strategies, updates
+from rare_jax.infra import sharding
 
 FEATURE_KINDS = ("pixel_pca", "m_pre")
 
@@ -74,7 +76,7 @@ class RunContext:
     if not settings.warm_start and runner.strategy_spec(strategy)["kind"] == "loop":
       engine = functools.cache(lambda: runner.Engine(runner.loop_config(config, strategy)))
       refit = lambda state, features: engine().refit_on(state, features)  # noqa: E731
-    return deep.DeepUpdater(
+    return updates.DeepUpdater(
       run_dir=run_dir or os.path.join(self.workdir, strategy),
       settings=settings,
       task=self.task,
@@ -118,7 +120,7 @@ def prepare(
   validation_mode(config)
   normalization_mode(config)
   if "deep" in config:
-    deep.DeepSettings.from_config(config.deep)
+    updates.DeepSettings.from_config(config.deep)
   # Multi-host: process 0 writes config.json, task.json and pixel features; the others then
   # read (or check) what it wrote.
   sharding.primary_first(
@@ -206,8 +208,8 @@ def image_data(config, task: tasks.RareTask, data_dir: str | None):
   train = sources.open_source(config.dataset, task.train_split, data_dir)
   evaluation = sources.open_source(config.dataset, task.eval_split, data_dir)
   if config.get("images_in_memory", True):
-    return deep.ImageData(train=sources.load_arrays(train), eval=sources.load_arrays(evaluation))
-  return deep.ImageData(train=train, eval=evaluation)
+    return updates.ImageData(train=sources.load_arrays(train), eval=sources.load_arrays(evaluation))
+  return updates.ImageData(train=train, eval=evaluation)
 
 
 def _pixel_features(workdir, config, task, data_dir, log):
@@ -259,7 +261,7 @@ def normalize_features(pool, val, mode: str):
   """Feature preprocessing for the linear models, statistics from the (unlabeled) pool.
 
   "standardize": z-score each dimension with the pool's mean and standard deviation; "none":
-  as stored (the paper's, and the demo's). Measured (README "Deviations"): z-scoring helped the
+  as stored (the paper's, and the demo's). Measured (docs/reproducing.md): z-scoring helped the
   first release's small M_pre (`ours_linear` F1 at 100 labels 0.43 vs 0.23 raw) and costs ~0.03
   at 100 labels on the demo's ImageNet features.
   """
@@ -278,7 +280,7 @@ def _checked(pool, val, task, config):
 
 
 def _m_pre_context(workdir, config, task, data_dir, log) -> RunContext:
-  settings = deep.DeepSettings.from_config(config.deep)
+  settings = updates.DeepSettings.from_config(config.deep)
   return m_pre_context(workdir, config, task, image_data(config, task, data_dir), settings, log=log)
 
 
@@ -286,12 +288,12 @@ def m_pre_context(
   workdir: str,
   config: ml_collections.ConfigDict,
   task: tasks.RareTask,
-  data: deep.ImageData,
-  settings: deep.DeepSettings,
+  data: updates.ImageData,
+  settings: updates.DeepSettings,
   *,
   log: Callable[[str], None] = print,
 ) -> RunContext:
-  """Algorithm 1 lines 1-2: M_pre (`rare_jax.m_pre`: pretrained weights, or trained here on
+  """Algorithm 1 lines 1-2: M_pre (`rare_jax.deep.m_pre`: pretrained weights, or trained here on
   the related-domain split if missing), its features and A_l (its argmax over the pool).
 
   Writes `workdir/m_pre` and `workdir/features/{pool,val}`; reopening resumes or restores.
@@ -304,7 +306,7 @@ def m_pre_context(
   )
   model, state = start.model, start.state
   directory = os.path.join(workdir, "features")
-  pool = deep.embed(
+  pool = updates.embed(
     model,
     state,
     data.train,
@@ -314,7 +316,7 @@ def m_pre_context(
     outputs=("embedding", "labels"),
     log=log,
   )
-  val = deep.embed(
+  val = updates.embed(
     model, state, data.eval, task.val_ids, os.path.join(directory, "val"), settings, log=log
   )
   features, val_features = _checked(pool.features, val.features, task, config)

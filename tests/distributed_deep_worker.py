@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(port: int, process_id: int, num_processes: int, workdir: str) -> None:
-  from rare_jax import sharding
+  from rare_jax.infra import sharding
 
   if num_processes > 1:
     sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
@@ -26,19 +26,21 @@ def main(port: int, process_id: int, num_processes: int, workdir: str) -> None:
   import ml_collections
   from synthetic import synthetic_images
 
-  from rare_jax import deep, labelers, runner, workdirs
+  from rare_jax import workdirs
+  from rare_jax.active import labelers, runner
   from rare_jax.data import tasks
+  from rare_jax.deep import updates
 
   train_labels = np.repeat(np.arange(10), 24)
   eval_labels = np.repeat(np.arange(10), 8)
   task = tasks.make_task(
     train_labels, eval_labels, dataset="synthetic", categories=(3,), seed=0, pool_fraction=0.05
   )
-  data = deep.ImageData(
+  data = updates.ImageData(
     train=(synthetic_images(train_labels, 1), train_labels),
     eval=(synthetic_images(eval_labels, 2), eval_labels),
   )
-  settings = deep.DeepSettings(
+  settings = updates.DeepSettings(
     model="resnet_tiny", batch_size=16, embed_batch_size=36, pretrain_epochs=1, epochs=1
   )
   config = ml_collections.ConfigDict(

@@ -38,7 +38,7 @@ def tiny_model(dtype=None):
 
 
 def tiny_optimizer():
-  from rare_jax import train
+  from rare_jax.deep import train
 
   return train.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=20)
 
@@ -64,13 +64,13 @@ def make_batch(seed: int, batch_size: int = GLOBAL_BATCH, num_padding: int = 0) 
 
 
 def main(port: int, process_id: int, num_processes: int, out_path: str) -> None:
-  from rare_jax import sharding
+  from rare_jax.infra import sharding
 
   sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
 
   import jax
 
-  from rare_jax import train
+  from rare_jax.deep import train
 
   assert jax.process_count() == num_processes, jax.process_count()
   mesh = sharding.make_mesh([("data", -1)])

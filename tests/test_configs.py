@@ -6,7 +6,9 @@ import pkgutil
 import pytest
 
 from experiments import configs
-from rare_jax import compare, deep, runner, selfsup, workdirs
+from rare_jax import compare, workdirs
+from rare_jax.active import runner
+from rare_jax.deep import selfsup, updates
 
 NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 
@@ -18,7 +20,7 @@ def test_every_config_module_is_checked():
 @pytest.mark.parametrize("name", NAMES)
 def test_config_builds_its_settings(name):
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
-  deep.DeepSettings.from_config(config.deep)  # raises ValueError on an invalid combination
+  updates.DeepSettings.from_config(config.deep)  # raises ValueError on an invalid combination
   workdirs.validation_mode(config)  # a known validation setting
   if "self_supervised" in config:
     selfsup.SelfSupSettings.from_config(config.self_supervised)

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from synthetic import synthetic_images
 
-from rare_jax import deep, labelers, models, runner, workdirs
-from rare_jax import embed as embed_lib
+from rare_jax import models, workdirs
+from rare_jax.active import labelers, runner
 from rare_jax.data import tasks
+from rare_jax.deep import embed as embed_lib
+from rare_jax.deep import updates
 
 quiet = lambda _: None
 
@@ -32,11 +34,11 @@ def setting(tmp_path_factory):
   task = tasks.make_task(
     train_labels, eval_labels, dataset="synthetic", categories=(3,), seed=0, pool_fraction=0.03
   )
-  data = deep.ImageData(
+  data = updates.ImageData(
     train=(synthetic_images(train_labels, 1), train_labels),
     eval=(synthetic_images(eval_labels, 2), eval_labels),
   )
-  settings = deep.DeepSettings(
+  settings = updates.DeepSettings(
     model="resnet_tiny", batch_size=32, embed_batch_size=64, pretrain_epochs=2, epochs=1
   )
   config = ml_collections.ConfigDict(
@@ -93,7 +95,7 @@ def setting(tmp_path_factory):
     updater=updater,
     records=records,
     features=features,
-    pretrain=functools.partial(deep.pretrain, task, data, settings, str(root / "m_pre"), seed=0),
+    pretrain=functools.partial(updates.pretrain, task, data, settings, str(root / "m_pre"), seed=0),
     m_pre_variables=context.deep_parts["m_pre_variables"],
     # The variables update 1 starts from before its head is chosen (M_pre's trunk).
     m_pre_like=lambda u: models.init_from_pretrained(u._like().variables, u.m_pre_variables),
@@ -103,7 +105,7 @@ def setting(tmp_path_factory):
 
 
 def final_state(setting, run_dir):
-  from rare_jax.checkpoint import CheckpointStore
+  from rare_jax.infra.checkpoint import CheckpointStore
 
   with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
     return store.restore(store.latest_step(), setting["like"])[0]
@@ -186,7 +188,7 @@ class _Started(Exception):
   """Raised by a stand-in `bgsplit_update` to hand back the variables an update starts from."""
 
 
-@pytest.mark.parametrize("init", deep.MAIN_HEAD_INITS)
+@pytest.mark.parametrize("init", updates.MAIN_HEAD_INITS)
 def test_main_head_start_of_each_update(setting, monkeypatch, init):
   """ "linear" folds the linear models into the head at every update, "linear_first" at the
   first only, then (like "random") continues M_{i-1}'s own head (Algorithm 1 line 19)."""
@@ -194,7 +196,7 @@ def test_main_head_start_of_each_update(setting, monkeypatch, init):
   def started(**kwargs):
     raise _Started(kwargs["start_variables"])
 
-  monkeypatch.setattr(deep, "bgsplit_update", started)
+  monkeypatch.setattr(updates, "bgsplit_update", started)
   run_dir = setting["root"] / "uninterrupted"
   updater = setting["updater"](run_dir)
   updater.settings = dataclasses.replace(updater.settings, main_head_init=init)
@@ -226,7 +228,7 @@ def test_update_without_warm_start_restarts_from_m_pre(setting, monkeypatch):
   def started(**kwargs):
     raise _Started(kwargs["start_variables"])
 
-  monkeypatch.setattr(deep, "bgsplit_update", started)
+  monkeypatch.setattr(updates, "bgsplit_update", started)
   run_dir = setting["root"] / "uninterrupted"
   updater = setting["updater"](run_dir)
   updater.settings = dataclasses.replace(updater.settings, warm_start=False)

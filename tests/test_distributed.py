@@ -19,7 +19,7 @@ from distributed_worker import (
   tiny_optimizer,
 )
 
-from rare_jax import train
+from rare_jax.deep import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -129,7 +129,7 @@ def test_deep_path_on_two_processes_matches_one(tmp_path):
   """M_pre pretraining, embedding and one deep update as 2 processes x 2 devices (each loads
   its rows of every batch) against 1 process x 4 devices: the same mesh size, so only the
   cross-process (gloo) reductions differ: features agree to float rounding."""
-  from rare_jax import embed
+  from rare_jax.deep import embed
 
   _deep_run(tmp_path / "one", 1, 4)
   _deep_run(tmp_path / "two", 2, 2)

@@ -1,10 +1,10 @@
-"""The multi-host flags every command shares (rare_jax/distributed_flags.py)."""
+"""The multi-host flags every command shares (rare_jax/infra/distributed_flags.py)."""
 
 import jax
 import pytest
 from absl.testing import flagsaver
 
-from rare_jax import distributed_flags
+from rare_jax.infra import distributed_flags
 
 distributed_flags.define()
 distributed_flags.define()  # idempotent: a second entry point in one process defines nothing

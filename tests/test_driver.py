@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import compare_tiny
-from rare_jax import compare, metrics
+from rare_jax import compare
+from rare_jax.active import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,8 +204,9 @@ def test_paper_configs_select_groups_and_read_mocked_data(module_name, dataset, 
 
   import tensorflow_datasets as tfds
 
-  from rare_jax import deep, runner
+  from rare_jax.active import runner
   from rare_jax.data import pipeline, sources
+  from rare_jax.deep import updates
 
   config = importlib.import_module(f"experiments.configs.{module_name}").get_config()
   assert config.dataset == dataset and config.deep.model == "resnet50"
@@ -226,7 +228,7 @@ def test_paper_configs_select_groups_and_read_mocked_data(module_name, dataset, 
     source = sources.open_source(dataset, "train", config.data_dir)
     labels = source.labels()
     assert all(np.isin(list(g), labels).all() for g in groups)  # classes with train images
-    settings = deep.DeepSettings.from_config(config.deep)
+    settings = updates.DeepSettings.from_config(config.deep)
     batch = pipeline.make_batch(source, np.arange(3), batch_size=4, **settings.preprocess)
   assert batch["image"].shape == (4, 224, 224, 3) and batch["mask"].tolist() == [1, 1, 1, 0]
   assert np.isfinite(batch["image"]).all()

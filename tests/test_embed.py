@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from distributed_worker import IMAGE_SHAPE, init_key, tiny_model, tiny_optimizer
 
-from rare_jax import embed, sharding, train
+from rare_jax.deep import embed, train
+from rare_jax.infra import sharding
 
 NUM_ROWS, BATCH = 21, 8  # 3 batches, the last one padded with 3 masked rows
 

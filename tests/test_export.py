@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from rare_jax import export, metrics
-from rare_jax.webapp import folder_run
+from rare_jax.active import metrics
+from rare_jax.webapp import exports, folder_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNDECODABLE = os.fsdecode(b"b/\xff.png")  # a file name that is not UTF-8
@@ -56,7 +56,7 @@ EXPECTED = [
 
 
 def test_labels_of_a_workdir(workdir):
-  manifest, labels = export.collect_labels(workdir)
+  manifest, labels = exports.collect_labels(workdir)
   assert manifest["root"] == "/data/images"
   got = [(x["path"], x["category"], x["answer"], x["round"]) for x in labels]
   raw = [(UNDECODABLE if p.startswith("b/") else p, c, a, r) for p, c, a, r in EXPECTED]
@@ -64,25 +64,25 @@ def test_labels_of_a_workdir(workdir):
 
 
 def test_csv_and_json(workdir, tmp_path):
-  _, labels = export.collect_labels(workdir)
+  _, labels = exports.collect_labels(workdir)
   manifest = {"root": "/data/images"}
   out = str(tmp_path / "labels.csv")
-  export.write_labels(out, manifest, labels, export.format_of(out, None))
+  exports.write_labels(out, manifest, labels, exports.format_of(out, None))
   with open(out, newline="", encoding="utf-8") as f:  # valid UTF-8
     rows = list(csv.reader(f))
   assert rows[0] == ["path", "category", "answer", "round"]
   safe = [("'" + p if p[0] in "=-" else p, c, a, str(r)) for p, c, a, r in EXPECTED]
   assert [tuple(r) for r in rows[1:]] == safe  # formulas neutralised
   out = str(tmp_path / "labels.json")
-  assert export.format_of(out, None) == "json" and export.format_of(out, "csv") == "csv"
-  export.write_labels(out, manifest, labels, "json")
+  assert exports.format_of(out, None) == "json" and exports.format_of(out, "csv") == "csv"
+  exports.write_labels(out, manifest, labels, "json")
   data = json.loads(open(out, encoding="utf-8").read())
-  assert data["format"] == export.FORMAT and data["images"] == "/data/images"
+  assert data["format"] == exports.FORMAT and data["images"] == "/data/images"
   assert [(x["path"], x["category"], x["answer"], x["round"]) for x in data["labels"]] == EXPECTED
   with pytest.raises(ValueError, match="format='xml'"):
-    export.format_of(out, "xml")
+    exports.format_of(out, "xml")
   with pytest.raises(ValueError, match="is a directory"):
-    export.write_labels(str(tmp_path), manifest, labels, "csv")
+    exports.write_labels(str(tmp_path), manifest, labels, "csv")
   assert sorted(os.listdir(tmp_path)) == ["labels.csv", "labels.json", "run"]
 
 
@@ -117,7 +117,7 @@ def test_padded_seeds_of_several_categories_are_exported_once(workdir):
   open(path, "w").write(json.dumps(manifest))
   open(os.path.join(workdir, folder_run.STRATEGY, "answers.jsonl"), "w").close()
   open(os.path.join(workdir, folder_run.STRATEGY, folder_run.JOURNAL), "w").close()
-  _, labels = export.collect_labels(workdir)
+  _, labels = exports.collect_labels(workdir)
   assert [(x["path"], x["category"]) for x in labels] == [
     ("/seeds/s.png", "Sandal"),
     ("a/1.png", "Sandal"),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rare_jax import stand_in
 from rare_jax.data import folder, pipeline, sources
+from rare_jax.deep import stand_in
 from rare_jax.webapp import folder_run
 
 
@@ -219,7 +219,8 @@ def test_bad_settings_are_refused(example, tmp_path):
 def test_pretrained_features_are_the_trunks_cached_embeddings(example, tmp_path):
   """features="pretrained": the pool is EfficientNet-Lite0's embedding of each image (squeezed
   to image_size), z-scored with the pool's statistics; cached and reused on a restart."""
-  from rare_jax import trunk_features, workdirs
+  from rare_jax import workdirs
+  from rare_jax.deep import trunk_features
 
   root, seed_files = example
   config = folder_run.make_config(

@@ -1,8 +1,8 @@
 """Deep updates from cached frozen activations equal updates from images.
 
 An EfficientNet-Lite trunk with `frozen_blocks` > 0 runs its stem and first blocks as a fixed
-function of the image; `deep.DeepUpdater` computes that part once per image
-(`deep.frozen_inputs`) and trains / re-embeds with the trainable part only.
+function of the image; `updates.DeepUpdater` computes that part once per image
+(`updates.frozen_inputs`) and trains / re-embeds with the trainable part only.
 """
 
 import jax
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rare_jax import deep
+from rare_jax.deep import updates
 from rare_jax.models.efficientnet import efficientnet_lite0
 
 SIZE = 32  # block 10 (the last frozen one) outputs 2x2x112, blocks 11-15 run at 2x2 and 1x1
@@ -32,20 +32,20 @@ def _settings(**kwargs):
     warmup_fraction=0.0,
   )
   values.update(kwargs)
-  return deep.DeepSettings(**values)
+  return updates.DeepSettings(**values)
 
 
 @pytest.fixture(scope="module")
 def setup():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
-  data = deep.ImageData(train=(images, np.zeros(12, np.int64)), eval=(images, np.zeros(12)))
+  data = updates.ImageData(train=(images, np.zeros(12, np.int64)), eval=(images, np.zeros(12)))
   settings = _settings()
-  model = deep.bgsplit_model(settings, num_categories=2, num_aux_classes=5)
+  model = updates.bgsplit_model(settings, num_categories=2, num_aux_classes=5)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
   labels = np.full((2, 12), -1, np.int8)
   labels[0, :3], labels[0, 3:6], labels[1, 6:8] = 1, 0, 0
-  examples = deep.training_set(labels, np.zeros((2, 12), bool), rng.integers(0, 5, 12))
+  examples = updates.training_set(labels, np.zeros((2, 12), bool), rng.integers(0, 5, 12))
   return data, settings, model, variables, examples
 
 
@@ -77,14 +77,16 @@ def test_frozen_then_trainable_part_equals_the_whole_network():
 def test_update_from_cached_activations_equals_update_from_images(setup, tmp_path):
   data, settings, model, variables, examples = setup
   pool_ids = np.arange(12)
-  frozen = deep.frozen_inputs(settings, variables, data.train, pool_ids, str(tmp_path / "frozen"))
+  frozen = updates.frozen_inputs(
+    settings, variables, data.train, pool_ids, str(tmp_path / "frozen")
+  )
   assert frozen.shape == (12, 2, 2, 112)
   # Resumed from its store: the same rows, nothing recomputed.
-  again = deep.frozen_inputs(settings, variables, data.train, pool_ids, str(tmp_path / "frozen"))
+  again = updates.frozen_inputs(settings, variables, data.train, pool_ids, str(tmp_path / "frozen"))
   np.testing.assert_array_equal(again, frozen)
 
   def update(directory, cache):
-    return deep.bgsplit_update(
+    return updates.bgsplit_update(
       model=model,
       start_variables=variables,
       examples=examples,
@@ -109,9 +111,9 @@ def test_update_from_cached_activations_equals_update_from_images(setup, tmp_pat
   assert moved["trunk"]["block3"]["project_conv"]["kernel"] == 0  # frozen stays
 
   # Re-embedding from the cache equals embedding the images with the whole network.
-  by_image = deep.embed(model, from_cache, data.train, pool_ids, str(tmp_path / "e1"), settings)
-  by_cache = deep.embed(
-    deep.trainable_part(model),
+  by_image = updates.embed(model, from_cache, data.train, pool_ids, str(tmp_path / "e1"), settings)
+  by_cache = updates.embed(
+    updates.trainable_part(model),
     from_cache,
     data.train,
     pool_ids,
@@ -123,7 +125,7 @@ def test_update_from_cached_activations_equals_update_from_images(setup, tmp_pat
 
 
 def test_only_a_frozen_efficientnet_has_a_cache():
-  assert deep.caches_frozen_part(_settings())
-  assert not deep.caches_frozen_part(_settings(frozen_blocks=0, freeze_batchnorm=False))
+  assert updates.caches_frozen_part(_settings())
+  assert not updates.caches_frozen_part(_settings(frozen_blocks=0, freeze_batchnorm=False))
   with pytest.raises(ValueError, match="no frozen part"):
-    deep.frozen_inputs(_settings(frozen_blocks=0), {}, None, np.arange(2), "unused")
+    updates.frozen_inputs(_settings(frozen_blocks=0), {}, None, np.arange(2), "unused")

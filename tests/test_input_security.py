@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rare_jax import classify, export, predict, runner
+from rare_jax import classify, predict
+from rare_jax.active import runner
 from rare_jax.data import folder
-from rare_jax.webapp import folder_run
+from rare_jax.webapp import exports, folder_run
 from rare_jax.webapp.labeler import read_journal
 from tests.test_predict import _save_model
 
@@ -280,14 +281,14 @@ def test_center_crop_of_a_very_long_image_resizes_only_its_middle(monkeypatch):
 def test_out_folders_are_created_up_front_for_every_format(tmp_path):
   for name in ("x.csv", "x.json"):
     out = tmp_path / name.split(".")[1] / "missing" / name
-    export.prepare_out_file(str(out))
+    exports.prepare_out_file(str(out))
     assert out.parent.is_dir() and not out.exists()
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   with pytest.raises(ValueError, match="cannot be created"):
-    export.prepare_out_file(str(a_file / "x.json"))
+    exports.prepare_out_file(str(a_file / "x.json"))
   with pytest.raises(ValueError, match="is a directory"):
-    export.prepare_out_file(str(tmp_path))
+    exports.prepare_out_file(str(tmp_path))
   # The JSON writer, like the CSV one, makes its folder when called directly.
   scorer = types.SimpleNamespace(category="c", kind="k", head="linear", round=1)
   out = tmp_path / "deep" / "er" / "scores.json"
@@ -359,7 +360,7 @@ def test_a_damaged_answers_line_is_named_with_what_to_do(case, tmp_path):
 
 
 def test_a_torn_last_line_is_still_dropped(tmp_path):
-  from rare_jax import answer_logs
+  from rare_jax.active import answer_logs
 
   path = tmp_path / "answers.jsonl"
   path.write_text(json.dumps(GOOD) + '\n{"round": 2, "query_i')
@@ -382,7 +383,7 @@ def test_export_refuses_a_wrong_shape_answers_line_with_one_clear_error(tmp_path
   (workdir / folder_run.MANIFEST).write_text(json.dumps(manifest))
   (run_dir / "answers.jsonl").write_text(json.dumps({"round": 1}) + "\n" + json.dumps(GOOD) + "\n")
   with pytest.raises(ValueError, match="answers.jsonl line 1: no 'query_ids', 'answers'"):
-    export.collect_labels(str(workdir))
+    exports.collect_labels(str(workdir))
 
 
 def _run_label(args):
@@ -469,7 +470,7 @@ def test_no_event_loop_is_closed_noise_after_a_damaged_checkpoint(mini_run, tmp_
   """The commands' unraisable hook drops exactly the callbacks that hit a closed asyncio loop
   (what the pending reads of a refused restore raise, 0 to 8 of them depending on timing);
   anything else still reaches the previous hook."""
-  from rare_jax import teardown_noise
+  from rare_jax.infra import teardown_noise
 
   reported = []
   monkeypatch.setattr(sys, "unraisablehook", reported.append)

@@ -8,7 +8,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from rare_jax import kmeans
+from rare_jax.deep import kmeans
 
 
 def _problem(name):

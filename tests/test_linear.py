@@ -1,4 +1,4 @@
-"""Tests of rare_jax.linear: agreement with scikit-learn, padding, warm start, vmap, jit."""
+"""Tests of rare_jax.active.linear: agreement with scikit-learn, padding, warm start, vmap, jit."""
 
 import functools
 import warnings
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from rare_jax import linear
+from rare_jax.active import linear
 
 L2 = 0.7
 NUM_ROWS, NUM_PADDING, DIM = 80, 16, 5

@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rare_jax import labelers, linear, loop, runner, select, sharding, workdirs
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax import workdirs
+from rare_jax.active import labelers, linear, loop, runner, select
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import CheckpointStore
 
 POOL, DIM, CATEGORIES, SEEDS = 600, 8, 2, 5
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from rare_jax import losses
+from rare_jax.deep import losses
 
 LOGITS = np.array([[0.0, 2.0], [-1.0, 3.0]], np.float32)
 LABELS = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)

@@ -1,4 +1,4 @@
-"""Tests of rare_jax.metrics: hand-computed values, scikit-learn agreement, the jsonl log, plot."""
+"""Tests of rare_jax.active.metrics: hand-computed values, scikit-learn agreement, jsonl, plot."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from rare_jax import metrics
+from rare_jax.active import metrics
 
 
 def test_binary_metrics_hand_computed():

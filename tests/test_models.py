@@ -239,7 +239,8 @@ def test_mask_keeps_padding_out_of_batchnorm(heads):
 
 
 def test_linear_main_head_reproduces_the_linear_models(heads):
-  from rare_jax import deep, linear
+  from rare_jax.active import linear
+  from rare_jax.deep import updates
 
   x, model, _, variables = heads[:4]
   rng = np.random.default_rng(4)
@@ -250,7 +251,7 @@ def test_linear_main_head_reproduces_the_linear_models(heads):
     bias=jnp.asarray(rng.normal(size=3), jnp.float32),
   )
   want = linear.decision_function((embedding - mean) / std, linear_model)
-  folded = deep.linear_main_head(variables, linear_model, mean=mean, std=std)
+  folded = updates.linear_main_head(variables, linear_model, mean=mean, std=std)
   got = model.apply(folded, x)["main_logits"]
   np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), rtol=1e-4, atol=1e-4)
   # The trunk and the auxiliary head are untouched.
@@ -258,11 +259,12 @@ def test_linear_main_head_reproduces_the_linear_models(heads):
     folded["params"]["aux_head"]["kernel"], variables["params"]["aux_head"]["kernel"]
   )
   with pytest.raises(ValueError, match="do not fit"):
-    deep.linear_main_head(variables, jax.tree.map(lambda a: a[:2], linear_model))
+    updates.linear_main_head(variables, jax.tree.map(lambda a: a[:2], linear_model))
 
 
 def test_linear_main_head_drops_dimensions_constant_over_the_pool(heads):
-  from rare_jax import deep, linear
+  from rare_jax.active import linear
+  from rare_jax.deep import updates
 
   _, _, _, variables = heads[:4]
   mean, std = np.zeros(4), np.array([1.0, 1e-6, 0.5, 2.0])  # dimension 1 is constant
@@ -271,7 +273,7 @@ def test_linear_main_head_drops_dimensions_constant_over_the_pool(heads):
     weights=jnp.asarray(weights, jnp.float32), bias=jnp.zeros(3, jnp.float32)
   )
   kernel = np.asarray(
-    deep.linear_main_head(variables, linear_model, mean=mean, std=std)["params"]["main_head"][
+    updates.linear_main_head(variables, linear_model, mean=mean, std=std)["params"]["main_head"][
       "kernel"
     ]
   )

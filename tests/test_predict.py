@@ -18,9 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from rare_jax import linear, loop, predict, runner, stand_in, workdirs
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax import predict, workdirs
+from rare_jax.active import linear, loop, runner
 from rare_jax.data import folder, sources, tasks
+from rare_jax.deep import stand_in
+from rare_jax.infra.checkpoint import CheckpointStore
 from rare_jax.webapp import folder_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -352,7 +354,7 @@ def test_deep_run_scores_a_folder_in_both_formats(deep_workdir, folder_workdir, 
 def test_deep_run_reproduces_the_runs_own_scores(deep_workdir, folder_workdir):
   """The linear head on the pool equals the loop's final scores (fitted on the v1 features);
   the deep head on the validation images equals the run's stored main_probs."""
-  from rare_jax import embed
+  from rare_jax.deep import embed
 
   context = workdirs.load(deep_workdir)
   task = context.task

@@ -11,7 +11,7 @@ from scipy.spatial.distance import cdist
 from sklearn.neighbors import NearestNeighbors
 from sklearn.semi_supervised import LabelSpreading
 
-from rare_jax import pseudo_labels
+from rare_jax.deep import pseudo_labels
 
 # ----------------------------------------------------------------------------------------------
 # Reference implementations (dense numpy).

@@ -14,8 +14,9 @@ import sys
 
 import pytest
 
-from rare_jax import runner, workdirs
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax import workdirs
+from rare_jax.active import runner
+from rare_jax.infra.checkpoint import CheckpointStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "experiments", "configs", "tiny.py")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import select, sharding
+from rare_jax.active import select
+from rare_jax.infra import sharding
 
 
 def test_cosine_scores_match_numpy():

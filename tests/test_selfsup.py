@@ -14,8 +14,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from synthetic import synthetic_images
 
-from rare_jax import augment, deep, selfsup, train
 from rare_jax.data import fashion_mnist, pipeline
+from rare_jax.deep import augment, selfsup, train, updates
 from rare_jax.models import BasicBlock, ResNet
 from rare_jax.models.simclr import SimCLRModel
 
@@ -161,7 +161,7 @@ class _Killed(Exception):
 def _driver_setup():
   labels = np.arange(24) % 8
   data = (synthetic_images(labels, 0), labels)
-  settings = deep.DeepSettings(model="resnet_tiny", batch_size=8, embed_batch_size=24)
+  settings = updates.DeepSettings(model="resnet_tiny", batch_size=8, embed_batch_size=24)
   ssl = selfsup.SelfSupSettings(
     epochs=2, learning_rate=0.1, projection_dim=8, num_clusters=3, temperature=0.5
   )
@@ -176,7 +176,7 @@ def _smallest_trunk(self):
 def resumed(tmp_path_factory):
   # A one-block trunk instead of resnet_tiny's three stages: compiles are the slow part here.
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(deep.DeepSettings, "trunk", _smallest_trunk)
+    patch.setattr(updates.DeepSettings, "trunk", _smallest_trunk)
     return _train_straight_and_resumed(tmp_path_factory)
 
 
@@ -246,10 +246,10 @@ def test_settings_from_config_and_validation():
   [("", "related_split"), ("imagenet", "pretrained"), ("self_supervised", "self_supervised")],
 )
 def test_m_pre_source_of_each_init(init, expected):
-  from rare_jax import deep, m_pre
+  from rare_jax.deep import m_pre, updates
 
   model = "efficientnet_lite0" if init == "imagenet" else "resnet_tiny"
-  assert m_pre.source(deep.DeepSettings(model=model, init=init)) == expected
+  assert m_pre.source(updates.DeepSettings(model=model, init=init)) == expected
 
 
 # ----------------------------------------------------------------------------- shared model cache
@@ -273,7 +273,7 @@ def test_shared_model_is_reused_with_the_same_settings_and_rebuilt_with_others(t
     )
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(deep.DeepSettings, "trunk", _smallest_trunk)
+    patch.setattr(updates.DeepSettings, "trunk", _smallest_trunk)
     first_lines, again_lines, other_lines = [], [], []
     _, first, key = shared(ssl, first_lines)
     assert sum("epoch 1/1" in line for line in first_lines) == 1
@@ -310,14 +310,14 @@ def test_shared_model_is_reused_with_the_same_settings_and_rebuilt_with_others(t
 def test_m_pre_load_shares_the_model_and_a_workdir_refuses_another(tmp_path):
   from types import SimpleNamespace
 
-  from rare_jax import m_pre
+  from rare_jax.deep import m_pre
 
   data, _, settings, ssl = _driver_setup()
   settings = dataclasses.replace(settings, init="self_supervised")
   ssl = dataclasses.replace(
     ssl, epochs=1, shared_images=16, num_clusters=3, cache_dir=str(tmp_path / "cache")
   )
-  images = deep.ImageData(train=data, eval=data)
+  images = updates.ImageData(train=data, eval=data)
   task = SimpleNamespace(
     dataset="synthetic", train_split="train", num_train_examples=24, pool_ids=np.arange(12)
   )
@@ -328,7 +328,7 @@ def test_m_pre_load_shares_the_model_and_a_workdir_refuses_another(tmp_path):
     return start, lines
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(deep.DeepSettings, "trunk", _smallest_trunk)
+    patch.setattr(updates.DeepSettings, "trunk", _smallest_trunk)
     first, lines = load(tmp_path / "run0", ssl, seed=0)
     assert first.source == "self_supervised" and first.num_classes == 3
     assert sum("epoch 1/1" in line for line in lines) == 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rare_jax import sharding
+from rare_jax.infra import sharding
 
 
 def test_make_mesh_from_specs():

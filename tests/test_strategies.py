@@ -16,18 +16,10 @@ import numpy as np
 import pytest
 from synthetic import synthetic_images
 
-from rare_jax import (
-  compare,
-  deep,
-  labelers,
-  loop,
-  losses,
-  pseudo_labels,
-  runner,
-  strategies,
-  workdirs,
-)
+from rare_jax import compare, workdirs
+from rare_jax.active import labelers, loop, runner
 from rare_jax.data import tasks
+from rare_jax.deep import losses, pseudo_labels, strategies, updates
 
 quiet = lambda _: None
 POOL, DIM = 400, 8
@@ -407,7 +399,7 @@ def test_training_set_with_weighted_pseudo_positives():
   w_n = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 1, 0]], bool)
   positive = np.array([[0, 0, 1, 0, 0], [0, 1, 1, 0, 0]], bool)  # [1, 2] is labeled: ignored
   weights = np.full((2, 5), 0.25, np.float32)
-  examples = deep.training_set(
+  examples = updates.training_set(
     labels, w_n, np.arange(5), pseudo_positive=positive, pseudo_weights=weights
   )
   np.testing.assert_array_equal(examples.pool_positions, [0, 1, 2, 3])
@@ -416,7 +408,7 @@ def test_training_set_with_weighted_pseudo_positives():
   np.testing.assert_array_equal(
     examples.label_weights.T, [[1, 1, 0.25, 0.25], [0.25, 0.25, 1, 0.25]]
   )
-  plain = deep.training_set(labels, w_n, np.arange(5))
+  plain = updates.training_set(labels, w_n, np.arange(5))
   assert plain.label_weights is None
   np.testing.assert_array_equal(plain.labels.T, [[1, 0, 0, 0], [0, 0, 1, 0]])
 
@@ -433,11 +425,11 @@ def context(tmp_path_factory):
   task = tasks.make_task(
     train_labels, eval_labels, dataset="synthetic", categories=(3, 6), seed=0, pool_fraction=0.06
   )
-  data = deep.ImageData(
+  data = updates.ImageData(
     train=(synthetic_images(train_labels, 1), train_labels),
     eval=(synthetic_images(eval_labels, 2), eval_labels),
   )
-  settings = deep.DeepSettings(
+  settings = updates.DeepSettings(
     model="resnet_tiny", batch_size=32, embed_batch_size=128, pretrain_epochs=1, epochs=1
   )
   return workdirs.m_pre_context(str(root), base_config(), task, data, settings, log=quiet)
@@ -492,13 +484,13 @@ def test_deep_prop_trains_on_weighted_propagated_labels(context, monkeypatch):
   planted[:, :2] += 6.0 * truth.T
   context = dataclasses.replace(context, features=jnp.asarray(planted))
   seen = []
-  real = deep.bgsplit_update
+  real = updates.bgsplit_update
 
   def spy(**kwargs):
     seen.append(kwargs["examples"])
     return real(**kwargs)
 
-  monkeypatch.setattr(deep, "bgsplit_update", spy)
+  monkeypatch.setattr(updates, "bgsplit_update", spy)
   records = run_deep(context, "deep_prop")
   pseudo = records[-1]["deep"]["pseudo_labels"]
   assert all(n > 0 for n in pseudo["num_pseudo_positives"])
@@ -519,13 +511,13 @@ def test_deep_prop_trains_on_weighted_propagated_labels(context, monkeypatch):
 
 def test_fully_supervised_uses_every_label(context, monkeypatch):
   seen = []
-  real = deep.bgsplit_update
+  real = updates.bgsplit_update
 
   def spy(**kwargs):
     seen.append(kwargs["examples"])
     return real(**kwargs)
 
-  monkeypatch.setattr(deep, "bgsplit_update", spy)
+  monkeypatch.setattr(updates, "bgsplit_update", spy)
   run_dir = os.path.join(context.workdir, "fully_supervised")
   records = strategies.run_fully_supervised(run_dir=run_dir, context=context, log=quiet)
   (examples,) = seen

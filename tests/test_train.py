@@ -16,8 +16,9 @@ from distributed_worker import (
 )
 from jax.sharding import NamedSharding
 
-from rare_jax import sharding, train
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax.deep import train
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import CheckpointStore
 from rare_jax.models import Classifier, init_from_pretrained
 
 INPUT_SHAPE = (1, *IMAGE_SHAPE)

@@ -4,8 +4,8 @@ labeling page's button), resumed exactly after a kill during an update or after 
 import numpy as np
 import pytest
 
-from rare_jax import runner
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax.active import runner
+from rare_jax.infra.checkpoint import CheckpointStore
 from rare_jax.webapp import folder_run
 
 POOL, DIM = 60, 8

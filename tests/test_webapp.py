@@ -22,9 +22,9 @@ import time
 import numpy as np
 import pytest
 
-from rare_jax import runner
-from rare_jax.checkpoint import CheckpointStore
+from rare_jax.active import runner
 from rare_jax.data import folder
+from rare_jax.infra.checkpoint import CheckpointStore
 from rare_jax.webapp import folder_run, server
 from rare_jax.webapp.labeler import AnswerRejected, LabelingStopped, WebLabeler
 from rare_jax.webapp.session import LabelingSession

@@ -51,7 +51,7 @@ def get_config(arg=None):
   config.l2 = 1.0
   config.solver_max_iters = 200
   config.solver_tol = 1e-6
-  # The deep model (rare_jax.deep.DeepSettings).
+  # The deep model (rare_jax.deep.updates.DeepSettings).
   config.deep = ml_collections.ConfigDict()
   config.deep.model = "efficientnet_lite0"
   config.deep.init = "imagenet"  # M_pre = the ImageNet classifier ("" trains one here)

@@ -3,7 +3,7 @@ r"""The self-supervised start (paper Sec. 4.4, Ours-Self / Tropel-Self) on the e
     python -m rare_jax.run --config=experiments/configs/self_supervised.py \
         --workdir=runs/self_supervised
 
-M_pre is trained without labels on the pool's own images with SimCLR (rare_jax/selfsup.py),
+M_pre is trained without labels on the pool's own images with SimCLR (rare_jax/deep/selfsup.py),
 the auxiliary labels of background splitting are k-means cluster ids (k = 50) of its pool
 embeddings, and the auxiliary head starts from the centroids. `ours` is Ours-Self, `tropel`
 Tropel-Self. The trunk is the small ResNet for 28x28 inputs (SimCLR of an EfficientNet on

@@ -398,7 +398,7 @@ def process_batches(
   """This process's rows of every batch `iterate_batches` yields, loading only those rows.
 
   Rows `np.array_split(range(batch_size), process_count)[process_index]` of each batch (the
-  block `rare_jax.sharding.process_shard` gives), with the same padding: a process whose rows
+  block `rare_jax.infra.sharding.process_shard` gives), with the same padding: a process whose rows
   of the last batch are all padding gets a batch of padding rows. Options as for
   `iterate_batches` (image_size, channels, mean, std).
   """

@@ -12,7 +12,7 @@ it is testable without images:
   subsamples each rare category of it as the pool (`k` images by the same formula), or
   `validation="weighted"` keeps every eval image and weighs each image of rare category `r`
   `k / n_r` (`n_r` its eval images; every other image weighs 1), the same set in expectation
-  with all `n_r` positives (`RareTask.val_weights`; README, "Deviations from the paper").
+  with all `n_r` positives (`RareTask.val_weights`; docs/reproducing.md).
 Every random choice derives from `seed` (one NumPy stream per purpose). Saved as JSON
 (`task.json`) in a run's workdir.
 """

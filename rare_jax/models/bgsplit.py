@@ -3,7 +3,7 @@
 `Classifier` is `M_pre`: a trunk and one softmax head over the related domain's classes.
 `BGSplitModel` is the deep model of the loop: the same trunk, a main head with one binary
 logit per category of the group, and an auxiliary head over `M_pre`'s classes. The two heads'
-logits are never mixed (see ../shared/METHOD.md, "Background splitting").
+logits are never mixed (docs/method.md, "Deep updates").
 `init_from_pretrained` copies `M_pre`'s trunk and classifier into a `BGSplitModel`'s
 variables, the classifier becoming the auxiliary head.
 

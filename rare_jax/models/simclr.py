@@ -5,7 +5,7 @@ The contrastive loss is applied to the projection; the trunk's embedding (before
 the representation kept for downstream use (M_pre's features and k-means auxiliary labels).
 Any trunk with the project's interface `trunk(x, train=..., mask=...) -> [B, D]` works; its
 variables sit under "trunk" as in `BGSplitModel` and `Classifier`, so the trunk can be copied
-into them (`rare_jax.selfsup.classifier_from_clusters`).
+into them (`rare_jax.deep.selfsup.classifier_from_clusters`).
 """
 
 from __future__ import annotations

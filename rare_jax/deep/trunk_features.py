@@ -8,7 +8,7 @@ transparency on white), squeezed to `image_size` x `image_size` (`folder.resize_
 same as the pixel-PCA features) and normalised as the weights expect; the embedding is the
 trunk's pooled output (1280-d for EfficientNet-Lite, 2048-d for ResNet-50).
 
-`embed_files(...)` caches the embeddings of a list of files in a `rare_jax.embed.FeatureStore`:
+`embed_files(...)` caches the embeddings of a list of files in a `rare_jax.deep.embed.FeatureStore`:
 resumable (a killed run continues after the last committed batch) with progress, rate and ETA.
 """
 
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rare_jax import embed as embed_lib
-from rare_jax.checkpoint import record_or_check
 from rare_jax.data import folder
+from rare_jax.deep import embed as embed_lib
+from rare_jax.infra.checkpoint import record_or_check
 from rare_jax.models import pretrained
 
 

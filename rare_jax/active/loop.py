@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from rare_jax import linear, select
+from rare_jax.active import linear, select
 
 UNKNOWN = -1
 

@@ -5,7 +5,7 @@ arguments (never absl flags). A strategy's run directory holds:
 
     checkpoints/      Orbax steps 0..R of the LoopState (step = rounds observed)
     fingerprint.json  what the run started with (features, seeds, loop settings): a rerun with
-                      others is refused rather than resumed (`rare_jax.fingerprint`)
+                      others is refused rather than resumed (`rare_jax.active.fingerprint`)
     answers.jsonl     one line per round: {"round", "query_ids", "answers"}
     metrics.jsonl     one line per round: labels used, per-category and mean metrics
 
@@ -27,21 +27,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import answer_logs, fingerprint, labelers, linear, loop, metrics, select, sharding
-from rare_jax.checkpoint import CheckpointStore, record_or_check
+from rare_jax.active import answer_logs, fingerprint, labelers, linear, loop, metrics, select
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import CheckpointStore, record_or_check
 
-# Strategies are configurations of the one loop (paper Sec. 4; METHOD.md's table).
+# Strategies are configurations of the one loop (paper Sec. 4; the table in docs/method.md).
 # querying: the query rule (`select.QUERYING_RULES`); pseudo_negatives: whether W_n is drawn;
 # deep_updates: whether the deep model is retrained every Q rounds (frozen-feature strategies
 # keep M_pre's features).
 # Optional keys (defaults in `_SPEC_DEFAULTS`):
-#   pseudo_positives: None, "kd_semi" or "deep_prop" (rare_jax.strategies adds them to the
+#   pseudo_positives: None, "kd_semi" or "deep_prop" (rare_jax.deep.strategies adds them to the
 #     deep update's training set); threshold: KD-Semi's probability threshold;
 #   aux_weight: None (config.deep.aux_weight) or a value (0 turns background splitting off);
 #   config: overrides of the run config (f_a sweep), applied by `strategy_config`;
 #   one_round_per_update: No-Linear-Updates: Q=1 and B=Q*B, the same labels per update;
 #   kind: "loop", or "fully_supervised" (one deep model on every pool label, no loop:
-#     `rare_jax.strategies.run_fully_supervised`).
+#     `rare_jax.deep.strategies.run_fully_supervised`).
 _SPEC_DEFAULTS = dict(
   pseudo_positives=None,
   threshold=None,
@@ -350,7 +351,7 @@ def read_answers(path: str) -> dict[int, dict]:
   Raises:
     ValueError: a damaged line (not JSON, or not a {round, query_ids, answers} record of
       matching shapes), naming the file and the line and saying what to do
-      (`rare_jax.answer_logs`).
+      (`rare_jax.active.answer_logs`).
   """
   records = answer_logs.read_records(path, with_round=True, advice=answer_logs.ANSWERS_ADVICE)
   return {record["round"]: record for record in records}
@@ -392,7 +393,7 @@ def run_strategy(
   """Runs (or resumes) all rounds of one strategy; returns the metrics records.
 
   Refuses (ValueError) to resume a run directory started with other features, seeds or loop
-  settings (`rare_jax.fingerprint`), and seed ids outside the pool (`loop.check_seed_ids`).
+  settings (`rare_jax.active.fingerprint`), and seed ids outside the pool (`loop.check_seed_ids`).
 
   Args:
     run_dir: this strategy's directory (created).
@@ -402,7 +403,7 @@ def run_strategy(
     seed_ids: `[C, K]` seed positives, pool positions in [0, P) (ValueError otherwise).
     val_ground_truth: `[C, V]` bool.
     labeler: answers the queries.
-    updater: a `rare_jax.deep.DeepUpdater` for strategies with deep updates (every Q rounds
+    updater: a `rare_jax.deep.updates.DeepUpdater` for strategies with deep updates (every Q rounds
       the deep model is retrained, the pool re-embedded and the linear models refitted).
     log: receives progress lines.
     stop_after: stop after this many rounds in total (tests; None runs all).
@@ -418,7 +419,7 @@ def run_strategy(
   """
   if strategy_spec(strategy)["kind"] != "loop":
     raise ValueError(
-      f"strategy {strategy!r} runs no loop: use rare_jax.strategies.run_fully_supervised"
+      f"strategy {strategy!r} runs no loop: use rare_jax.deep.strategies.run_fully_supervised"
     )
   if update_after is not None:
     if updater is None:

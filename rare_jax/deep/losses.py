@@ -5,7 +5,7 @@
 - `aux_cross_entropy`: the auxiliary head's softmax cross-entropy against `M_pre`'s hard labels
   (also the pretraining loss of `M_pre` itself), zero for padding.
 - `bgsplit_loss`: mean masked BCE over the labeled entries + `aux_weight` x mean auxiliary CE
-  over the real examples (../shared/METHOD.md), with metrics.
+  over the real examples (docs/method.md), with metrics.
 
 Masked entries are replaced before the loss so that no NaN/inf from garbage logits or
 out-of-range labels in padding can leak into values or gradients.

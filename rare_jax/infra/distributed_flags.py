@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from rare_jax import sharding
+from rare_jax.infra import sharding
 
 AUTO = "auto"
 _NAMES = ("coordinator_address", "num_processes", "process_id")

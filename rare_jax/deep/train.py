@@ -37,7 +37,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from rare_jax import losses, sharding
+from rare_jax.deep import losses
+from rare_jax.infra import sharding
 from rare_jax.models import init_from_pretrained
 
 TRAIN_BATCH_KEYS = ("image", "labels", "label_mask", "aux_labels", "mask")
@@ -382,7 +383,7 @@ def abstract_like(state: Any) -> Any:
 
 
 def save_train_state(store: Any, state: TrainState, *, metadata: dict | None = None) -> int:
-  """Saves `state` into a `rare_jax.checkpoint.CheckpointStore` as step `state.step`."""
+  """Saves `state` into a `rare_jax.infra.checkpoint.CheckpointStore` as step `state.step`."""
   step = int(jax.device_get(state.step))
   store.save(step, state, metadata)
   return step
@@ -455,7 +456,7 @@ def fit(
     step_fn: from `jit_step(train_step or pretrain_step, ...)`.
     mesh: the mesh the batch is placed on.
     end_step: the absolute step to stop at.
-    store: a `rare_jax.checkpoint.CheckpointStore`; its latest step, if beyond `state.step`,
+    store: a `rare_jax.infra.checkpoint.CheckpointStore`; its latest step, if beyond `state.step`,
       is restored first.
     save_every: save every this many steps and at `end_step` (requires `store`).
     log_every: log metrics every this many steps (None: never).

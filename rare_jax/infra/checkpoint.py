@@ -3,7 +3,7 @@
 A `CheckpointStore` keeps numbered steps under one directory; each step holds a pytree of
 arrays (restored into an abstract target, so shapes, dtypes and shardings are checked) and a
 JSON-able metadata dict. Saves are synchronous: an asynchronous save that fails was measured to
-hang the process at exit (see ../shared/STYLE.md), and a step is only visible once Orbax has
+hang the process at exit (measured with this Orbax), and a step is only visible once Orbax has
 committed it, so a process killed mid-save leaves the previous steps intact.
 
 Multi-host: every process calls `save` and `restore` (Orbax synchronises them; each process

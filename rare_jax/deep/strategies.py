@@ -8,7 +8,7 @@
   - KD-Semi: unlabeled pool images whose previous deep model's main-head probability is >= the
     threshold become pseudo-positives (none at the first update: M_0 = M_pre has no main
     head); the pseudo-negatives are ours (W_n).
-  - DeepProp: label propagation (Iscen et al. 2019, `rare_jax.pseudo_labels`) from the human
+  - DeepProp: label propagation (Iscen et al. 2019, `rare_jax.deep.pseudo_labels`) from the human
     labels over a kNN graph of the current features (those the loop ranks with); propagated
     positives become pseudo-positives weighted by their certainty omega, and W_n's images
     (ours) that propagation calls negative weigh omega too (1 where propagation did not reach);
@@ -31,7 +31,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rare_jax import linear, metrics, pseudo_labels, sharding
+from rare_jax.active import linear, metrics
+from rare_jax.deep import pseudo_labels
+from rare_jax.infra import sharding
 
 
 @dataclasses.dataclass(frozen=True)

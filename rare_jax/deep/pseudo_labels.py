@@ -1,7 +1,7 @@
 """Pseudo-labels of the semi-supervised baselines KD-Semi and DeepProp (paper Sec. 4).
 
 Both baselines add *pseudo-positives* to the pseudo-negatives W_n of our method (the paper's
-Figure 4 measures how wrong those pseudo-positives are; `rare_jax.metrics.
+Figure 4 measures how wrong those pseudo-positives are; `rare_jax.active.metrics.
 pseudo_label_error_rates` computes that false-positive rate, NaN where a category has none).
 
 - KD-Semi: unlabeled images whose previous deep model's main-head probability is at least a

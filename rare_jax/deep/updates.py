@@ -27,10 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax import embed as embed_lib
-from rare_jax import metrics, models, sharding, train
-from rare_jax.checkpoint import CheckpointStore, write_json_atomic
+from rare_jax import models
+from rare_jax.active import metrics
 from rare_jax.data import pipeline, tasks
+from rare_jax.deep import embed as embed_lib
+from rare_jax.deep import train
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.models import efficientnet, pretrained
 
 MAIN_HEAD_INITS = ("linear", "linear_first", "random")
@@ -38,10 +41,10 @@ MAIN_HEAD_INITS = ("linear", "linear_first", "random")
 
 @dataclasses.dataclass(frozen=True)
 class DeepSettings:
-  """The deep model's settings (config.deep); defaults are the authors' trainer (METHOD.md)."""
+  """The deep model's settings (config.deep); defaults are the authors' trainer (docs/method.md)."""
 
   model: str = "resnet50"
-  # Where M_pre comes from (rare_jax.m_pre): "" trains it on the related-domain split,
+  # Where M_pre comes from (rare_jax.deep.m_pre): "" trains it on the related-domain split,
   # "imagenet" loads the trunk's packaged ImageNet weights, a path loads a .pth/.safetensors,
   # "self_supervised" trains it with SimCLR on the pool (config.self_supervised).
   init: str = ""
@@ -51,7 +54,7 @@ class DeepSettings:
   std: float | tuple | None = None  # None: the pretrained trunk's, else 1
   depthwise: str = "auto"  # EfficientNet-Lite depthwise convs: auto / native / shifted
   # EfficientNet-Lite: the stem and the first `frozen_blocks` blocks are not trained by the
-  # deep updates (0: full fine-tuning, the paper's; see README "Deviations" for the demo's).
+  # deep updates (0: full fine-tuning, the paper's; see docs/reproducing.md for the demo's).
   frozen_blocks: int = 0
   # EfficientNet-Lite: BatchNorm keeps its running statistics during the deep updates.
   freeze_batchnorm: bool = False
@@ -71,13 +74,13 @@ class DeepSettings:
   #   "random": a freshly initialised head (the paper's; it leaves the head predicting no
   #     positive after a few epochs at ~1% positives);
   #   "linear" or "linear_first": the loop's linear models fitted on M_pre's features,
-  #     folded onto the embedding (README "Deviations").
+  #     folded onto the embedding (docs/reproducing.md).
   # An update that continues M_{i-1} (`warm_start`, after the first) keeps M_{i-1}'s own head,
   # except with "linear", which re-folds the loop's current linear models (fitted on M_{i-1}'s
   # features) into it.
   main_head_init: str = "linear"
   # Algorithm 1 line 19 continues M_{i-1} (True, the paper's). False starts every update
-  # from M_pre again, on all the labels so far (README "Deviations"; cf. Ash & Adams, "On
+  # from M_pre again, on all the labels so far (docs/reproducing.md; cf. Ash & Adams, "On
   # Warm-Starting Neural Network Training", NeurIPS 2020).
   warm_start: bool = True
   mesh: tuple = (("data", -1),)
@@ -665,7 +668,7 @@ class DeepUpdater:
     self.statistics = statistics
     self.base_raw_pool = base_raw_pool
     self.log = log
-    # pseudo_labeler(updater, state, version) -> PseudoLabels (rare_jax.strategies) for the
+    # pseudo_labeler(updater, state, version) -> PseudoLabels (rare_jax.deep.strategies) for the
     # baselines that add pseudo-positives; None trains on L_p, L_n and W_n (ours).
     self.pseudo_labeler = pseudo_labeler
     self.pool_outputs = tuple(pool_outputs)

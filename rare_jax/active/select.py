@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rare_jax import linear
+from rare_jax.active import linear
 
 # Querying rules. "adaptive": paper lines 9-12; "most_likely_positive": Tropel's rule;
 # "random": uniform over the unlabeled pool (the floor of active learning, not in the paper).

@@ -688,7 +688,7 @@ def _one_lapack_thread() -> None:
     try:
       _set_lapack_threads(1)
     except Exception as error:  # a speed setting must never fail a fit
-      logging.warning("rare_jax.linear: could not set scipy's BLAS threads: %r", error)
+      logging.warning("linear fits: could not set scipy's BLAS threads: %r", error)
 
 
 def _set_lapack_threads(count: int) -> None:
@@ -704,14 +704,14 @@ def _set_lapack_threads(count: int) -> None:
   if not chosen and len(blas) == 1:
     chosen = blas
     logging.warning(
-      "rare_jax.linear: scipy has no BLAS of its own here; setting the one loaded, %s, to %d "
+      "linear fits: scipy has no BLAS of its own here; setting the one loaded, %s, to %d "
       "thread(s) (numpy shares it)",
       blas[0].filepath,
       count,
     )
   elif not chosen:
     logging.warning(
-      "rare_jax.linear: scipy's BLAS not found among %s; LAPACK keeps its threads (slower fits "
+      "linear fits: scipy's BLAS not found among %s; LAPACK keeps its threads (slower fits "
       "on CPU, rounding that depends on the thread count)",
       [lib.filepath for lib in blas],
     )
@@ -721,12 +721,10 @@ def _set_lapack_threads(count: int) -> None:
       continue
     lib.set_num_threads(count)
     if lib.num_threads == count:
-      logging.info(
-        "rare_jax.linear: BLAS %s set to %d thread(s) (was %d)", lib.filepath, count, before
-      )
+      logging.info("linear fits: BLAS %s set to %d thread(s) (was %d)", lib.filepath, count, before)
     else:
       logging.warning(
-        "rare_jax.linear: BLAS %s kept %d threads (asked %d: OpenBLAS obeys the thread that set "
+        "linear fits: BLAS %s kept %d threads (asked %d: OpenBLAS obeys the thread that set "
         "its count first)",
         lib.filepath,
         lib.num_threads,

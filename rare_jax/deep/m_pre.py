@@ -2,7 +2,7 @@
 
 `config.deep.init` decides:
 - "" (empty): no pretrained weights for this trunk or domain: M_pre is trained on the task's
-  related-domain split (the non-rare classes, disjoint images; `deep.pretrain`), and the
+  related-domain split (the non-rare classes, disjoint images; `updates.pretrain`), and the
   auxiliary labels are its predictions over those classes.
 - "imagenet": the trunk's packaged ImageNet weights (`models.pretrained`), as in the paper:
   the auxiliary labels are its ImageNet argmax over the pool and its classifier becomes the
@@ -30,9 +30,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rare_jax import deep, selfsup, sharding, train
-from rare_jax.checkpoint import record_or_check
 from rare_jax.data import tasks
+from rare_jax.deep import selfsup, train, updates
+from rare_jax.infra import sharding
+from rare_jax.infra.checkpoint import record_or_check
 from rare_jax.models import pretrained
 
 
@@ -46,10 +47,10 @@ class MPre:
   source: str  # "related_split", "pretrained" or "self_supervised"
 
 
-SELF_SUPERVISED = "self_supervised"  # the deep.init value of the self-supervised start
+SELF_SUPERVISED = "self_supervised"  # the config.deep.init value of the self-supervised start
 
 
-def source(settings: deep.DeepSettings) -> str:
+def source(settings: updates.DeepSettings) -> str:
   """ "related_split" (trained here on labels), "self_supervised" (trained here without
   labels) or "pretrained" (weights from a package or a file)."""
   if settings.init == SELF_SUPERVISED:
@@ -65,7 +66,7 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def load_pretrained(settings: deep.DeepSettings, input_shape: tuple[int, ...], directory: str):
+def load_pretrained(settings: updates.DeepSettings, input_shape: tuple[int, ...], directory: str):
   """M_pre from pretrained weights, as a TrainState on the settings' mesh."""
   weights = (
     pretrained.weights_path(settings.model) if settings.init == "imagenet" else settings.init
@@ -91,7 +92,7 @@ def load_pretrained(settings: deep.DeepSettings, input_shape: tuple[int, ...], d
     model=model,
     tx=tx,
     input_shape=input_shape,
-    mesh=deep.make_mesh(settings),
+    mesh=updates.make_mesh(settings),
   )
   state = state.replace(
     params=jax.device_put(variables["params"], shardings.params),
@@ -102,8 +103,8 @@ def load_pretrained(settings: deep.DeepSettings, input_shape: tuple[int, ...], d
 
 def load(
   task: tasks.RareTask,
-  data: deep.ImageData,
-  settings: deep.DeepSettings,
+  data: updates.ImageData,
+  settings: updates.DeepSettings,
   directory: str,
   *,
   seed: int,
@@ -116,7 +117,7 @@ def load(
   """
   if source(settings) == "pretrained":
     log(f"M_pre: {settings.model} with weights {settings.init!r} (no pretraining here)")
-    model, state = load_pretrained(settings, deep.input_shape(settings, data.train), directory)
+    model, state = load_pretrained(settings, updates.input_shape(settings, data.train), directory)
     return MPre(model, state, pretrained.spec(settings.model).num_classes, "pretrained")
   if source(settings) == "self_supervised":
     ssl = ssl or selfsup.SelfSupSettings()
@@ -143,7 +144,7 @@ def load(
       model, state = selfsup.pretrain_self_supervised(
         data.train, task.pool_ids, settings, ssl, directory, seed=seed, log=log
       )
-    features = deep.embed(
+    features = updates.embed(
       model,
       state,
       data.train,
@@ -165,5 +166,5 @@ def load(
     )
     classifier, classifier_state = selfsup.classifier_from_clusters(model, state, centroids)
     return MPre(classifier, classifier_state, ssl.num_clusters, "self_supervised")
-  model, state = deep.pretrain(task, data, settings, directory, seed=seed, log=log)
+  model, state = updates.pretrain(task, data, settings, directory, seed=seed, log=log)
   return MPre(model, state, len(np.asarray(task.related_classes)), "related_split")

@@ -1,0 +1,1 @@
+"""The active loop: state, selections, linear fits, metrics, labelers, the runner."""

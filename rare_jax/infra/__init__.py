@@ -1,0 +1,1 @@
+"""Plumbing below every wing: checkpoints (orbax), CSV files, sharding, distributed flags."""
