@@ -368,10 +368,12 @@ def paired_differences(
   pairing removes what the category and the draw of the pool contribute. `better` / `worse`
   count the pairs where the strategy is ahead / behind. The interval treats pairs as
   independent; categories of one workdir share its deep model, so it is somewhat optimistic
-  when deep updates correlate categories (the per-seed means are reported beside it).
+  when deep updates correlate categories. Beside it: `per_seed` (each seed's mean difference),
+  `seed_level` (`{mean, low, high, n}`, a t interval over those: seeds share nothing) and
+  `pairs` (`[{seed, group, position, value, baseline}]`: the headline F1 of both strategies
+  per pair, `position` the category's index within `config.groups[group]`), so every interval
+  can be recomputed from the stored file.
   """
-  from scipy import stats
-
   if baseline not in collected:
     return {}
   base = collected[baseline]
@@ -381,36 +383,43 @@ def paired_differences(
       continue
     budgets = sorted({b for points in by_seed.values() for b in points})
     for budget in budgets:
-      diffs, per_seed = [], []
+      pairs, per_seed = [], []
       for seed, points in by_seed.items():
         if budget not in points or budget not in base.get(seed, {}):
           continue
-        seed_diffs = [
-          float(a) - float(b)
-          for ours, theirs in zip(points[budget], base[seed][budget], strict=True)
-          for a, b in zip(ours["f1"], theirs["f1"], strict=True)
+        seed_pairs = [
+          {"seed": int(seed), "group": g, "position": c, "value": float(a), "baseline": float(b)}
+          for g, (ours, theirs) in enumerate(zip(points[budget], base[seed][budget], strict=True))
+          for c, (a, b) in enumerate(zip(ours["f1"], theirs["f1"], strict=True))
         ]
-        diffs += seed_diffs
-        per_seed.append(float(np.mean(seed_diffs)))
-      if not diffs:
+        pairs += seed_pairs
+        per_seed.append(float(np.mean([p["value"] - p["baseline"] for p in seed_pairs])))
+      if not pairs:
         continue
-      d = np.asarray(diffs)
-      n = d.size
-      mean = float(d.mean())
-      if n > 1:
-        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
-      else:
-        half = math.nan
+      d = np.asarray([p["value"] - p["baseline"] for p in pairs])
       out.setdefault(strategy, {})[budget] = {
-        "mean": mean,
-        "low": mean - half,
-        "high": mean + half,
-        "n": int(n),
+        **t_interval(d, confidence),
         "better": int((d > 0).sum()),
         "worse": int((d < 0).sum()),
         "per_seed": per_seed,
+        "seed_level": t_interval(np.asarray(per_seed), confidence),
+        "pairs": pairs,
       }
   return out
+
+
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:
+  """`{mean, low, high, n}`: a Student-t interval for the mean of `values` (NaN bounds when
+  there is one value)."""
+  from scipy import stats
+
+  n = int(values.size)
+  mean = float(values.mean())
+  if n > 1:
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+  else:
+    half = math.nan
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) -> str:
@@ -421,7 +430,8 @@ def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) ->
   lines = [
     "",
     f"Paired differences of the headline F1, strategy minus `{baseline}` (same seed and "
-    f"category), mean [{confidence:.0%} interval] (pairs ahead / behind / n):",
+    f"category), mean [{confidence:.0%} interval over pairs] (pairs ahead / behind / n; "
+    "the interval over the seeds' mean differences):",
     "",
     "| strategy | " + " | ".join(f"{b} labels" for b in budgets) + " |",
     "|---|" + "---|" * len(budgets),
@@ -433,9 +443,11 @@ def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) ->
       if p is None:
         cells.append("-")
       else:
+        seeds = p.get("seed_level")
+        seed_cell = f"; seeds [{seeds['low']:+.3f}, {seeds['high']:+.3f}]" if seeds else ""
         cells.append(
           f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
-          f"({p['better']}/{p['worse']}/{p['n']})"
+          f"({p['better']}/{p['worse']}/{p['n']}{seed_cell})"
         )
     lines.append("| " + " | ".join([strategy, *cells]) + " |")
   return "\n".join(lines) + "\n"

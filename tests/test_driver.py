@@ -258,5 +258,22 @@ def test_paired_differences_pair_seed_and_category_with_t_intervals():
   np.testing.assert_allclose([p["low"], p["high"]], [diffs.mean() - half, diffs.mean() + half])
   assert (p["n"], p["better"], p["worse"]) == (6, 4, 1)
   np.testing.assert_allclose(p["per_seed"], [0.1, 0.5 / 3])
+  # Every value behind the intervals is stored: the pairs give back the differences.
+  assert [(q["seed"], q["group"], q["position"]) for q in p["pairs"]] == [
+    (0, 0, 0),
+    (0, 0, 1),
+    (0, 1, 0),
+    (1, 0, 0),
+    (1, 0, 1),
+    (1, 1, 0),
+  ]
+  np.testing.assert_allclose([q["value"] - q["baseline"] for q in p["pairs"]], diffs)
+  np.testing.assert_allclose([q["baseline"] for q in p["pairs"]], [0.1, 0.2, 0.3, 0.0, 0.5, 0.5])
+  seeds = np.array([0.1, 0.5 / 3])  # seed level: t(0.975, 1) = 12.706 over 2 seed means
+  half = 12.706204736174707 * seeds.std(ddof=1) / np.sqrt(2)
+  np.testing.assert_allclose(
+    [p["seed_level"]["low"], p["seed_level"]["high"]], [seeds.mean() - half, seeds.mean() + half]
+  )
+  assert p["seed_level"]["n"] == 2
   assert "| ours | +0.133 [" in compare.paired_table(out, "tropel")
   assert compare.paired_differences(collected, "random") == {}  # no such baseline: no table
