@@ -8,12 +8,14 @@ process (`read_in_child`): limited to 2 GiB of address space, reporting its outc
 reader's peak allocation (tracemalloc sees numpy's buffers).
 """
 
+import bz2
 import collections
 import json
 import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import zipfile
@@ -176,6 +178,29 @@ def test_a_file_cannot_set_state_on_the_readers_objects(tmp_path):
   refused(tmp_path / "c.pth", "OrderedDict")
 
 
+@pytest.mark.parametrize(
+  "state",
+  [
+    {"items": Global("collections", "OrderedDict")},  # what `_state_dict` would call
+    {"keys": 1},
+    {"_metadata": collections.OrderedDict(), "note": 1},
+    {"_metadata": 3},
+    (None, {"items": Global("collections", "OrderedDict")}),  # slot-state form
+    (None, {"_metadata": collections.OrderedDict()}),
+    ({"_metadata": collections.OrderedDict()}, {"items": 1}),
+  ],
+)
+def test_build_on_an_ordered_dict_sets_only_torchs_metadata(tmp_path, state):
+  """torch writes a state dict as an OrderedDict whose BUILD sets `_metadata` (a dict); any
+  other attribute (`items`, which shadows the method the reader calls) is refused."""
+  tensors = collections.OrderedDict(w=Tensor(Storage("0", 2), (2,)))
+  zip_of(tmp_path / "a.pth", Build(tensors, state), {"0": bytes(8)})
+  refused(tmp_path / "a.pth", "BUILD")
+  metadata = {"_metadata": collections.OrderedDict([("", {"version": 1})])}
+  zip_of(tmp_path / "ok.pth", Build(tensors, metadata), {"0": bytes(8)})
+  assert list(checkpoint_io.read_state_dict(str(tmp_path / "ok.pth"))) == ["w"]
+
+
 # --- 2. tensor views stay inside their storage -----------------------------------------------
 
 
@@ -294,6 +319,51 @@ def test_zip_bomb_is_refused_before_decompressing(tmp_path, declared):
   (result,) = read_in_child(path)
   assert result["outcome"] == "ValueError", result
   assert result["peak"] < 16 * MiB, result
+
+
+def bomb_member(method: int, nbytes: int) -> bytes:
+  """`nbytes` zeros compressed as a zip member of `method` (bzip2 ~1/10^6, LZMA ~1/7000)."""
+  if method == zipfile.ZIP_BZIP2:
+    return bz2.compress(bytes(nbytes), 9)
+  compressor = zipfile.LZMACompressor()  # zipfile's LZMA member layout (a header, then LZMA1)
+  return compressor.compress(bytes(nbytes)) + compressor.flush()
+
+
+@pytest.mark.parametrize("member", ["byteorder", "data.pkl", "data/0"])
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA, zipfile.ZIP_DEFLATED])
+def test_members_inflate_no_further_than_they_declare(tmp_path, member, method):
+  """zipfile bounds a deflate read by its size, but decompresses a whole bzip2 or LZMA chunk
+  (4 KiB and more of input: 28 MB of LZMA, gigabytes of bzip2) at once: such members are
+  refused unread. A member declaring 6 bytes holds 64 MiB of zeros here."""
+  data_pkl = tf.torch_pickle({"w": Tensor(Storage("0", 1), (1,))})
+  parts = {"byteorder": b"little", "data.pkl": data_pkl, "data/0": bytes(4)}
+  members = [(f"archive/{name}", raw, 0, zlib.crc32(raw), len(raw)) for name, raw in parts.items()]
+  size = 64 * MiB
+  bomb = deflated_zeros(size) if method == zipfile.ZIP_DEFLATED else bomb_member(method, size)
+  index = list(parts).index(member)
+  members[index] = (members[index][0], bomb, method, members[index][3], members[index][4])
+  path = tmp_path / "bomb.pth"
+  tf.write_raw_zip(str(path), members)
+  (result,) = read_in_child(path)
+  assert result["peak"] < 16 * MiB, result
+  if method == zipfile.ZIP_DEFLATED:  # read as far as declared: 4 zero bytes are a storage
+    assert result["outcome"] == ("loaded" if member == "data/0" else "ValueError"), result
+  else:
+    assert result["outcome"] == "ValueError" and str(path) in result["message"], result
+    assert f"archive/{member}" in result["message"], result
+    assert "compress" in result["message"], result
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_only_stored_and_deflated_members_are_read(tmp_path, compression):
+  """torch writes stored members; deflated ones (a zip re-packed by hand) load too."""
+  state = {"w": np.arange(3, dtype=np.float32)}
+  tensors, records = tf.state_parts(state)
+  zip_of(tmp_path / "c.pth", tensors, records, compression=compression)
+  refused(tmp_path / "c.pth", "archive/")
+  zip_of(tmp_path / "d.pth", tensors, records, compression=zipfile.ZIP_DEFLATED)
+  read = checkpoint_io.read_state_dict(str(tmp_path / "d.pth"))
+  np.testing.assert_array_equal(read["w"], state["w"])
 
 
 def test_huge_safetensors_header_is_refused_fast(tmp_path):
@@ -546,6 +616,58 @@ def test_big_endian_zip_checkpoints_are_refused(tmp_path):
     archive.writestr("archive/byteorder", "big")
     archive.writestr("archive/data/0", bytes(8))
   refused(path, "big-endian")
+
+
+def _unblock(fifo) -> None:
+  """Lets a reader blocked opening `fifo` go (a writer opens and closes it)."""
+  for _ in range(100):
+    try:
+      os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody is waiting to read
+      return
+    time.sleep(0.02)
+
+
+@pytest.mark.parametrize("name", ["w.pth", "w.safetensors", "link.pth"])
+def test_a_fifo_is_refused_at_once(tmp_path, monkeypatch, name):
+  """A FIFO (or a symlink to one) swapped in for the weights file after it was checked: one
+  ValueError at once, never an open that waits for a writer. `os.path.isfile` reporting True
+  stands for the check that passed before the swap."""
+  fifo = tmp_path / "pipe"
+  os.mkfifo(fifo)
+  path = tmp_path / name
+  if name == "link.pth":
+    os.symlink(fifo, path)
+  else:
+    os.rename(fifo, path)
+    fifo = path
+  monkeypatch.setattr(os.path, "isfile", lambda _: True)
+  outcome = {}
+
+  def read():
+    try:
+      checkpoint_io.read_state_dict(str(path))
+    except ValueError as error:
+      outcome["message"] = str(error)
+
+  thread = threading.Thread(target=read, daemon=True)
+  thread.start()
+  thread.join(5)
+  if thread.is_alive():
+    _unblock(fifo)
+    thread.join(5)
+    pytest.fail("read_state_dict still blocked on a FIFO after 5 s")
+  message = outcome.get("message", "loaded")
+  assert str(path) in message and "FIFO" in message, message
+
+
+def test_only_regular_files_are_read(tmp_path):
+  refused(tmp_path / "missing.pth", "does not exist")
+  (tmp_path / "dir.pth").mkdir()
+  refused(tmp_path / "dir.pth", "directory")
+  if os.path.exists("/dev/zero"):
+    with pytest.raises(ValueError, match="/dev/zero.*character device"):
+      checkpoint_io.read_state_dict("/dev/zero")
 
 
 @pytest.fixture(scope="module")

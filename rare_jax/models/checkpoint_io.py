@@ -19,7 +19,13 @@ Weight files come from anywhere, so the reader treats every file as hostile:
 - Memory. `max_bytes` caps what a file can make the reader allocate, checked before
   allocating: the storages it reads, the arrays it returns, and a worst-case estimate of the
   Python objects its pickles, JSON header and zip directory expand to. Pickles, headers,
-  zip directories and tensor counts have fixed caps besides (`MAX_*` below).
+  zip directories and tensor counts have fixed caps besides (`MAX_*` below). Zip members are
+  read only as far as they declare, so only stored and deflated members are read (zipfile
+  decompresses a bzip2 or LZMA chunk whole).
+- Objects. BUILD may set only torch's `_metadata` on an OrderedDict (and nothing on the
+  reader's own objects); the state dict is walked with dict's methods, never attributes.
+- Files. Only a regular file is read: it is opened once without blocking (a FIFO swapped in
+  cannot make the reader wait for a writer), then checked by fstat.
 - Errors. Anything malformed is one `ValueError` naming the file and what is wrong.
 """
 
@@ -35,6 +41,7 @@ import os
 import pickle
 import pickletools
 import reprlib
+import stat
 import struct
 import zipfile
 import zlib
@@ -335,10 +342,27 @@ class _Tensor(_Sealed):
     return np.array(view)
 
 
+class _OrderedDict(collections.OrderedDict):
+  """The OrderedDict a state dict is. torch sets `_metadata` (a dict of module versions) on it
+  by BUILD; any other attribute (`items`, which would shadow the method) is refused, and
+  `_metadata` itself is dropped: the reader never looks at attributes of the file's objects."""
+
+  __slots__ = ()
+
+  def __setstate__(self, state):
+    if not (
+      type(state) is dict and list(state) == ["_metadata"] and isinstance(state["_metadata"], dict)
+    ):
+      raise _Bad(
+        f"the pickle sets {_show(state)} on an OrderedDict (BUILD); only torch's "
+        "{'_metadata': dict} is admitted"
+      )
+
+
 def _ordered_dict(*args):
   if args:
     raise _Bad("the pickle calls OrderedDict with arguments; a state dict builds it empty")
-  return collections.OrderedDict()
+  return _OrderedDict()
 
 
 def _rebuild_parameter(data, *unused):
@@ -433,14 +457,16 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def _state_dict(obj: Any) -> dict[str, _Tensor]:
   """The tensors of the (possibly wrapped) state dict the object pickle returned."""
+  # dict's own methods, never attributes of the file's objects (the pickle makes only dicts and
+  # _OrderedDicts, but should one carry an attribute, it is not looked up).
   for key in _WRAPPER_KEYS:
-    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
+    if isinstance(obj, dict) and isinstance(dict.get(obj, key), dict):
+      obj = dict.__getitem__(obj, key)
       break
   if not isinstance(obj, dict):
     raise _Bad(f"expected a state dict (name -> tensor), got {type(obj).__name__}")
   tensors = {}
-  for name, value in obj.items():
+  for name, value in dict.items(obj):
     if isinstance(value, _Tensor):
       if type(name) not in (str, int):
         raise _Bad(f"a tensor is named {_show(name)}, not a string")
@@ -461,7 +487,17 @@ def _storages(tensors: dict[str, _Tensor], budget: _Budget) -> dict[str, _Storag
 
 
 def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
-  """A zip member's bytes, its declared size checked against `limit` before reading."""
+  """A zip member's bytes, its declared size checked against `limit` before reading.
+
+  Only stored (what torch writes) and deflated members are read: zipfile bounds those reads by
+  the size asked for (it passes the size to zlib), but decompresses a whole chunk of bzip2 or
+  LZMA input (4 KiB or more, which can expand to gigabytes) at once."""
+  if info.compress_type not in _ZIP_METHODS:
+    raise _Bad(
+      f"{info.filename} is compressed with method {info.compress_type} "
+      f"({_ZIP_METHOD_NAMES.get(info.compress_type, 'unknown')}); only stored and deflated "
+      "members are read"
+    )
   if info.file_size > limit:
     raise _Bad(f"{info.filename} holds {info.file_size:,} bytes; at most {limit:,} are expected")
   with archive.open(info) as member:
@@ -469,6 +505,10 @@ def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -
   if len(raw) != info.file_size:
     raise _Bad(f"{info.filename} is truncated ({len(raw):,} of {info.file_size:,} bytes)")
   return raw
+
+
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_ZIP_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
 
 
 def _check_zip_directory(f, budget: _Budget) -> None:
@@ -667,15 +707,46 @@ _ERRORS = (
 )
 
 
+_NOT_REGULAR = (
+  (stat.S_ISDIR, "a directory"),
+  (stat.S_ISFIFO, "a FIFO (named pipe)"),
+  (stat.S_ISCHR, "a character device"),
+  (stat.S_ISBLK, "a block device"),
+  (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _open_regular(path: str):
+  """`path` opened for reading, if it is a regular file (after symlinks); one open, then
+  fstat, so that nothing swapped in after a check is read. O_NONBLOCK: opening a FIFO does not
+  wait for a writer."""
+  flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+  fd = os.open(path, flags)
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      what = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+      raise ValueError(f"weights file {path!r} is {what}; expected a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
 def _read(path, kind: str, reader, max_bytes: int) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   max_bytes = operator.index(max_bytes)
   if max_bytes <= 0:
     raise ValueError(f"max_bytes={max_bytes}; expected a positive number of bytes")
-  if not os.path.isfile(path):
-    raise ValueError(f"weights file {path!r} does not exist")
   try:
-    with open(path, "rb") as f:
+    f = _open_regular(path)
+  except FileNotFoundError:
+    raise ValueError(f"weights file {path!r} does not exist") from None
+  except OSError as error:
+    raise ValueError(f"weights file {path!r}: cannot open it: {error.strerror}") from None
+  try:
+    with f:
       return reader(f, os.fstat(f.fileno()).st_size, _Budget(max_bytes))
   except _ERRORS as error:
     if isinstance(error, _Bad):
