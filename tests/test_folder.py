@@ -310,3 +310,24 @@ def test_several_categories_with_their_own_seeds(example, tmp_path):
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(seeds / "loose.png")
   with pytest.raises(ValueError, match="directly"):
     folder_run.categories_from_seed_folder(str(seeds))
+
+
+def test_exif_orientation_and_modes_survive_the_copy_free_decode(tmp_path):
+  pixels = np.zeros((2, 4, 3), np.uint8)
+  pixels[:, 0] = 255  # a white left column
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+  Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=100)
+  decoded = folder.decode_image(str(tmp_path / "r.jpg"))
+  assert decoded.size == (2, 4) and decoded.mode == "RGB"
+  assert np.asarray(decoded)[0].min() > 200 and np.asarray(decoded)[-1].max() < 60  # top: white
+  Image.fromarray(np.full((3, 3), 7, np.uint8)).save(tmp_path / "g.png")
+  la = np.zeros((3, 3, 2), np.uint8)
+  la[..., 0], la[0, :, 1] = 50, 255  # first row opaque grey, the rest transparent
+  Image.fromarray(la, "LA").save(tmp_path / "la.png")
+  with open(tmp_path / "g.png", "rb") as f:
+    np.testing.assert_array_equal(np.asarray(folder.decode_image(f)), np.full((3, 3, 3), 7))
+  la_rgb = np.asarray(folder.decode_image(str(tmp_path / "la.png")))
+  np.testing.assert_array_equal(la_rgb[0], np.full((3, 3), 50))
+  np.testing.assert_array_equal(la_rgb[1:], np.full((2, 3, 3), 255))
+  assert folder.decode_resized(str(tmp_path / "r.jpg"), 2).shape == (2, 2, 3)

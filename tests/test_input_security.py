@@ -547,3 +547,164 @@ def test_a_seed_file_with_commas_in_its_name_and_a_list_file(images, tmp_path):
       str(workdir), images=str(images), seeds=spec, config=config, log=lambda _: None
     )
     assert source.paths.index("b/x,y.png") in run.seed_ids[0].tolist()
+
+
+# --- decoding memory: one pixel budget for all threads; symlinks swapped in; @LIST size -------
+
+
+class _LoadMeter:
+  """Wraps PIL's `ImageFile.load` (where a file's pixels are decoded): the most pixels being
+  loaded at once by all threads, and the size of every image loaded."""
+
+  def __init__(self, monkeypatch, seconds=0.02):
+    from PIL import ImageFile
+
+    self.lock, self.now, self.peak, self.sizes = threading.Lock(), 0, 0, []
+    original = ImageFile.ImageFile.load
+
+    def load(image):
+      if not image.tile:
+        return original(image)  # already decoded: no pixels to count
+      pixels = image.size[0] * image.size[1]
+      with self.lock:
+        self.now += pixels
+        self.peak = max(self.peak, self.now)
+        self.sizes.append(image.size)
+      try:
+        time.sleep(seconds)  # a slow decode, so that threads overlap
+        return original(image)
+      finally:
+        with self.lock:
+          self.now -= pixels
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def _decode_on_threads(files, threads, fn=folder.decode_image):
+  errors = []
+
+  def work():
+    try:
+      for file in files:
+        fn(file)
+    except Exception as error:  # re-raised in the test's thread
+      errors.append(error)
+
+  workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+  for worker in workers:
+    worker.start()
+  for worker in workers:
+    worker.join(LIMIT_S)
+  assert not any(worker.is_alive() for worker in workers), "decodes still waiting (deadlock?)"
+  if errors:
+    raise errors[0]
+
+
+def _rgba_png(path, size=100):
+  rgba = np.zeros((size, size, 4), np.uint8)
+  rgba[..., 0], rgba[: size // 2, :, 3] = 255, 255
+  Image.fromarray(rgba, "RGBA").save(path)
+
+
+def test_concurrent_decodes_stay_within_the_process_wide_pixel_budget(tmp_path, monkeypatch):
+  files = []
+  for k in range(6):  # 100 x 100 = 10,000 pixels each; RGBA ones go through the compositing
+    files.append(str(tmp_path / f"{k}.png"))
+    (_rgba_png if k % 2 else _png)(files[-1], size=100)
+  monkeypatch.setattr(folder, "DECODE_BUDGET_PIXELS", 25_000, raising=False)
+  meter = _LoadMeter(monkeypatch)
+  _decode_on_threads(files, threads=8)
+  assert 10_000 <= meter.peak <= 25_000, f"{meter.peak} pixels decoding at once"
+  source = _within(LIMIT_S, folder.open_folder, tmp_path, image_size=8, num_threads=8)
+  assert len(source) == 6 and source.resized.shape == (6, 8, 8, 3)
+  assert meter.peak <= 25_000 and folder._BUDGET.in_flight == 0
+  assert folder._BUDGET.peak <= max(25_000, folder.MAX_IMAGE_PIXELS)
+
+
+def test_an_image_over_the_budget_still_decodes_alone(tmp_path, monkeypatch):
+  files = [str(tmp_path / f"{k}.png") for k in range(3)]
+  for k, file in enumerate(files):
+    _png(file, seed=k, size=100)
+  monkeypatch.setattr(folder, "DECODE_BUDGET_PIXELS", 5_000, raising=False)
+  meter = _LoadMeter(monkeypatch)
+  assert _within(LIMIT_S, folder.decode_image, files[0]).size == (100, 100)
+  _decode_on_threads(files, threads=4)  # each over the budget: one at a time, none refused
+  assert meter.peak == 10_000, f"{meter.peak} pixels decoding at once"
+  assert folder._BUDGET.in_flight == 0
+
+
+def test_a_large_jpeg_read_small_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+  path = str(tmp_path / "big.jpg")
+  y, x = np.mgrid[0:1200, 0:1600]
+  pixels = np.stack([x % 256, y % 256, (x + y) // 16 % 256], -1).astype(np.uint8)
+  Image.fromarray(pixels).save(path, quality=90)
+  full = folder.resize_image(folder.decode_image(path), 64)
+  meter = _LoadMeter(monkeypatch, seconds=0)
+  small = folder.decode_resized(path, 64)
+  assert meter.sizes == [(200, 150)]  # 1/8 scale: still at least 64 x 64
+  assert small.shape == (64, 64, 3) and small.dtype == np.uint8
+  assert np.abs(small.astype(int) - full).mean() < 4  # what a full decode resized gives
+  source = folder.open_folder(tmp_path, image_size=64)
+  assert meter.sizes[1:] == [(200, 150)]
+  np.testing.assert_array_equal(source.resized[0], small)
+
+
+def _swap_for_symlink(path, target):
+  os.remove(path)
+  os.symlink(target, path)
+
+
+def test_a_symlink_out_of_the_folder_swapped_in_after_the_scan_is_refused(images, monkeypatch):
+  outside = images.parent / "outside.png"
+  _png(outside, seed=99)
+  os.symlink(images / "a" / "0.png", images / "b" / "link_in.png")  # inside: kept
+  source = folder.open_folder(images)
+  assert "b/link_in.png" in source.paths
+  np.testing.assert_array_equal(
+    source[source.paths.index("b/link_in.png")]["image"], source[0]["image"]
+  )
+  _swap_for_symlink(source.file_path(0), outside)
+  with pytest.raises(ValueError, match="no longer decodes.*outside the folder"):
+    source[0]
+  assert folder.decode_image(source.file_path(0)).size == (12, 12)  # no folder: followed
+  # Swapped between the scan and the decoding pass of open_folder: listed as skipped.
+  scan = folder.list_image_files
+
+  def scan_then_swap(root):
+    found = scan(root)
+    _swap_for_symlink(os.path.join(root, "a", "1.png"), outside)
+    return found
+
+  monkeypatch.setattr(folder, "list_image_files", scan_then_swap)
+  skipped = dict(folder.open_folder(images).skipped)
+  assert "outside the folder" in skipped["a/0.png"] and "outside the folder" in skipped["a/1.png"]
+
+
+def test_a_symlink_swapped_in_as_the_file_is_opened_is_refused(images, monkeypatch):
+  outside = images.parent / "outside.png"
+  _png(outside, seed=99)
+  source = folder.open_folder(images)
+  path = source.file_path(2)
+  real_open = os.open
+
+  def swap_then_open(name, flags, *args, **kwargs):  # after any check of the path, before open
+    if os.fspath(name).endswith("2.png") and not os.path.islink(path):
+      _swap_for_symlink(path, outside)
+    return real_open(name, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", swap_then_open)
+  with pytest.raises(ValueError, match="no longer decodes"):
+    source[2]
+
+
+def test_a_seed_list_file_over_the_size_or_line_limit_is_refused(tmp_path):
+  big = tmp_path / "big.txt"
+  big.write_bytes(b"x" * (1 << 20) + b"\n")
+  with pytest.raises(ValueError, match=r"big\.txt.*over 1048576 bytes"):
+    _within(LIMIT_S, folder.seed_paths, f"@{big}")
+  many = tmp_path / "many.txt"
+  many.write_text("a\n" * 100_001)
+  with pytest.raises(ValueError, match=r"many\.txt.*100001 lines.*at most 100000"):
+    folder.seed_paths(f"@{many}")
+  many.write_text("a\n" * 100_000)
+  assert len(folder.seed_paths(f"@{many}")) == 100_000

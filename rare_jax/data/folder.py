@@ -12,6 +12,12 @@ Every image file of the project is read through `decode_image`: it opens the fil
 blocking (`O_NONBLOCK`) and refuses what the open file is, if not a regular file (so a file
 swapped for a FIFO after the scan cannot hang a reader), reads only JPEG/PNG and refuses an
 image over `MAX_IMAGE_PIXELS` before decoding it, whatever PIL's own `MAX_IMAGE_PIXELS` is.
+Decodes share one process-wide pixel budget (`DECODE_BUDGET_PIXELS`): a decode waits until the
+pixels being decoded by other threads plus its own fit, so a folder of images at the size cap
+read on many threads cannot take memory in proportion to the thread count. A path read for a
+folder (`root=`) must still resolve inside it when opened: a symlink swapped in after the scan
+is refused. `decode_resized` decodes a JPEG at a reduced scale (`Image.draft`) when only a
+small image is needed.
 
 Like `sources.Source`, a `FolderSource` has `len`, `source[i] -> {"image": uint8[H, W, 3],
 "label": int}` (RGB, EXIF orientation applied, transparency composited on white),
@@ -27,10 +33,14 @@ pixel-PCA stand-in features of a folder run are computed from (`resize_image`).
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import os
 import pathlib
 import stat
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import IO, Any
 
@@ -44,6 +54,12 @@ UNLABELED = -1
 # (2x its default MAX_IMAGE_PIXELS of about 89 MP), applied here whatever PIL's setting is
 # (PIL only warns between 1x and 2x, and checks nothing when MAX_IMAGE_PIXELS is None).
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+# The most pixels all threads of the process may be decoding at once (a decode of an RGBA image
+# peaks at about 8 bytes a pixel, others at 4-8); one image over it is still decoded, alone.
+DECODE_BUDGET_PIXELS = 2 * MAX_IMAGE_PIXELS
+# An @LIST file of seed paths is refused over this size or this many lines.
+MAX_SEED_LIST_BYTES = 1 << 20
+MAX_SEED_LIST_LINES = 100_000
 # Files decoded per progress step.
 _CHUNK = 256
 # A FIFO opened for reading without O_NONBLOCK waits for a writer forever (and a thread
@@ -55,6 +71,55 @@ _OPEN_FLAGS = (
   | getattr(os, "O_CLOEXEC", 0)
   | getattr(os, "O_BINARY", 0)
 )
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class _PixelBudget:
+  """Pixels being decoded by all threads, kept within `DECODE_BUDGET_PIXELS` (read at each
+  request, so tests can lower it); waiters go first come, first served, so a large image is not
+  starved by a stream of small ones.
+
+  Attributes:
+    in_flight: pixels being decoded now.
+    peak: the most pixels ever in flight at once (for tests).
+  """
+
+  def __init__(self):
+    self._condition = threading.Condition()
+    self._queue: collections.deque[int] = collections.deque()
+    self._tickets = itertools.count()
+    self.in_flight = 0
+    self.peak = 0
+
+  @contextlib.contextmanager
+  def hold(self, pixels: int) -> Iterator[None]:
+    pixels = max(int(pixels), 0)
+    with self._condition:
+      ticket = next(self._tickets)
+      self._queue.append(ticket)
+      try:
+        while self._queue[0] != ticket or (
+          self.in_flight > 0 and self.in_flight + pixels > DECODE_BUDGET_PIXELS
+        ):
+          self._condition.wait()
+      finally:
+        self._queue.remove(ticket)
+        self._condition.notify_all()  # the next in line may fit now
+      self.in_flight += pixels
+      self.peak = max(self.peak, self.in_flight)
+    try:
+      yield
+    finally:
+      with self._condition:
+        self.in_flight -= pixels
+        self._condition.notify_all()
+
+
+_BUDGET = _PixelBudget()
+
+
+class OutsideFolderError(ValueError):
+  """A path of a folder's image that resolves (through a symlink) to a file outside the folder."""
 
 
 class NotRegularFileError(ValueError):
@@ -85,54 +150,115 @@ def file_kind(mode: int) -> str:
   return "not a regular file"
 
 
-def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+def _inside(path: str | os.PathLike, real: str, real_root: str) -> None:
+  if os.path.commonpath([real, real_root]) != real_root:
+    raise OutsideFolderError(
+      f"{os.fsdecode(path)!r} resolves to {real!r}, outside the folder {real_root!r} (a "
+      "symlink swapped in after the folder was scanned?); expected a file inside the folder"
+    )
+
+
+def open_regular_file(
+  path: str | os.PathLike, *, root: str | os.PathLike | None = None
+) -> IO[bytes]:
   """`path` opened for reading in binary, if what was opened is a regular file.
 
   The open never blocks (`O_NONBLOCK`: a FIFO with no writer opens at once) and what it
   opened is checked with `fstat`, so a file replaced by a FIFO or device after a folder scan
   is refused here, not read.
 
+  Args:
+    path: the file.
+    root: the folder `path` was found in, if any: then `path` must resolve inside it. Its
+      resolved path is opened without following a final symlink, and after the open `path`
+      must still resolve to that same file (device and inode), so a symlink out of the folder
+      swapped in after the scan is refused.
+
   Raises:
     NotRegularFileError: a FIFO, socket, device or directory.
-    OSError: the file cannot be opened (missing, permissions).
+    OutsideFolderError: with `root`, `path` resolves outside it (or changed while opened).
+    OSError: the file cannot be opened (missing, permissions, a symlink swapped in as it was
+      opened).
   """
-  fd = os.open(path, _OPEN_FLAGS)
+  target, real_root = path, None
+  if root is not None:
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(path)
+    _inside(path, target, real_root)
+  fd = os.open(target, _OPEN_FLAGS | (_NOFOLLOW if root is not None else 0))
   try:
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-      raise NotRegularFileError(os.fsdecode(path), file_kind(mode))
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+      raise NotRegularFileError(os.fsdecode(path), file_kind(status.st_mode))
+    if real_root is not None:
+      again = os.path.realpath(path)
+      _inside(path, again, real_root)
+      now = os.stat(again)
+      if again != target or (now.st_dev, now.st_ino) != (status.st_dev, status.st_ino):
+        raise OutsideFolderError(
+          f"{os.fsdecode(path)!r} changed while it was opened; expected a file that stays put"
+        )
     return os.fdopen(fd, "rb")
   except BaseException:
     os.close(fd)
     raise
 
 
-def decode_image(file: str | os.PathLike | IO[bytes]) -> Image.Image:
+def decode_image(
+  file: str | os.PathLike | IO[bytes], *, root: str | os.PathLike | None = None
+) -> Image.Image:
   """Opens and fully decodes one JPEG/PNG image as RGB (EXIF orientation applied, alpha on white).
+
+  The decode holds its pixels of the process-wide budget (`DECODE_BUDGET_PIXELS`) while it
+  runs; the image it returns is the caller's (outside the budget): to read many images small,
+  use `decode_resized`, which frees the full-size image within the budget.
 
   Args:
     file: a path (opened with `open_regular_file`: never blocks on a FIFO) or a binary file
       object.
+    root: the folder a path was found in: it must still resolve inside it (`open_regular_file`).
 
   Raises:
     NotRegularFileError: `file` names a FIFO, socket, device or directory.
+    OutsideFolderError: with `root`, the path resolves outside it.
     ValueError: not JPEG/PNG, or over `MAX_IMAGE_PIXELS` pixels (refused before decoding).
     OSError / PIL errors: the file does not decode (callers report it).
   """
+  return _read(file, root, None)
+
+
+def decode_resized(
+  file: str | os.PathLike | IO[bytes], size: int, *, root: str | os.PathLike | None = None
+) -> np.ndarray:
+  """uint8 [size, size, 3]: `resize_image(decode_image(file), size)`, within the pixel budget.
+
+  A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that still gives at least
+  `size` x `size` pixels (`Image.draft`), so a large photo takes a fraction of the memory and
+  time; the result can differ by a few levels from resizing the full decode. Raises as
+  `decode_image` does.
+  """
+  if int(size) != size or size < 1:
+    raise ValueError(f"size={size!r}; expected a positive int")
+  return _read(file, root, int(size))
+
+
+def _read(file, root, size):
   if isinstance(file, (str, bytes, os.PathLike)):
-    with open_regular_file(file) as opened:
-      return _decode(opened)
-  return _decode(file)
+    with open_regular_file(file, root=root) as opened:
+      return _decode(opened, size)
+  return _decode(file, size)
 
 
-def _decode(file: IO[bytes]) -> Image.Image:
+def _decode(file: IO[bytes], size: int | None = None):
+  """The RGB image in `file` or, with `size`, uint8 [size, size, 3] of it (see decode_*)."""
   try:  # only the JPEG and PNG readers look at the bytes (MPO comes through JPEG's)
-    opened = Image.open(file, formats=("JPEG", "PNG"))
+    image = Image.open(file, formats=("JPEG", "PNG"))
   except Image.DecompressionBombError as error:  # PIL's own check, at 2x its MAX_IMAGE_PIXELS
     raise ValueError(f"{error}; expected at most {MAX_IMAGE_PIXELS} pixels") from None
   except UnidentifiedImageError:  # its message shows a file object's repr, not the format
     raise ValueError("not a JPEG or PNG image (no JPEG/PNG header)") from None
-  with opened as image:
+  result = None
+  try:
     if image.format not in IMAGE_FORMATS:
       raise ValueError(f"format {image.format}; expected JPEG or PNG")
     width, height = image.size
@@ -141,16 +267,32 @@ def _decode(file: IO[bytes]) -> Image.Image:
         f"image of {width}x{height} = {width * height} pixels; expected at most "
         f"{MAX_IMAGE_PIXELS} (a decompression bomb?)"
       )
-    image.load()  # Decodes everything: a truncated file fails here, not later.
-    image = ImageOps.exif_transpose(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-      image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-      rgba = image.convert("RGBA")
-      background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-      return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    if size is not None:
+      image.draft("RGB", (size, size))  # JPEG only (a no-op for PNG): decode at 1/2 .. 1/8
+    with _BUDGET.hold(image.size[0] * image.size[1]):
+      result = _to_rgb(image)
+      if size is not None:
+        result = resize_image(result, size)
+    return result
+  finally:
+    if result is not image:  # closing drops the pixels: not when they are what is returned
+      image.close()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """`image` decoded as RGB, EXIF-oriented, alpha on white, with as few full-size copies as
+  can be (an RGB image comes back itself; alpha is pasted onto the white, not composited)."""
+  image.load()  # Decodes everything: a truncated file fails here, not later.
+  ImageOps.exif_transpose(image, in_place=True)  # no copy when the orientation is fine
+  has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+    image.mode == "P" and "transparency" in image.info
+  )
+  if has_alpha:
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, (0, 0), rgba)  # = alpha_composite on white, without two more copies
+    return out
+  return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize_image(image: Image.Image, size: int) -> np.ndarray:
@@ -228,7 +370,7 @@ class FolderSource:
     for index in np.asarray(indices, np.int64).reshape(-1).tolist():
       path = self.file_path(index)
       try:
-        image = np.asarray(decode_image(path), dtype=np.uint8)
+        image = np.asarray(decode_image(path, root=self.root), dtype=np.uint8)
       except Exception as error:  # The file changed since the folder was opened.
         raise ValueError(f"image {index} ({path}) no longer decodes: {error}") from error
       out.append({"image": image, "label": int(self._labels[index])})
@@ -289,9 +431,12 @@ def _not_regular(path: str) -> str | None:
 
 
 def _check_one(root: str, relative: str, image_size: int | None):
+  path = os.path.join(root, *relative.split("/"))
   try:
-    image = decode_image(os.path.join(root, *relative.split("/")))
-    return (resize_image(image, image_size) if image_size else None), None
+    if image_size:
+      return decode_resized(path, image_size, root=root), None
+    decode_image(path, root=root)
+    return None, None
   except Exception as error:  # Anything a broken file raises is a reason to skip it.
     return None, f"{type(error).__name__}: {error}"
 
@@ -386,15 +531,26 @@ def seed_paths(seeds: str | Sequence[str]) -> list[str]:
   if os.path.lexists(seeds):
     return [seeds]
   if seeds.startswith("@"):
-    try:
+    try:  # a regular file only (a FIFO is refused, not waited on), and only so many bytes
       with open_regular_file(seeds[1:]) as f:
-        text = f.read().decode("utf-8", "surrogateescape")
+        data = f.read(MAX_SEED_LIST_BYTES + 1)
     except (OSError, ValueError) as error:
       raise ValueError(
         f"seeds={seeds!r}: the list file cannot be read ({error}); expected @FILE naming a "
         "file with one seed image path per line"
       ) from None
-    return [line for line in text.splitlines() if line.strip()]
+    if len(data) > MAX_SEED_LIST_BYTES:
+      raise ValueError(
+        f"seeds={seeds!r}: the list file {seeds[1:]!r} is over {MAX_SEED_LIST_BYTES} bytes; "
+        f"expected at most {MAX_SEED_LIST_BYTES} bytes and {MAX_SEED_LIST_LINES} lines"
+      )
+    lines = data.decode("utf-8", "surrogateescape").splitlines()
+    if len(lines) > MAX_SEED_LIST_LINES:
+      raise ValueError(
+        f"seeds={seeds!r}: the list file {seeds[1:]!r} has {len(lines)} lines; expected at "
+        f"most {MAX_SEED_LIST_LINES} lines"
+      )
+    return [line for line in lines if line.strip()]
   return [s.strip() for s in seeds.split(",") if s.strip()]
 
 
@@ -509,11 +665,16 @@ def write_example_folder(
 __all__ = [
   "IMAGE_EXTENSIONS",
   "IMAGE_FORMATS",
+  "DECODE_BUDGET_PIXELS",
   "MAX_IMAGE_PIXELS",
+  "MAX_SEED_LIST_BYTES",
+  "MAX_SEED_LIST_LINES",
   "UNLABELED",
   "FolderSource",
   "NotRegularFileError",
+  "OutsideFolderError",
   "decode_image",
+  "decode_resized",
   "file_kind",
   "image_to_pil",
   "list_image_files",
