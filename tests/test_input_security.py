@@ -644,9 +644,10 @@ def test_a_large_jpeg_read_small_is_decoded_at_a_reduced_scale(tmp_path, monkeyp
   assert meter.sizes == [(200, 150)]  # 1/8 scale: still at least 64 x 64
   assert small.shape == (64, 64, 3) and small.dtype == np.uint8
   assert np.abs(small.astype(int) - full).mean() < 4  # what a full decode resized gives
+  # The folder scan decodes in full, as every features path does (pool, seeds, resume, predict).
   source = folder.open_folder(tmp_path, image_size=64)
-  assert meter.sizes[1:] == [(200, 150)]
-  np.testing.assert_array_equal(source.resized[0], small)
+  assert meter.sizes[1:] == [(1600, 1200)]
+  np.testing.assert_array_equal(source.resized[0], full)
 
 
 def _swap_for_symlink(path, target):

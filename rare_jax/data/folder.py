@@ -17,7 +17,8 @@ pixels being decoded by other threads plus its own fit, so a folder of images at
 read on many threads cannot take memory in proportion to the thread count. A path read for a
 folder (`root=`) must still resolve inside it when opened: a symlink swapped in after the scan
 is refused. `decode_resized` decodes a JPEG at a reduced scale (`Image.draft`) when only a
-small image is needed.
+small image is needed; its pixels differ slightly from a full decode, so no features path uses
+it yet (the pool, the seeds, a resumed run and `predict` must all decode alike).
 
 Like `sources.Source`, a `FolderSource` has `len`, `source[i] -> {"image": uint8[H, W, 3],
 "label": int}` (RGB, EXIF orientation applied, transparency composited on white),
@@ -433,8 +434,8 @@ def _not_regular(path: str) -> str | None:
 def _check_one(root: str, relative: str, image_size: int | None):
   path = os.path.join(root, *relative.split("/"))
   try:
-    if image_size:
-      return decode_resized(path, image_size, root=root), None
+    if image_size:  # decoded in full, as every other features path (and resume) reads it
+      return resize_image(decode_image(path, root=root), image_size), None
     decode_image(path, root=root)
     return None, None
   except Exception as error:  # Anything a broken file raises is a reason to skip it.
