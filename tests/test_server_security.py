@@ -328,3 +328,197 @@ def test_server_settings_are_checked(pool):
   for settings in ({"read_timeout": 0}, {"max_connections": 0}, {"max_connections": 1.5}):
     with pytest.raises(ValueError, match=next(iter(settings))):
       server.Server(app, **settings)
+
+
+# Review follow-up: slowloris (a request trickled byte by byte), pool images read only in a
+# decode slot and held once, images revalidated by the browser.
+
+
+_TRICKLED = {
+  "header": f"GET /api/state?token={TOKEN} HTTP/1.1\r\nX-Pad: ",
+  "body": (
+    f"POST /api/undo?token={TOKEN} HTTP/1.1\r\nContent-Type: application/json\r\n"
+    'Content-Length: 1000\r\n\r\n{"serial": 1'
+  ),
+}
+
+
+def _trickle(port, deadline, part="header", interval=0.3):
+  """Sends a request up to `part`, then one byte of it every `interval` s, never ending it.
+
+  Returns the seconds until the server closed the connection, or None if it was still open at
+  `deadline` (time.monotonic()).
+  """
+  with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+    started = time.monotonic()
+    connection.sendall(_TRICKLED[part].encode())
+    while time.monotonic() < deadline:
+      readable, _, _ = select.select([connection], [], [], interval)
+      try:
+        if readable and not connection.recv(65536):
+          return time.monotonic() - started
+        connection.sendall(b" ")
+      except OSError:  # a reset, or a write after the close
+        return time.monotonic() - started
+  return None
+
+
+def test_a_request_trickled_byte_by_byte_is_closed_at_its_deadline(pool):
+  """Before the fix, each byte restarted the 1 s read timeout: the connection stayed open (the
+  Server took no request_deadline; without it, the trickle was still open after 6 s)."""
+  app, _, _ = pool
+  http_server = server.Server(app, read_timeout=1.0, request_deadline=2.0, max_connections=3)
+  http_server.start()
+  try:
+    results = []
+    until = time.monotonic() + 6
+    threads = [  # every slot: two in the headers, one in the body
+      threading.Thread(target=lambda p=part: results.append(_trickle(http_server.port, until, p)))
+      for part in ("header", "header", "body")
+    ]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join(10)
+    assert len(results) == 3 and None not in results, f"trickled requests still open: {results}"
+    assert all(1.5 < seconds < 4 for seconds in results), results
+    # The slots are free again: the owner is served.
+    status, body = _raw_request(
+      http_server.port, f"GET /api/state?token={TOKEN} HTTP/1.1\r\n\r\n".encode()
+    )
+    assert status == 200 and json.loads(body)["phase"]
+  finally:
+    http_server.shutdown()
+
+
+def test_an_idle_connection_is_still_closed_after_the_read_timeout(pool):
+  app, _, _ = pool
+  http_server = server.Server(app, read_timeout=1.0, request_deadline=30.0)
+  http_server.start()
+  try:
+    with socket.create_connection(("127.0.0.1", http_server.port), timeout=5) as connection:
+      started = time.monotonic()
+      closed, _, _ = _closed_by_server([connection], started + 10)
+      assert closed == {0} and time.monotonic() - started < 3
+  finally:
+    http_server.shutdown()
+
+
+def test_the_request_deadline_is_checked(pool):
+  app, _, _ = pool
+  for value in (0, -1, float("nan"), float("inf"), True, "60"):
+    with pytest.raises(ValueError, match="request_deadline"):
+      server.Server(app, request_deadline=value)
+
+
+class _FakeRun:
+  """What `pool_images.PoolImages` reads of a run: a folder of `count` noise PNGs."""
+
+  def __init__(self, root, count, side=1024):
+    import numpy as np
+    from PIL import Image
+
+    self.manifest = {"root": str(root), "num_folder_images": count}
+    self.pool_size = count
+    rng = np.random.default_rng(0)
+    for i in range(count):  # noise: the PNG is about as big as its pixels (3 MiB)
+      pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(self.file_path(i), compress_level=0)
+
+  def file_path(self, i):
+    return os.path.join(self.manifest["root"], f"{i}.png")
+
+
+def test_image_files_are_read_only_in_a_decode_slot_and_held_once(tmp_path, monkeypatch):
+  """Before the fix, a request read its whole file before waiting for a decode slot (the 4
+  waiting here held 4 files: ~12 MiB), and joined the chunks read into a second copy (a peak of
+  twice the file)."""
+  import tracemalloc
+
+  from rare_jax.webapp import pool_images
+
+  run = _FakeRun(tmp_path, 5)
+  size = os.path.getsize(run.file_path(0))
+  monkeypatch.setattr(pool_images, "DECODE_SLOTS", 1)
+  images = pool_images.PoolImages(run)
+  tracemalloc.start()
+  try:
+    assert images._decode_slots.acquire(timeout=5)  # the only slot, taken
+    try:
+      baseline = tracemalloc.get_traced_memory()[0]
+      threads = [threading.Thread(target=images.thumbnail, args=(i,)) for i in range(4)]
+      for thread in threads:
+        thread.start()
+      time.sleep(1.0)  # what they read before they wait, they have read by now
+      waiting = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+      images._decode_slots.release()
+    for thread in threads:
+      thread.join(30)
+    assert waiting < size / 2, f"{waiting} bytes held by requests waiting for a slot"
+    tracemalloc.reset_peak()
+    baseline = tracemalloc.get_traced_memory()[0]
+    data, mimetype = images.thumbnail(4)
+    peak = tracemalloc.get_traced_memory()[1] - baseline
+  finally:
+    tracemalloc.stop()
+  assert mimetype == "image/jpeg" and data.startswith(b"\xff\xd8")
+  assert size < peak < 1.5 * size, (peak, size)  # the file once, not twice
+
+
+def test_the_pixel_bound_is_the_folder_scans_whatever_pils_setting(monkeypatch):
+  """Before the fix, the bound was 2 * PIL's setting at import: a TypeError at import when it was
+  None, another bound than the scan's when it was changed."""
+  import importlib.util
+
+  from PIL import Image
+
+  for setting in (None, 1000):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", setting)
+    spec = importlib.util.find_spec("rare_jax.webapp.pool_images")
+    module = importlib.util.module_from_spec(spec)  # a fresh import, not the one in use
+    spec.loader.exec_module(module)
+    assert module.MAX_IMAGE_PIXELS == folder.MAX_IMAGE_PIXELS
+
+
+def test_only_the_jpeg_and_png_readers_see_a_pool_file(pool, monkeypatch):
+  """Before the fix, the header check opened the file with every PIL reader."""
+  from PIL import Image
+
+  app, run, _ = pool
+  client = app.test_client()
+  calls = []
+  original = Image.open
+
+  def spy(fp, mode="r", formats=None):
+    calls.append(formats)
+    return original(fp, mode, formats)
+
+  monkeypatch.setattr(Image, "open", spy)
+  response = _image(client, _folder_id(run, "Sandal/"))
+  assert response.status_code == 200
+  assert calls and all(f is not None and set(f) <= {"JPEG", "PNG"} for f in calls), calls
+
+
+def test_images_are_revalidated_by_the_browser(pool):
+  """Before the fix, an image was cached for a day (`max-age=86400`): a file replaced or refused
+  since was still shown from the browser's cache."""
+  app, run, _ = pool
+  client = app.test_client()
+  image_id = _folder_id(run, "Ankle_boot/")
+  response = _image(client, image_id)
+  assert response.status_code == 200
+  cache_control = response.headers["Cache-Control"]
+  assert "no-cache" in cache_control and "private" in cache_control, cache_control
+  assert "max-age" not in cache_control, cache_control
+  etag = response.headers["ETag"]
+  again = client.get(f"/image/{image_id}?token={TOKEN}", headers={"If-None-Match": etag})
+  assert again.status_code == 304 and not again.data
+  # Replaced by another image: served anew, with another ETag.
+  other = run.file_path(_folder_id(run, "Sandal/"))
+  path = run.file_path(image_id)
+  os.remove(path)
+  shutil.copyfile(other, path)
+  replaced = client.get(f"/image/{image_id}?token={TOKEN}", headers={"If-None-Match": etag})
+  assert replaced.status_code == 200 and replaced.headers["ETag"] != etag
+  assert replaced.data == _image(client, _folder_id(run, "Sandal/")).data

@@ -9,9 +9,11 @@ programs may write to it). So every `GET /image/<id>` checks again what it reads
   was created; a seed outside the folder must still be the file its path named then. On Linux
   (and macOS) the path of the opened descriptor itself is checked, so a directory swapped for a
   symlink between the check and the open is refused too;
-- at most `MAX_IMAGE_BYTES` are read, and only images of at most `MAX_IMAGE_PIXELS` pixels are
-  decoded, `DECODE_SLOTS` at a time (a file grown to gigabytes, or a decompression bomb, costs
-  a refusal, not the server's memory).
+- a file is read (into one buffer, at most `MAX_IMAGE_BYTES`) and decoded (only the JPEG and
+  PNG readers, at most `MAX_IMAGE_PIXELS` pixels) only while holding one of `DECODE_SLOTS`
+  slots, so at most DECODE_SLOTS files are in memory at once whatever the number of requests
+  (a file grown to gigabytes, or a decompression bomb, costs a refusal, not the server's
+  memory).
 
 Refusals raise `ValueError` (the server answers 410). Thumbnails are cached by the identity of
 the file read (device, inode, size, modification time), so a replaced file is checked and read
@@ -36,9 +38,9 @@ from rare_jax.data import folder
 THUMBNAIL_SIZE = 256
 # Largest image file read to make a thumbnail (bigger ones are refused, not read).
 MAX_IMAGE_BYTES = 128 * 1024 * 1024
-# Largest image decoded: PIL's decompression-bomb limit, which the folder scan also applies
-# (so every image of the pool can be shown). Held at most DECODE_SLOTS at a time.
-MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# Largest image decoded: the folder scan's bound (so every image of the pool can be shown),
+# whatever PIL's own setting is. Files are read and decoded at most DECODE_SLOTS at a time.
+MAX_IMAGE_PIXELS = folder.MAX_IMAGE_PIXELS
 DECODE_SLOTS = 2
 CACHE_SIZE = 1024
 
@@ -49,7 +51,6 @@ _OPEN_FLAGS = (
   | getattr(os, "O_CLOEXEC", 0)
   | getattr(os, "O_BINARY", 0)
 )
-_READ_CHUNK = 1024 * 1024
 
 
 class PoolImages:
@@ -82,21 +83,28 @@ class PoolImages:
     try:
       info = os.fstat(fd)
       key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-      with self._lock:
-        cached = self._cache.get(key)
+      cached = self._cached(key)
+      if cached is not None:
+        return cached
+      with self._decode_slots:  # before reading: waiting requests hold no file in memory
+        cached = self._cached(key)  # made while this request waited for its slot
         if cached is not None:
-          self._cache.move_to_end(key)
           return cached
-      data = _read_at_most(fd, MAX_IMAGE_BYTES, path)
+        result = _encode_thumbnail(_read_at_most(fd, MAX_IMAGE_BYTES, path), path)
+        with self._lock:  # cached before the slot is free: a request waiting for it finds it
+          self._cache[key] = result
+          while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return result
     finally:
       os.close(fd)
-    with self._decode_slots:
-      result = _encode_thumbnail(data, path)
+
+  def _cached(self, key: tuple) -> tuple[bytes, str] | None:
     with self._lock:
-      self._cache[key] = result
-      while len(self._cache) > CACHE_SIZE:
-        self._cache.popitem(last=False)
-    return result
+      cached = self._cache.get(key)
+      if cached is not None:
+        self._cache.move_to_end(key)
+      return cached
 
   def _open(self, image_id: int, path: str) -> int:
     """A descriptor of the regular file `path` resolves to, if it is where the pool was."""
@@ -147,22 +155,35 @@ def _path_of(fd: int) -> str | None:
   return None
 
 
-def _read_at_most(fd: int, limit: int, path: str) -> bytes:
-  """The whole file, or ValueError once it has grown past `limit` bytes."""
-  chunks, total = [], 0
-  while True:
-    chunk = os.read(fd, min(_READ_CHUNK, limit + 1 - total))
-    if not chunk:
-      return b"".join(chunks)
-    chunks.append(chunk)
-    total += len(chunk)
-    if total > limit:
-      raise ValueError(f"{path} is over the {limit} bytes the app reads; not served")
+def _read_at_most(fd: int, limit: int, path: str) -> io.BytesIO:
+  """The whole file, read straight into one buffer (no second copy), or ValueError once it has
+  grown past `limit` bytes."""
+  buffer = io.BytesIO()
+  size = min(os.fstat(fd).st_size, limit) + 1  # one byte more: sees a file that has grown
+  allocated = total = 0
+  with io.FileIO(fd, "rb", closefd=False) as file:
+    while True:
+      if total == size:  # full: the file grew after fstat
+        size = min(2 * size, limit + 1)
+      if allocated < size:
+        buffer.seek(size - 1)
+        buffer.write(b"\0")  # grows the buffer to `size` bytes in place
+        allocated = size
+      with buffer.getbuffer() as view, view[total:size] as window:
+        count = file.readinto(window)
+      if not count:
+        break
+      total += count
+      if total > limit:
+        raise ValueError(f"{path} is over the {limit} bytes the app reads; not served")
+  buffer.truncate(total)
+  buffer.seek(0)
+  return buffer
 
 
-def _encode_thumbnail(data: bytes, path: str) -> tuple[bytes, str]:
-  try:
-    with Image.open(io.BytesIO(data)) as header:  # reads the header only
+def _encode_thumbnail(data: io.BytesIO, path: str) -> tuple[bytes, str]:
+  try:  # the header only, and only the JPEG and PNG readers (as the folder scan)
+    with Image.open(data, formats=("JPEG", "PNG")) as header:
       width, height = header.size
   except Exception as error:
     raise ValueError(f"{path} no longer decodes: {error}") from None
@@ -171,7 +192,8 @@ def _encode_thumbnail(data: bytes, path: str) -> tuple[bytes, str]:
       f"{path} is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS} the app decodes; not served"
     )
   try:
-    image = folder.decode_image(io.BytesIO(data))  # PIL reads a file object like a path
+    data.seek(0)
+    image = folder.decode_image(data)  # PIL reads a file object like a path
   except Exception as error:
     raise ValueError(f"{path} no longer decodes: {error}") from None
   image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)

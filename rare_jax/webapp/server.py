@@ -30,21 +30,32 @@ page). Files are only ever reached through an image id of the run's pool: no req
 path.
 
 `Server` gives every connection `read_timeout` seconds per read or write (an idle or half-sent
-request is closed after it) and serves at most `max_connections` at once (one thread each);
-a connection beyond them is answered 503 at once and closed.
+request is closed after it), and every request `request_deadline` seconds in all to send its
+request line, headers and body (a client trickling bytes slower than that is closed however
+short its pauses), and serves at most `max_connections` at once (one thread each); a
+connection beyond them is answered 503 at once and closed.
+
+Images are sent `Cache-Control: private, no-cache` with an ETag of their bytes: the browser
+asks again each time (a pool file may be replaced, or refused, after it was first served) and
+gets a 304 without the image while it is unchanged.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import hmac
+import io
 import json
+import math
+import numbers
 import os
 import pathlib
 import socket
 import string
 import tempfile
 import threading
+import time
 from typing import Any
 
 import flask
@@ -57,6 +68,7 @@ from rare_jax.webapp.session import LabelingSession
 STATIC = pathlib.Path(__file__).parent / "static"
 MAX_REQUEST_BYTES = 16 * 1024
 READ_TIMEOUT_S = 30.0  # per read or write on a connection: idle or half-sent ones are closed
+REQUEST_DEADLINE_S = 60.0  # to read a request whole (line, headers, body): trickling ones closed
 MAX_CONNECTIONS = 32  # connections served at once (a browser opens about 6 per host)
 _URLSAFE = set(string.ascii_letters + string.digits + "-_")
 _ASSETS = {
@@ -123,9 +135,12 @@ def create_app(
       return _error(404, f"no image {image_id} in this run")
     except ValueError as error:
       return _error(410, str(error))
+    # A pool file may be replaced (or refused) after it was served: the browser revalidates
+    # every time, and the ETag (of the bytes served) spares it the image while it is unchanged.
     response = flask.Response(data, mimetype=mimetype)
-    response.headers["Cache-Control"] = "private, max-age=86400"  # an id's image never changes
-    return response
+    response.headers["Cache-Control"] = "private, no-cache"
+    response.set_etag(hashlib.sha256(data).hexdigest()[:32])
+    return response.make_conditional(flask.request)
 
   @app.get("/api/state")
   def state():
@@ -239,10 +254,63 @@ def _error(status: int, message: str) -> flask.Response:
   return response
 
 
+class _DeadlineReader(io.RawIOBase):
+  """A connection's reading side whose reads all end by a deadline (besides `timeout` each).
+
+  A socket timeout bounds one read only: a client sending a byte just before each timeout would
+  hold the connection (and its slot) for ever. Every read here, down to each `recv` that a
+  buffered `readline` makes, waits at most until `deadline` (time.monotonic()); past it, reads
+  raise `TimeoutError` (socket.timeout) and `expired` stays set.
+  """
+
+  def __init__(self, connection: socket.socket, timeout: float):
+    super().__init__()
+    self._connection = connection
+    self._timeout = timeout
+    self.deadline = float("inf")
+    self.expired = False
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    left = self.deadline - time.monotonic()
+    if left <= 0:
+      self.expired = True
+      raise TimeoutError("the request was not sent whole before its deadline")
+    self._connection.settimeout(min(self._timeout, left))
+    try:
+      return self._connection.recv_into(buffer)
+    except TimeoutError:
+      if self.deadline - time.monotonic() <= 0:
+        self.expired = True
+      raise
+    finally:
+      self._connection.settimeout(self._timeout)  # writes keep the per-write timeout
+
+
 class _QuietHandler(serving.WSGIRequestHandler):
-  """Logs no requests: their URLs carry the access token."""
+  """Logs no requests: their URLs carry the access token. Each request must be read whole
+  within `request_deadline` seconds of its start (see `_DeadlineReader`)."""
 
   timeout = READ_TIMEOUT_S  # StreamRequestHandler.setup sets it on the connection
+  request_deadline = REQUEST_DEADLINE_S
+
+  def setup(self) -> None:
+    super().setup()
+    self.rfile.close()  # the plain socket file setup made: read through the deadline instead
+    self._reader = _DeadlineReader(self.connection, self.timeout)
+    self.rfile = io.BufferedReader(self._reader)
+
+  def handle_one_request(self) -> None:
+    if self._reader.expired:  # a request that ran out of time: never read what follows it
+      self.close_connection = True
+      return
+    # From now: the wait for the request line (an idle connection, `timeout` at most) counts.
+    self._reader.deadline = time.monotonic() + self.request_deadline
+    super().handle_one_request()
+    if self._reader.expired:
+      self.close_connection = True
 
   def log_request(self, *args, **kwargs) -> None:
     pass
@@ -336,8 +404,9 @@ class Server:
   """A threaded Werkzeug server for `app` on (host, port) in a background thread.
 
   Port 0 picks a free port; `url(token)` gives the address to open. Each connection gets
-  `read_timeout` seconds per read or write (then it is closed); at most `max_connections` are
-  served at once, and one beyond them is answered 503.
+  `read_timeout` seconds per read or write, and each request `request_deadline` seconds to be
+  read whole (line, headers, body), else it is closed; at most `max_connections` are served at
+  once, and one beyond them is answered 503.
   """
 
   def __init__(
@@ -347,16 +416,24 @@ class Server:
     host: str = "127.0.0.1",
     port: int = 0,
     read_timeout: float = READ_TIMEOUT_S,
+    request_deadline: float = REQUEST_DEADLINE_S,
     max_connections: int = MAX_CONNECTIONS,
   ):
-    if not read_timeout > 0:
-      raise ValueError(f"read_timeout={read_timeout!r}; expected a positive number of seconds")
+    for name, seconds in (("read_timeout", read_timeout), ("request_deadline", request_deadline)):
+      if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise ValueError(f"{name}={seconds!r}; expected a positive number of seconds")
+      if not 0 < seconds < math.inf:  # NaN fails too
+        raise ValueError(f"{name}={seconds!r}; expected a positive number of seconds")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int):
       raise ValueError(f"max_connections={max_connections!r}; expected an integer >= 1")
     if max_connections < 1:
       raise ValueError(f"max_connections={max_connections!r}; expected an integer >= 1")
     # A handler class per server: Werkzeug sets protocol_version on it.
-    handler = type("_Handler", (_QuietHandler,), {"timeout": float(read_timeout)})
+    handler = type(
+      "_Handler",
+      (_QuietHandler,),
+      {"timeout": float(read_timeout), "request_deadline": float(request_deadline)},
+    )
     self._server = _BoundedServer(host, port, app, handler, max_connections=max_connections)
     self.host = host
     self.port = self._server.server_port
