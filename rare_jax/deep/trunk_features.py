@@ -8,12 +8,23 @@ transparency on white), squeezed to `image_size` x `image_size` (`folder.resize_
 same as the pixel-PCA features) and normalised as the weights expect; the embedding is the
 trunk's pooled output (1280-d for EfficientNet-Lite, 2048-d for ResNet-50).
 
+Inference path (docs/speed.md, benchmarks/embed_throughput.py): for EfficientNet-Lite the
+BatchNorms are folded into the convolutions (`models.efficientnet.fold_batchnorm`, pointwise
+convolutions as matrix products, depthwise ones as shifted multiply-adds on the CPU), and on the
+CPU each batch runs in micro-batches small enough that XLA's temporary buffer stays under
+`MAX_TEMP_BYTES` (glibc's malloc then reuses it instead of mapping fresh pages, and page faults,
+every call). The embeddings equal the reference path (`reference=True`: the Flax classifier on
+whole batches, the path before 2026-12-05) up to float32 rounding (tests/test_embed_speed.py).
+`compute="bfloat16"` (opt-in) runs the matrix products on bfloat16 operands (float32
+accumulation); the store's `source.json` records it.
+
 `embed_files(...)` caches the embeddings of a list of files in a `rare_jax.deep.embed.FeatureStore`:
 resumable (a killed run continues after the last committed batch) with progress, rate and ETA.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +37,14 @@ import numpy as np
 from rare_jax.data import folder
 from rare_jax.deep import embed as embed_lib
 from rare_jax.infra.checkpoint import record_or_check
-from rare_jax.models import pretrained
+from rare_jax.models import efficientnet, pretrained
+
+# On the CPU, micro-batches keep XLA's temporary buffer at most this size: glibc's malloc serves
+# blocks above its largest dynamic mmap threshold (32 MiB on 64-bit) with fresh mappings, so a
+# larger buffer is page-faulted in on every call (measured: a third of the CPU time of Lite0 at
+# 224x224, batch 32; benchmarks/results/embed_throughput_*.txt).
+MAX_TEMP_BYTES = 28 << 20
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def weights_file(model: str, init: str) -> str:
@@ -60,10 +78,21 @@ class TrunkEmbedder:
       image or batch size.
   """
 
-  def __init__(self, model: str, init: str, image_size: int, *, batch_size: int = 32):
+  def __init__(
+    self,
+    model: str,
+    init: str,
+    image_size: int,
+    *,
+    batch_size: int = 32,
+    compute: str = "float32",
+    reference: bool = False,
+  ):
     for name, value in (("image_size", image_size), ("batch_size", batch_size)):
       if int(value) != value or value < 1:
         raise ValueError(f"{name}={value!r}; expected a positive int")
+    if compute not in COMPUTE_DTYPES:
+      raise ValueError(f"compute={compute!r}; expected one of {COMPUTE_DTYPES}")
     self.spec = pretrained.spec(model)
     self.model_name = model
     self.weights = weights_file(model, init)
@@ -73,7 +102,62 @@ class TrunkEmbedder:
     self.dim = self.spec.embedding_dim
     self._mean = np.asarray(self.spec.mean, np.float32)
     self._std = np.asarray(self.spec.std, np.float32)
-    self._apply = jax.jit(lambda v, x: self.classifier.apply(v, x)["embedding"])
+    trunk = self.classifier.trunk
+    lite = isinstance(trunk, efficientnet.EfficientNetLite)
+    if compute != "float32" and (reference or not lite):
+      raise ValueError(f"compute={compute!r} needs an EfficientNet-Lite trunk and reference=False")
+    self.compute = compute
+    self.reference = bool(reference)
+    if reference or not lite:
+      self._fn = lambda v, x: self.classifier.apply(v, x)["embedding"]
+      self._args = self.variables
+    else:
+      self._fn = functools.partial(
+        efficientnet.embed_folded,
+        width=trunk.width,
+        depth=trunk.depth,
+        depthwise="shifted" if jax.default_backend() == "cpu" else "native",
+        matmul_dtype=jnp.dtype(compute),
+      )
+      self._args = efficientnet.fold_batchnorm(
+        {
+          "params": self.variables["params"]["trunk"],
+          "batch_stats": self.variables["batch_stats"]["trunk"],
+        },
+        epsilon=trunk.bn_epsilon,
+      )
+    self._compiled = None  # (micro-batch size, executable), compiled on first use
+    self.micro_batch = None
+
+  def _executable(self):
+    """The jitted embedding for micro-batches (the whole batch for the reference path or off
+    the CPU; on the CPU the largest size, spread evenly over the batch, whose XLA temporary
+    buffer is at most `MAX_TEMP_BYTES`)."""
+    if self._compiled is not None:
+      return self._compiled
+    size = self.batch_size
+    trunk = self.classifier.trunk
+    if not self.reference and isinstance(trunk, efficientnet.EfficientNetLite):
+      # A first guess (Lite0 measured 780-800 bytes per position of the stride-2 map, which
+      # grows with the width); the loop below checks it.
+      per_image = 800 * trunk.width * (-(-self.image_size // 2)) ** 2
+      size = min(size, max(1, int(MAX_TEMP_BYTES // per_image)))
+      size = -(-self.batch_size // -(-self.batch_size // size))
+    fn = jax.jit(self._fn)
+    while True:
+      spec = jax.ShapeDtypeStruct((size, self.image_size, self.image_size, 3), jnp.float32)
+      compiled = fn.lower(self._args, spec).compile()
+      if self.reference or jax.default_backend() != "cpu" or size == 1:
+        break
+      stats = compiled.memory_analysis()
+      temp = getattr(stats, "temp_size_in_bytes", None)
+      if temp is None or temp <= MAX_TEMP_BYTES:
+        break
+      limit = max(1, min(size - 1, size * MAX_TEMP_BYTES // temp))
+      size = -(-self.batch_size // -(-self.batch_size // limit))  # even, at most `limit`
+    self.micro_batch = size
+    self._compiled = (size, compiled)
+    return self._compiled
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
     """uint8 [n, S, S, 3] -> float32, scaled to [0, 1] then `(x - mean) / std`."""
@@ -85,7 +169,19 @@ class TrunkEmbedder:
 
   def embed_normalized(self, batch: np.ndarray) -> np.ndarray:
     """float32 [batch_size, D] embeddings of one normalised batch [batch_size, S, S, 3]."""
-    return np.asarray(self._apply(self.variables, jnp.asarray(batch)))
+    batch = np.asarray(batch, np.float32)
+    size, compiled = self._executable()
+    if len(batch) == size:
+      return np.asarray(compiled(self._args, jnp.asarray(batch)))
+    out = np.empty((len(batch), self.dim), np.float32)
+    for start in range(0, len(batch), size):
+      chunk = batch[start : start + size]
+      padded = np.zeros((size, *batch.shape[1:]), np.float32)
+      padded[: len(chunk)] = chunk
+      out[start : start + len(chunk)] = np.asarray(compiled(self._args, jnp.asarray(padded)))[
+        : len(chunk)
+      ]
+    return out
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     """float32 [n, D] embeddings of uint8 images [n, S, S, 3] (padded to whole batches)."""
@@ -132,6 +228,9 @@ def check_source(embedder: TrunkEmbedder, store_dir: str) -> None:
       "model": embedder.model_name,
       "weights_sha256": sha256(embedder.weights),
       "image_size": embedder.image_size,
+      # float32 paths agree to rounding; only another compute dtype is recorded (older stores
+      # have no such key).
+      **({} if embedder.compute == "float32" else {"compute": embedder.compute}),
     },
     what="the cached embeddings (trunk, weights and image size)",
   )

@@ -343,3 +343,126 @@ def efficientnet_lite1(*, dtype: Any = jnp.float32, **kwargs) -> EfficientNetLit
 def efficientnet_lite2(*, dtype: Any = jnp.float32, **kwargs) -> EfficientNetLite:
   """EfficientNet-Lite2: width x1.1, depth x1.2, 260x260 in the ImageNet checkpoint."""
   return EfficientNetLite(width=1.1, depth=1.2, dtype=dtype, **kwargs)
+
+
+# Inference only: BatchNorm folded into the convolutions (`fold_batchnorm`, `embed_folded`).
+# Training, the deep updates' `embed` and every Flax path above are unchanged.
+
+
+def fold_batchnorm(
+  variables: dict[str, Any], *, epsilon: float = 1e-3, dtype: Any = jnp.float32
+) -> dict[str, Any]:
+  """A trunk's variables with every BatchNorm folded into the convolution before it.
+
+  `bn(conv(x, w)) = conv(x, w * s) + (beta - mean * s)` with `s = gamma / sqrt(var + eps)`:
+  one kernel and one bias per convolution, in float64 then cast to `dtype` (so float32
+  folding rounds once; the result differs from the unfolded network by float rounding only).
+
+  Args:
+    variables: `{"params": {...}, "batch_stats": {...}}` of an `EfficientNetLite` (the
+      trunk's own, e.g. a `Classifier`'s `variables["params"]["trunk"]` level).
+    epsilon: the BatchNorm epsilon (`EfficientNetLite.bn_epsilon`).
+    dtype: the folded arrays' dtype.
+
+  Returns:
+    `{layer path: {"kernel", "bias"}}` with paths like "stem", "block3/expand", "head".
+  """
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def fold(conv, bn):
+    kernel = np.asarray(conv["kernel"], np.float64)
+    scale = np.asarray(bn["scale"], np.float64) / np.sqrt(
+      np.asarray(bn["var"], np.float64) + epsilon
+    )
+    bias = np.asarray(bn["bias"], np.float64) - np.asarray(bn["mean"], np.float64) * scale
+    return {"kernel": jnp.asarray(kernel * scale, dtype), "bias": jnp.asarray(bias, dtype)}
+
+  out = {
+    "stem": fold(params["stem_conv"], {**params["stem_bn"], **stats["stem_bn"]}),
+    "head": fold(params["head_conv"], {**params["head_bn"], **stats["head_bn"]}),
+  }
+  for name in sorted(k for k in params if k.startswith("block")):
+    block, block_stats = params[name], stats[name]
+    for part in ("expand", "depthwise", "project"):
+      if f"{part}_conv" in block:
+        bn = {**block[f"{part}_bn"], **block_stats[f"{part}_bn"]}
+        out[f"{name}/{part}"] = fold(block[f"{part}_conv"], bn)
+  return out
+
+
+def _pointwise(x: jax.Array, layer: dict[str, jax.Array], matmul_dtype: Any) -> jax.Array:
+  """A 1x1 convolution plus bias, as one matrix product over all positions (its operands in
+  `matmul_dtype`, accumulated and returned in `x.dtype`)."""
+  kernel = layer["kernel"].reshape(layer["kernel"].shape[-2:]).astype(matmul_dtype)
+  out = jnp.einsum("bhwc,cd->bhwd", x.astype(matmul_dtype), kernel, preferred_element_type=x.dtype)
+  return out + layer["bias"].astype(x.dtype)
+
+
+def _depthwise(x: jax.Array, layer: dict[str, jax.Array], stride: int, mode: str) -> jax.Array:
+  """A depthwise convolution plus bias in `mode` ("auto": as `DepthwiseConv` picks)."""
+  if mode == "auto":
+    if jax.default_backend() != "cpu":
+      mode = "native"
+    else:
+      mode = "dense" if x.shape[1] * x.shape[2] <= DENSE_MAX_POSITIONS else "shifted"
+  kernel = layer["kernel"].astype(x.dtype)
+  if mode == "shifted":
+    out = depthwise_shifted(x, kernel, stride)
+  elif mode == "dense":
+    out = depthwise_dense(x, kernel, stride)
+  else:
+    out = lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1],
+    )
+  return out + layer["bias"].astype(x.dtype)
+
+
+def embed_folded(
+  folded: dict[str, Any],
+  x: jax.Array,
+  *,
+  width: float = 1.0,
+  depth: float = 1.0,
+  depthwise: str = "auto",
+  dtype: Any = jnp.float32,
+  matmul_dtype: Any = None,
+) -> jax.Array:
+  """The trunk's embedding `[B, 1280]` (float32) with folded BatchNorm (`fold_batchnorm`).
+
+  Equals `EfficientNetLite(width, depth, depthwise=depthwise)(x, train=False)` up to float
+  rounding (tests/test_embed_speed.py); pointwise convolutions are matrix products.
+  """
+  if depthwise not in DEPTHWISE_MODES:
+    raise ValueError(f"depthwise mode must be one of {DEPTHWISE_MODES}, got {depthwise!r}")
+  relu6 = functools.partial(jnp.clip, min=0, max=6)
+  matmul_dtype = dtype if matmul_dtype is None else matmul_dtype
+  x = x.astype(dtype)
+  stem = folded["stem"]
+  with jax.named_scope("stem"):
+    x = lax.conv_general_dilated(
+      x,
+      stem["kernel"].astype(dtype),
+      window_strides=(2, 2),
+      padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    x = relu6(x + stem["bias"].astype(dtype))
+  for i, (_, stride, expand, filters_in, filters_out) in enumerate(block_specs(width, depth)):
+    inputs = x
+    if expand != 1:
+      with jax.named_scope(f"block{i}/expand"):
+        x = relu6(_pointwise(x, folded[f"block{i}/expand"], matmul_dtype))
+    with jax.named_scope(f"block{i}/depthwise"):
+      x = relu6(_depthwise(x, folded[f"block{i}/depthwise"], stride, depthwise))
+    with jax.named_scope(f"block{i}/project"):
+      x = _pointwise(x, folded[f"block{i}/project"], matmul_dtype)
+      if stride == 1 and filters_in == filters_out:
+        x = x + inputs
+  with jax.named_scope("head"):
+    x = relu6(_pointwise(x, folded["head"], matmul_dtype))
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
