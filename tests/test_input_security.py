@@ -547,6 +547,16 @@ def test_a_seed_file_with_commas_in_its_name_and_a_list_file(images, tmp_path):
       str(workdir), images=str(images), seeds=spec, config=config, log=lambda _: None
     )
     assert source.paths.index("b/x,y.png") in run.seed_ids[0].tolist()
+  # The run remembers the files @LIST named: a restart with another list is refused.
+  listed.write_text(f"{comma}\n")
+  with pytest.raises(ValueError, match="started with other seeds"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "run_list"),
+      images=str(images),
+      seeds=f"@{listed}",
+      config=config,
+      log=lambda _: None,
+    )
 
 
 # --- decoding memory: one pixel budget for all threads; symlinks swapped in; @LIST size -------

@@ -267,7 +267,9 @@ def _seed_files(seeds: str) -> list[str]:
   if os.path.isdir(seeds):
     found, _ = folder.list_image_files(seeds)
     return sorted(os.path.join(os.path.abspath(seeds), *p.split("/")) for p in found)
-  return sorted(os.path.abspath(s.strip()) for s in seeds.split(",") if s.strip())
+  # Read as --seeds is read (a file taken whole, @LIST's lines, or a comma list), so a restart
+  # with another @LIST content is caught.
+  return sorted(os.path.abspath(path) for path in folder.seed_paths(seeds))
 
 
 def prepare_folder_run(
