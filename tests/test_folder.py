@@ -330,4 +330,3 @@ def test_exif_orientation_and_modes_survive_the_copy_free_decode(tmp_path):
   la_rgb = np.asarray(folder.decode_image(str(tmp_path / "la.png")))
   np.testing.assert_array_equal(la_rgb[0], np.full((3, 3), 50))
   np.testing.assert_array_equal(la_rgb[1:], np.full((2, 3, 3), 255))
-  assert folder.decode_resized(str(tmp_path / "r.jpg"), 2).shape == (2, 2, 3)

@@ -643,23 +643,6 @@ def test_an_image_over_the_budget_still_decodes_alone(tmp_path, monkeypatch):
   assert folder._BUDGET.in_flight == 0
 
 
-def test_a_large_jpeg_read_small_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
-  path = str(tmp_path / "big.jpg")
-  y, x = np.mgrid[0:1200, 0:1600]
-  pixels = np.stack([x % 256, y % 256, (x + y) // 16 % 256], -1).astype(np.uint8)
-  Image.fromarray(pixels).save(path, quality=90)
-  full = folder.resize_image(folder.decode_image(path), 64)
-  meter = _LoadMeter(monkeypatch, seconds=0)
-  small = folder.decode_resized(path, 64)
-  assert meter.sizes == [(200, 150)]  # 1/8 scale: still at least 64 x 64
-  assert small.shape == (64, 64, 3) and small.dtype == np.uint8
-  assert np.abs(small.astype(int) - full).mean() < 4  # what a full decode resized gives
-  # The folder scan decodes in full, as every features path does (pool, seeds, resume, predict).
-  source = folder.open_folder(tmp_path, image_size=64)
-  assert meter.sizes[1:] == [(1600, 1200)]
-  np.testing.assert_array_equal(source.resized[0], full)
-
-
 def _swap_for_symlink(path, target):
   os.remove(path)
   os.symlink(target, path)

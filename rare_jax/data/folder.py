@@ -16,9 +16,7 @@ Decodes share one process-wide pixel budget (`DECODE_BUDGET_PIXELS`): a decode w
 pixels being decoded by other threads plus its own fit, so a folder of images at the size cap
 read on many threads cannot take memory in proportion to the thread count. A path read for a
 folder (`root=`) must still resolve inside it when opened: a symlink swapped in after the scan
-is refused. `decode_resized` decodes a JPEG at a reduced scale (`Image.draft`) when only a
-small image is needed; its pixels differ slightly from a full decode, so no features path uses
-it yet (the pool, the seeds, a resumed run and `predict` must all decode alike).
+is refused.
 
 Like `sources.Source`, a `FolderSource` has `len`, `source[i] -> {"image": uint8[H, W, 3],
 "label": int}` (RGB, EXIF orientation applied, transparency composited on white),
@@ -211,8 +209,7 @@ def decode_image(
   """Opens and fully decodes one JPEG/PNG image as RGB (EXIF orientation applied, alpha on white).
 
   The decode holds its pixels of the process-wide budget (`DECODE_BUDGET_PIXELS`) while it
-  runs; the image it returns is the caller's (outside the budget): to read many images small,
-  use `decode_resized`, which frees the full-size image within the budget.
+  runs; the image it returns is the caller's (outside the budget).
 
   Args:
     file: a path (opened with `open_regular_file`: never blocks on a FIFO) or a binary file
@@ -225,33 +222,14 @@ def decode_image(
     ValueError: not JPEG/PNG, or over `MAX_IMAGE_PIXELS` pixels (refused before decoding).
     OSError / PIL errors: the file does not decode (callers report it).
   """
-  return _read(file, root, None)
-
-
-def decode_resized(
-  file: str | os.PathLike | IO[bytes], size: int, *, root: str | os.PathLike | None = None
-) -> np.ndarray:
-  """uint8 [size, size, 3]: `resize_image(decode_image(file), size)`, within the pixel budget.
-
-  A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) that still gives at least
-  `size` x `size` pixels (`Image.draft`), so a large photo takes a fraction of the memory and
-  time; the result can differ by a few levels from resizing the full decode. Raises as
-  `decode_image` does.
-  """
-  if int(size) != size or size < 1:
-    raise ValueError(f"size={size!r}; expected a positive int")
-  return _read(file, root, int(size))
-
-
-def _read(file, root, size):
   if isinstance(file, (str, bytes, os.PathLike)):
     with open_regular_file(file, root=root) as opened:
-      return _decode(opened, size)
-  return _decode(file, size)
+      return _decode(opened)
+  return _decode(file)
 
 
-def _decode(file: IO[bytes], size: int | None = None):
-  """The RGB image in `file` or, with `size`, uint8 [size, size, 3] of it (see decode_*)."""
+def _decode(file: IO[bytes]) -> Image.Image:
+  """The RGB image in `file` (see `decode_image`)."""
   try:  # only the JPEG and PNG readers look at the bytes (MPO comes through JPEG's)
     image = Image.open(file, formats=("JPEG", "PNG"))
   except Image.DecompressionBombError as error:  # PIL's own check, at 2x its MAX_IMAGE_PIXELS
@@ -268,12 +246,8 @@ def _decode(file: IO[bytes], size: int | None = None):
         f"image of {width}x{height} = {width * height} pixels; expected at most "
         f"{MAX_IMAGE_PIXELS} (a decompression bomb?)"
       )
-    if size is not None:
-      image.draft("RGB", (size, size))  # JPEG only (a no-op for PNG): decode at 1/2 .. 1/8
     with _BUDGET.hold(image.size[0] * image.size[1]):
       result = _to_rgb(image)
-      if size is not None:
-        result = resize_image(result, size)
     return result
   finally:
     if result is not image:  # closing drops the pixels: not when they are what is returned
@@ -675,7 +649,6 @@ __all__ = [
   "NotRegularFileError",
   "OutsideFolderError",
   "decode_image",
-  "decode_resized",
   "file_kind",
   "image_to_pil",
   "list_image_files",
