@@ -73,9 +73,13 @@ def sha256(path: str) -> str:
 class TrunkEmbedder:
   """A pretrained trunk that embeds uint8 RGB images [n, S, S, 3] (see the module docstring).
 
+  `trunk_variables` (optional): `{"params": {"trunk": ...}, "batch_stats": {"trunk": ...}}` of
+  any model on this trunk (e.g. a deep update's `BGSplitModel`), used instead of the weights
+  file's trunk; the file still gives the architecture's other variables and is still read.
+
   Raises (constructor):
-    ValueError: an unknown model, missing weights, a file of another architecture, or a bad
-      image or batch size.
+    ValueError: an unknown model, missing weights, a file of another architecture, a bad image
+      or batch size, or `trunk_variables` of another shape than the trunk's.
   """
 
   def __init__(
@@ -87,6 +91,7 @@ class TrunkEmbedder:
     batch_size: int = 32,
     compute: str = "float32",
     reference: bool = False,
+    trunk_variables: dict | None = None,
   ):
     for name, value in (("image_size", image_size), ("batch_size", batch_size)):
       if int(value) != value or value < 1:
@@ -99,6 +104,8 @@ class TrunkEmbedder:
     self.image_size = int(image_size)
     self.batch_size = int(batch_size)
     self.classifier, self.variables = pretrained.load_classifier(model, self.weights)
+    if trunk_variables is not None:
+      self.variables = _with_trunk(self.variables, trunk_variables)
     self.dim = self.spec.embedding_dim
     self._mean = np.asarray(self.spec.mean, np.float32)
     self._std = np.asarray(self.spec.std, np.float32)
@@ -217,6 +224,27 @@ class TrunkEmbedder:
         mask = np.arange(size) < len(chunk)
         index = np.where(mask, np.arange(start, start + size), -1).astype(np.int64)
         yield {"image": self.normalize(images), "mask": mask, "index": index}
+
+
+def _with_trunk(variables: dict, trunk_variables: dict) -> dict:
+  """`variables` with the trunk's entries taken from `trunk_variables` (same tree and shapes)."""
+  out = {}
+  for kind in ("params", "batch_stats"):
+    ours = variables[kind]["trunk"]
+    try:
+      theirs = trunk_variables[kind]["trunk"]
+    except (KeyError, TypeError):
+      raise ValueError(
+        f"trunk_variables has no {kind}/trunk; expected a model's variables on this trunk"
+      ) from None
+    shapes = jax.tree.map(lambda x: tuple(np.shape(x)), ours)
+    if jax.tree.map(lambda x: tuple(np.shape(x)), theirs) != shapes:
+      raise ValueError(f"trunk_variables' {kind}/trunk differ from the trunk's tree or shapes")
+    out[kind] = {
+      **variables[kind],
+      "trunk": jax.tree.map(lambda x: np.asarray(x, np.float32), theirs),
+    }
+  return out
 
 
 def check_source(embedder: TrunkEmbedder, store_dir: str) -> None:
