@@ -46,7 +46,7 @@ import numpy as np
 from rare_jax import workdirs
 from rare_jax.active import labelers, metrics, runner
 from rare_jax.deep import strategies
-from rare_jax.infra import sharding
+from rare_jax.infra import provenance, sharding
 
 FIGURE_3 = ("ours", "ours_linear", "tropel", "tropel_deep", "kd_semi", "deep_prop", "random")
 FIGURE_5 = ("ours", "no_pseudo_neg", "no_bg_split", "no_linear_updates")
@@ -708,8 +708,10 @@ def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
     f"{config.deep.model} E={config.deep.epochs}. Mean F1 over all categories, ± std over "
     f"seeds. Headline model: {_HEADLINES[config.get('evaluate_model', 'deep_head')]}.\n\n"
   )
+  # The machine and versions of this report (provenance.json has them in full).
+  machine = provenance.write_json(os.path.join(workdir, "provenance.json"))
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("# Results\n\n" + context + table)
+    f.write("# Results\n\n" + context + table + f"\nReported {provenance.one_line(machine)}.\n")
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(
       {s: {str(b): v for b, v in p.items()} for s, p in aggregated.items()},

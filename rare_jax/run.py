@@ -1,13 +1,18 @@
-r"""Runs the active loop on a rare-category task: `python -m rare_jax.run`.
+r"""Runs the active loop on a rare-category task: `rare-jax-run` (`python -m rare_jax.run`).
 
-    python -m rare_jax.run --config=experiments/configs/demo.py --workdir=runs/demo \
+    rare-jax-run --workdir=runs/demo [--config=experiments/configs/demo.py] \
         [--config.seed=1 --config.strategies='("tropel",)' ...]
+
+--config defaults to the demo shipped with the package (rare_jax/configs/demo.py); --help lists
+the config's fields with their values and meanings, and any field can be set with
+--config.FIELD=VALUE.
 
 Builds (or reloads) the task, the cached features and, per strategy of `config.strategies`,
 runs N*Q rounds with the simulated labeler, writing `WORKDIR/<strategy>/{checkpoints,
-answers.jsonl,metrics.jsonl}` and `WORKDIR/f1_vs_labels.png`. Started again with the same
-command, it resumes every strategy from its newest checkpoint; a workdir holding another
-config is refused.
+answers.jsonl,metrics.jsonl}`, `WORKDIR/f1_vs_labels.png` and a line per start in
+`WORKDIR/provenance.jsonl` (versions, CPU model: rare_jax.infra.provenance). Started again
+with the same command, it resumes every strategy from its newest checkpoint; a workdir holding
+another config is refused.
 
 Multi-host: start the same command in every process with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or --coordinator_address=auto); the workdir must be on a
@@ -26,14 +31,20 @@ from ml_collections import config_flags
 
 from rare_jax import workdirs
 from rare_jax.active import labelers, metrics, runner
+from rare_jax.configs import demo as demo_config
+from rare_jax.configs import fields
 from rare_jax.deep import strategies
-from rare_jax.infra import distributed_flags, sharding
+from rare_jax.infra import cli_help, distributed_flags, provenance, sharding
 
+DEMO_CONFIG = os.path.abspath(demo_config.__file__)
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Run config file (ml_collections).", lock_config=True
+  "config",
+  DEMO_CONFIG,
+  "Run config file (ml_collections); default: the demo shipped with the package.",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 distributed_flags.define()
 
 
@@ -52,6 +63,8 @@ def main(argv):
   except ValueError as error:  # a bad config, weights file or workdir: one line, status 2
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  if sharding.is_primary():
+    provenance.append_jsonl(os.path.join(workdir, "provenance.jsonl"))
   log(context.task.summary())
   records_by_strategy = {}
   for strategy in config.strategies:
@@ -96,8 +109,22 @@ def _quiet(_: str) -> None:
   """The progress log of processes other than 0: nothing."""
 
 
+def describe_config(argv: list[str]) -> None:
+  """Prints the fields of the config argv selects (with its overrides), values and meanings."""
+  try:  # --workdir is required for a run, not for help; a --workdir in argv comes later.
+    flags.FLAGS([argv[0], "--workdir=.", *argv[1:]])
+  except flags.Error as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  print()
+  print(
+    f"Config fields of {flags.FLAGS['config'].config_filename} (set any with --config.FIELD=VALUE):"
+  )
+  print("\n".join(fields.describe(_CONFIG.value)))
+
+
 def run():
-  app.run(main)
+  cli_help.run(main, describe=describe_config)
 
 
 if __name__ == "__main__":

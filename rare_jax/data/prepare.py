@@ -1,20 +1,26 @@
-"""Prepares the embedded dataset: `python -m rare_jax.data.prepare [--data_dir=DIR]`.
+"""Prepares the embedded dataset: `rare-jax-prepare [--data_dir=DIR] [--raw_dir=DIR]`.
+
+(or `python -m rare_jax.data.prepare`.)
 
 Finds (or fetches from the Debian package) the Fashion-MNIST idx files, builds the TFDS
 dataset `rare_fashion_mnist` into `data_dir` (default: TFDS's, honouring $TFDS_DATA_DIR)
 unless it is already there, and fills the label and image caches that `open_source` and
 `load_arrays` use. Idempotent: a second run only checks, in well under a second of work.
+Without apt-get, download the four idx .gz files (the error message says from where) and pass
+their folder as --raw_dir: they are checked against Debian's and copied to the user cache.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import tensorflow_datasets as tfds
 from absl import app, flags
 
 from rare_jax.data import fashion_mnist, sources
+from rare_jax.infra import cli_help
 
 NAME = "rare_fashion_mnist"
 
@@ -64,13 +70,29 @@ def prepare_fashion_mnist(data_dir: str | None = None, *, log=print) -> bool:
 _DATA_DIR = flags.DEFINE_string(
   "data_dir", None, "TFDS data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
 )
+_RAW_DIR = flags.DEFINE_string(
+  "raw_dir",
+  None,
+  "A folder holding the four Fashion-MNIST idx .gz files, for machines without apt-get: "
+  "checked, then copied to the user cache.",
+)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  prepare_fashion_mnist(_DATA_DIR.value)
+  try:
+    if _RAW_DIR.value:
+      print(f"Copied the checked idx files to {fashion_mnist.import_raw_files(_RAW_DIR.value)}")
+    prepare_fashion_mnist(_DATA_DIR.value)
+  except (ValueError, RuntimeError) as error:  # no files, or bad ones: what to do, status 2
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  cli_help.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()
