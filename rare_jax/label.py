@@ -37,6 +37,13 @@ on restart. The page also offers the labels so far as a CSV / JSON download. Sto
 losing at most the answers of a batch not yet submitted. When the budget is used, score
 images with `python -m rare_jax.predict --workdir=DIR --images=DIR --out=scores.csv`.
 
+`--budget` is per category. To label more, start the same command with a larger `--budget`:
+the run continues where it was (a budget below the labels already used is refused; without
+`--budget` a restart keeps the run's own). An answer of a batch already submitted can be
+changed on the page ("Answers given": Change under the image): the run is recomputed
+from the corrected answers (a deep update that used the changed answer is trained again), and
+the change is kept in `corrections.jsonl`.
+
 Other flags: `--eval_subfolder=NAME` (the sub-folder of --images holding the true positives,
 for metrics only), `--exit_when_done`, `--feature_dim` (pixel_pca), `--seed`. Compiled
 steps are cached in DIR/jax_cache (or $JAX_COMPILATION_CACHE_DIR) so a restart is quick.
@@ -83,7 +90,12 @@ _SEEDS = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (created; reused to resume).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (keep the loopback).")
 _PORT = flags.DEFINE_integer("port", 0, "Port to serve on; 0 picks a free one.")
-_BUDGET = flags.DEFINE_integer("budget", 100, "Labels to give in all (a multiple of batch_size).")
+_BUDGET = flags.DEFINE_integer(
+  "budget",
+  100,
+  "Labels to give per category (a multiple of batch_size). On a restart: the run's own budget "
+  "unless given; a larger one continues the run.",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 10, "Images per batch (per category).")
 _FEATURES = flags.DEFINE_enum(
   "features",
@@ -156,7 +168,7 @@ def main(argv):
   teardown_noise.ignore_closed_event_loop_callbacks()  # after a damaged checkpoint's error
   try:
     config = folder_run.make_config(
-      budget=_BUDGET.value,
+      budget=_started_budget(_WORKDIR.value) or _BUDGET.value,
       batch_size=_BATCH_SIZE.value,
       features=_started_features(_WORKDIR.value) or _FEATURES.value,
       model=_MODEL.value,
@@ -275,6 +287,20 @@ def _started_features(workdir: str) -> str | None:
   except ValueError:
     return None
   return {"pixel_pca_folder": "pixel_pca", "pretrained": "pretrained"}.get(config.get("features"))
+
+
+def _started_budget(workdir: str) -> int | None:
+  """The budget an existing run was started (or last continued) with, when --budget is not
+  given: a restart without --budget keeps it; with --budget it changes (a larger one continues
+  the run; one below the labels used is refused)."""
+  if flags.FLAGS["budget"].present:
+    return None
+  try:
+    config = folder_run.read_json_object(os.path.join(workdir, "config.json"))
+  except (ValueError, OSError):
+    return None
+  budget = config.get("budget")
+  return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
 
 
 def _started_with_deep_settings(workdir: str) -> bool:

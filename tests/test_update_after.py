@@ -1,6 +1,8 @@
 """`runner.run_strategy(update_after=...)`: deep updates after the rounds a caller chooses (the
 labeling page's button), resumed exactly after a kill during an update or after it."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,64 @@ def test_update_after_needs_an_updater(tmp_path):
   base = np.zeros((POOL, DIM), np.float32)
   with pytest.raises(ValueError, match="update_after without an updater"):
     _run(tmp_path, base, np.zeros(POOL, bool), None, Labeler(np.zeros(POOL, bool)))
+
+
+def test_a_corrected_answer_before_an_update_redoes_the_update(tmp_path):
+  """The labeling app's rule for corrections: rewind to the round before the changed answer
+  and replay the rounds as asked (`follow_recorded`); the deep update that followed the changed
+  round is trained again on the corrected labels (never kept), and nobody is asked again."""
+  rng = np.random.default_rng(1)
+  base = rng.normal(size=(POOL, DIM)).astype(np.float32)
+  truth = np.zeros(POOL, bool)
+  truth[:12] = True
+  base[:12] += 1.5
+  first = FakeUpdater(base)
+  first.labels = []
+  first.update = _recording(first)
+  _run(tmp_path, base, truth, first, Labeler(truth))
+  answers_path = tmp_path / "answers.jsonl"
+  lines = [json.loads(line) for line in answers_path.read_text().splitlines()]
+  query, given = lines[0]["query_ids"][0], lines[0]["answers"][0]
+  changed = query[0]
+  given[0] = not given[0]
+  answers_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  like = runner.abstract_state(base, np.array([[0, 1]]), 0)
+  meta = runner.rewind(str(tmp_path), 0, like)
+  assert meta["feature_version"] == 0
+  with CheckpointStore(str(tmp_path / "checkpoints")) as store:
+    assert store.all_steps() == [0]
+  again = FakeUpdater(base)
+  again.labels = []
+  again.update = _recording(again)
+  labeler = Labeler(truth)
+  _run(tmp_path, base, truth, again, labeler, follow_recorded=True)
+  assert labeler.asked == 0  # rounds 2 and 3 replayed as asked
+  assert again.calls == [(1, 1)]
+  assert again.labels[0][0, changed] == int(given[0]) != first.labels[0][0, changed]
+  # The state: the loop replayed by hand on the recorded queries with the corrected answers.
+  engine = runner.Engine(
+    runner.loop_config(folder_run.make_config(budget=15, batch_size=5), "ours_linear")
+  )
+  state = engine.init(base, np.array([[0, 1]]), seed=0)
+  for r, line in enumerate(lines, start=1):
+    state = engine.step(
+      state,
+      np.asarray(line["query_ids"]),
+      np.asarray(line["answers"]),
+      base if r == 1 else again.features(1)[0],
+    )
+    if r == 1:
+      state = engine.refit_on(state, again.features(1)[0])
+  final, meta = _final(tmp_path, base)
+  assert meta["feature_version"] == 1
+  assert runner.differing_leaves(final, state) == []
+
+
+def _recording(updater):
+  plain = updater.update
+
+  def update(state, version):
+    updater.labels.append(np.asarray(state.labels).copy())
+    return plain(state, version)
+
+  return update

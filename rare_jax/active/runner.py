@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -389,6 +390,7 @@ def run_strategy(
   engine: Engine | None = None,
   update_after: Callable[[int], bool] | None = None,
   val_weights: np.ndarray | None = None,
+  follow_recorded: bool = False,
 ) -> list[dict]:
   """Runs (or resumes) all rounds of one strategy; returns the metrics records.
 
@@ -416,6 +418,11 @@ def run_strategy(
       resumed run reads back.
     val_weights: `[V]` weights of the validation images in the metrics (the task's
       `val_weights`: a weighted validation set); None weighs every image 1.
+    follow_recorded: rounds of answers.jsonl beyond the newest checkpoint are replayed as
+      recorded (their query ids and answers), not only when the recomputed query matches, and
+      answers.jsonl is not cut back to the checkpoint. The labeling app's corrections
+      (`rewind`, then this): later rounds keep the images the person was asked, with the
+      corrected answers, instead of being asked again.
   """
   if strategy_spec(strategy)["kind"] != "loop":
     raise ValueError(
@@ -496,10 +503,10 @@ def run_strategy(
         version = int(meta.get("feature_version", 0))
       if version > 0:
         features, val_features = updater.features(version)
-      recorded = read_answers(answers_path)
+      recorded = {r: e for r, e in read_answers(answers_path).items() if r > latest}
       sharding.barrier(f"run_strategy:read:{run_dir}")  # all read before process 0 rewrites
       if primary:
-        for path in (answers_path, metrics_path):
+        for path in (metrics_path,) if follow_recorded else (answers_path, metrics_path):
           metrics.rewrite_up_to(path, latest)
       if (
         primary
@@ -523,21 +530,32 @@ def run_strategy(
     ):
       for round_index in range(latest + 1, last + 1):
         start = time.perf_counter()
-        query_ids = np.asarray(jax.device_get(engine.query(state)))
-        previous = recorded.get(round_index)
+        previous = recorded.pop(round_index, None)
+        if follow_recorded and previous is not None:
+          query_ids = np.asarray(previous["query_ids"])
+        else:
+          query_ids = np.asarray(jax.device_get(engine.query(state)))
         if previous is not None and np.array_equal(previous["query_ids"], query_ids):
           answers = labelers.check_answers(
             query_ids, np.asarray(previous["query_ids"]), np.asarray(previous["answers"], bool)
           )
+          replayed = follow_recorded
         else:
+          replayed = False
+          if follow_recorded and recorded:
+            raise ValueError(
+              f"{answers_path} records rounds {sorted(recorded)} after round {round_index}, "
+              f"which it lacks; expected consecutive rounds"
+            )
           answers = np.asarray(labeler.answer(query_ids), bool)
           if answers.shape != query_ids.shape:
             raise ValueError(
               f"labeler returned answers of shape {answers.shape}, expected {query_ids.shape}"
             )
-        answers_log.write(
-          {"round": round_index, "query_ids": query_ids.tolist(), "answers": answers.tolist()}
-        )
+        if not replayed:  # a replayed round's line is in the file already
+          answers_log.write(
+            {"round": round_index, "query_ids": query_ids.tolist(), "answers": answers.tolist()}
+          )
         state = engine.step(state, query_ids, answers, features)
         deep_metrics = None
         if updates_after(round_index):
@@ -585,6 +603,38 @@ def _round_record(
   }
   record.update(evaluate(state, val_features, val_ground_truth, val_weights))
   return record
+
+
+def rewind(run_dir: str, to_round: int, like) -> dict:
+  """Drops a run's checkpoints after `to_round` (newest first) and its metrics lines after it;
+  returns the metadata of checkpoint `to_round` (restored into `like`, the abstract state, so
+  a damaged one is refused before anything is dropped). answers.jsonl is left as it is: a
+  `run_strategy(follow_recorded=True)` then replays its later rounds (the labeling app's
+  corrections, with their answers corrected in answers.jsonl first).
+
+  The newest remaining checkpoint is a state of the run at every instant, so a kill during the
+  rewind leaves a run that resumes (and a repeated rewind finishes the job).
+
+  Raises:
+    ValueError: `to_round` has no checkpoint, or it cannot be restored.
+  """
+  directory = os.path.join(run_dir, "checkpoints")
+  with CheckpointStore(directory) as store:
+    steps = store.all_steps()
+    if isinstance(to_round, bool) or not isinstance(to_round, int) or to_round not in steps:
+      raise ValueError(f"to_round={to_round!r}; expected a checkpointed round of {steps}")
+    _, meta = store.restore(to_round, like)
+  for step in sorted((s for s in steps if s > to_round), reverse=True):
+    path = os.path.join(directory, str(step))
+    if not os.path.isdir(path) or os.path.islink(path):
+      raise ValueError(f"checkpoint step {step}: {path} is not its directory; cannot rewind")
+    shutil.rmtree(path)
+  with CheckpointStore(directory) as store:
+    left = store.all_steps()
+  if max(left) != to_round:
+    raise ValueError(f"{directory} still holds steps {left} after rewinding to {to_round}")
+  metrics.rewrite_up_to(os.path.join(run_dir, "metrics.jsonl"), to_round)
+  return meta
 
 
 def write_config(workdir: str, config_json: dict) -> None:

@@ -18,6 +18,8 @@ placeholder (a feature store holds at least one row) and reports no deep-head me
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Callable
 
 import ml_collections
@@ -163,3 +165,25 @@ def make_updater(
     base_raw_pool=raw_pool,
     log=log,
   )
+
+
+def discard_versions_after(run_dir: str, version: int) -> list[int]:
+  """Deletes the files of deep updates after `version` (trained models, re-embedded pools,
+  pseudo-label records) of a folder run's directory: after a corrected answer they were
+  trained on a wrong label, and the replay trains them again. Returns the versions dropped.
+  """
+  found = set()
+  for parent, pattern in (("deep", r"v(\d+)(_pseudo_labels\.json)?"), ("features", r"v(\d+)")):
+    directory = os.path.join(run_dir, parent)
+    if not os.path.isdir(directory):
+      continue
+    for name in os.listdir(directory):
+      match = re.fullmatch(pattern, name)
+      if match and int(match.group(1)) > version:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
+        found.add(int(match.group(1)))
+  return sorted(found)

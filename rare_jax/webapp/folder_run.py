@@ -47,6 +47,7 @@ from rare_jax.deep import trunk_features
 from rare_jax.deep.stand_in import PixelProjection
 from rare_jax.infra.checkpoint import write_json_atomic
 from rare_jax.models import pretrained
+from rare_jax.webapp.labeler import read_journal
 
 # Folder names that say nothing about the category: the default name looks past them.
 GENERIC_FOLDER_NAMES = frozenset(
@@ -180,11 +181,17 @@ def pretrained_with_packages() -> list[str]:
   return [name for name, spec in pretrained.PRETRAINED.items() if spec.package is not None]
 
 
-def describe_features(config: ml_collections.ConfigDict) -> str:
-  """One line for people: what the run's features are."""
+def describe_features(config: ml_collections.ConfigDict, *, deep_version: int = 0) -> str:
+  """One line for people: what the run's features are (after `deep_version` deep updates:
+  the network retrained on the person's labels)."""
   size = f"{config.image_size}x{config.image_size}"
   if config.features == "pretrained":
     weights = "ImageNet weights" if config.init == "imagenet" else os.path.basename(config.init)
+    if deep_version:
+      return (
+        f"{config.model} started from {weights} and retrained on your labels (deep update "
+        f"{deep_version}), embeddings of the images at {size}"
+      )
     return f"{config.model} ({weights}) embeddings of the images at {size}"
   return f"pixel-PCA stand-in of the folder's images at {size} (no network)"
 
@@ -309,6 +316,7 @@ def prepare_folder_run(
     raise ValueError(f"workdir={workdir!r} is a file; expected a directory (new or of this run)")
   os.makedirs(workdir, exist_ok=True)
   runner.loop_config(config, STRATEGY)  # fail on bad settings before any work
+  budget_changed = _change_budget(workdir, config, log)
   runner.write_config(workdir, workdirs.config_to_dict(config))
   if categories is None:
     if seeds is None:
@@ -362,6 +370,8 @@ def prepare_folder_run(
     new = len(set(current) - known - {p for p, _ in manifest["skipped"]})
     if new:
       log(f"{new} image files were added to {images} since the run started: not in this run")
+    if budget_changed:
+      _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
   else:
     manifest, resized = _new_manifest(images, categories, seed_files, config, eval_subfolder, log)
     _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
@@ -513,6 +523,51 @@ def categories_from_seed_folder(seeds: str) -> list[tuple[str, str]] | None:
       "expected either one category's images or one sub-folder per category"
     )
   return [(name, os.path.join(seeds, name)) for name in top]
+
+
+BUDGET_KEYS = frozenset({"budget", "rounds_per_update"})  # what a restart may change
+
+
+def labels_used(workdir: str) -> int:
+  """Labels per category a folder run has taken in so far: its rounds in answers.jsonl, or its
+  submitted batches, whichever is more, times the batch size (0 for a new workdir)."""
+  config = read_json_object(os.path.join(workdir, "config.json"))
+  run_dir = os.path.join(workdir, STRATEGY)
+  rounds = max(runner.read_answers(os.path.join(run_dir, "answers.jsonl")), default=0)
+  batches = len(read_journal(os.path.join(run_dir, JOURNAL)))
+  return max(rounds, batches) * int(config["batch_size"])
+
+
+def _change_budget(workdir: str, config: ml_collections.ConfigDict, log) -> bool:
+  """Continues a run with another budget (per category): config.json is rewritten when only
+  the budget differs, and refused below the labels already used. Returns whether it changed.
+
+  Raises:
+    ValueError: a budget below the labels this run has used.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return False
+  try:
+    existing = read_json_object(path)
+  except ValueError:
+    return False  # write_config refuses it with its own message
+  wanted = workdirs.config_to_dict(config)
+  differing = {k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k)}
+  if not differing or not differing <= BUDGET_KEYS:
+    return False
+  used = labels_used(workdir)
+  if int(config.budget) < used:
+    raise ValueError(
+      f"--budget={config.budget} is below the {used} labels per category this run has used "
+      f"already ({workdir}); expected --budget >= {used} (a larger budget continues the run)"
+    )
+  write_json_atomic(path, wanted)
+  log(
+    f"budget changed from {existing.get('budget')} to {config.budget} labels per category: "
+    f"the run continues ({used} used so far)"
+  )
+  return True
 
 
 def _check_budget(config, pool_size: int, num_seeds: int) -> None:

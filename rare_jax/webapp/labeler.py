@@ -15,6 +15,14 @@ repairs a last line torn by a killed writer or a full disk (it is cut off, as `M
 does for metrics.jsonl), so the next batch starts on its own line. A write that fails (disk
 full) is undone and refused with a message that says so (`AnswerRejected`, 507 for ENOSPC);
 the answers stay in the open batch, to submit again once there is room.
+
+Corrections: an answer of a batch already submitted can be changed (`correct`, while a batch is
+open or once the budget is used). Each change is appended to its own journal,
+`corrections.jsonl` (`{"round", "category", "id", "answer"}` per line, fsynced before it is
+acknowledged; the batches' journal is never edited), and wakes the loop thread: `answer` (or
+`wait_for_correction`, after the budget is used) raises `AnswersCorrected`, and the session
+re-derives the run from the corrected answers (`session.py`). Batches answered from the journal
+after a restart get the corrections made since.
 """
 
 from __future__ import annotations
@@ -50,6 +58,67 @@ class AnswerRejected(ValueError):
 
 class LabelingStopped(RuntimeError):
   """Raised in the loop thread by `answer` when the labeler is closed (server shutting down)."""
+
+
+class AnswersCorrected(RuntimeError):
+  """Raised in the loop thread by `answer` or `wait_for_correction` after `correct`: the run is
+  to be re-derived from the corrected answers (the open batch is dropped)."""
+
+
+def read_corrections(path: str | None) -> list[dict]:
+  """The corrections journal's records, oldest first; a torn last line is dropped.
+
+  Raises:
+    ValueError: a damaged line (not JSON, or not a {round, category, id, answer} record),
+      naming the file and the line.
+  """
+  if not path or not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().split("\n")
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  records = []
+  for index, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as error:
+      if index == last:
+        break  # torn by a writer killed mid-line
+      raise ValueError(f"{path} line {index + 1} is not JSON ({error.msg}); {_FIX}") from None
+    ints = ("round", "category", "id")
+    if (
+      not isinstance(record, dict)
+      or set(record) != {*ints, "answer"}
+      or not all(isinstance(record[k], int) and not isinstance(record[k], bool) for k in ints)
+      or min(record[k] for k in ints) < 0
+      or not isinstance(record["answer"], bool)
+    ):
+      raise ValueError(
+        f"{path} line {index + 1}: {line[:80]!r} is not a correction; expected "
+        f'{{"round": r, "category": c, "id": i, "answer": true/false}}; {_FIX}'
+      )
+    records.append(record)
+  return records
+
+
+_FIX = (
+  "fix that line or delete it, then start the command again (deleting a line undoes that "
+  "correction only)"
+)
+
+
+def apply_corrections(query_ids, answers, corrections: list[dict]) -> np.ndarray:
+  """`answers` ([C, B] bool) of a batch asked `query_ids`, with `corrections` applied (later
+  ones win)."""
+  query_ids = np.asarray(query_ids)
+  answers = np.array(answers, bool)
+  for record in corrections:
+    row = query_ids[record["category"]] if record["category"] < len(query_ids) else []
+    for position in np.flatnonzero(np.asarray(row) == record["id"]):
+      answers[record["category"], position] = record["answer"]
+  return answers
 
 
 def read_journal(path: str | None) -> list[dict]:
@@ -98,9 +167,16 @@ class WebLabeler:
   Args:
     num_categories: C, rows of every query.
     journal_path: the submitted-batches journal (None: no journal, e.g. in unit tests).
+    corrections_path: the corrections journal (None: no corrections).
   """
 
-  def __init__(self, *, num_categories: int, journal_path: str | None = None):
+  def __init__(
+    self,
+    *,
+    num_categories: int,
+    journal_path: str | None = None,
+    corrections_path: str | None = None,
+  ):
     if num_categories < 1:
       raise ValueError(f"num_categories={num_categories}; expected >= 1")
     self.num_categories = num_categories
@@ -114,9 +190,14 @@ class WebLabeler:
     self._phase = STARTING
     self._message = ""
     self._version = 0
+    self._corrected = False  # a correction the loop thread has not taken up yet
     if journal_path:
       metrics.drop_torn_tail(journal_path)
     self._journal = read_journal(journal_path)
+    self.corrections_path = corrections_path
+    if corrections_path:
+      metrics.drop_torn_tail(corrections_path)
+    self._corrections = read_corrections(corrections_path)
 
   # The loop thread's side.
 
@@ -133,23 +214,49 @@ class WebLabeler:
       )
     for record in self._journal:
       if np.array_equal(np.asarray(record["query_ids"]), query_ids):
-        return labelers.check_answers(
-          query_ids, query_ids, np.asarray(record["answers"], bool)
-        )  # Submitted before a restart, not yet in the runner's log.
+        with self._condition:
+          corrections = list(self._corrections)
+        answers = apply_corrections(query_ids, record["answers"], corrections)
+        # Submitted before a restart, not yet in the runner's log.
+        return labelers.check_answers(query_ids, query_ids, answers)
     with self._condition:
       if self._closed:
         raise LabelingStopped("the labeler is closed")
+      self._take_correction()
       self._query = query_ids
       self._serial += 1
       self._draft = []
       self._result = None
       self._set_phase(LABELING)
-      while self._result is None and not self._closed:
+      while self._result is None and not self._closed and not self._corrected:
         self._condition.wait()
+      if self._result is None and not self._closed:
+        self._take_correction()
       if self._result is None:
         raise LabelingStopped("the labeler was closed before the batch was submitted")
       answers, self._result = self._result, None  # `submit` closed the batch already
       return answers
+
+  def wait_for_correction(self) -> None:
+    """After the budget is used: blocks until a correction arrives (raises `AnswersCorrected`)
+    or the labeler is closed (raises `LabelingStopped`)."""
+    with self._condition:
+      while not self._closed and not self._corrected:
+        self._condition.wait()
+      if self._closed:
+        raise LabelingStopped("the labeler is closed")
+      self._take_correction()
+
+  def _take_correction(self) -> None:
+    if self._corrected:
+      self._corrected = False
+      self._query, self._draft, self._result = None, [], None
+      raise AnswersCorrected("an answer was corrected")
+
+  def corrections(self) -> list[dict]:
+    """The corrections so far, oldest first."""
+    with self._condition:
+      return [dict(record) for record in self._corrections]
 
   def finish(self, message: str = "") -> None:
     """The run has used its budget."""
@@ -272,6 +379,42 @@ class WebLabeler:
       self._query = None
       self._draft = []
       self._set_phase(UPDATING)
+
+  def correct(self, record: dict, check=None) -> None:
+    """Appends a correction ({round, category, id, answer}) to the corrections journal, then
+    wakes the loop thread to re-derive the run (the open batch, if any, is dropped: its query
+    was computed from the uncorrected answers).
+
+    `check()`, called under the labeler's lock before anything is written, may raise
+    `AnswerRejected` (the session checks the answer it changes there).
+
+    Raises:
+      AnswerRejected: 409 while the run is not waiting for the person (a batch being taken
+        in, a deep update, a correction being applied); 507/500 the journal cannot be written.
+    """
+    with self._condition:
+      if self._closed or self._phase not in (LABELING, DONE) or self._corrected:
+        raise AnswerRejected(
+          409,
+          f"answers can be changed while a batch is open or once the budget is used; the run "
+          f"is {self._phase} now: try again in a moment",
+        )
+      if check is not None:
+        check()
+      if not self.corrections_path:
+        raise AnswerRejected(409, "this labeler keeps no corrections journal")
+      try:
+        _append_line(self.corrections_path, json.dumps(record, sort_keys=True))
+      except OSError as error:
+        status = 507 if error.errno == errno.ENOSPC else 500
+        raise AnswerRejected(
+          status,
+          f"{describe_os_error(error, self.corrections_path)}; the correction is NOT saved",
+        ) from error
+      self._corrections.append(dict(record))
+      self._corrected = True
+      self._query, self._draft = None, []
+      self._set_phase(UPDATING, "Answer changed: recomputing the model from the corrected answers.")
 
   def _check_serial(self, serial: int) -> None:
     if self._query is None:

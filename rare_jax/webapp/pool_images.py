@@ -15,9 +15,14 @@ programs may write to it). So every `GET /image/<id>` checks again what it reads
   (a file grown to gigabytes, or a decompression bomb, costs a refusal, not the server's
   memory).
 
-Refusals raise `ValueError` (the server answers 410). Thumbnails are cached by the identity of
-the file read (device, inode, size, modification time), so a replaced file is checked and read
-again, never answered from the cache of the file it replaced.
+Two sizes are served: thumbnails (`thumbnail`, at most THUMBNAIL_SIZE on their longest side)
+and enlarged images (`large`, the image at its own resolution up to LARGE_SIZE on its longest
+side: the page shows it shrunk to the window, never stretched). Both go through the same
+checks, slots and bounds.
+
+Refusals raise `ValueError` (the server answers 410). Served images are cached by the identity of
+the file read (device, inode, size, modification time) and the size, so a replaced file is checked
+and read again, never answered from the cache of the file it replaced.
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ MAX_IMAGE_BYTES = 128 * 1024 * 1024
 # Largest image decoded: the folder scan's bound (so every image of the pool can be shown),
 # whatever PIL's own setting is. Files are read and decoded at most DECODE_SLOTS at a time.
 MAX_IMAGE_PIXELS = folder.MAX_IMAGE_PIXELS
+# Longest side of the enlarged images (`large`): a large screen's; smaller images keep theirs.
+LARGE_SIZE = 2048
 DECODE_SLOTS = 2
 CACHE_SIZE = 1024
+LARGE_CACHE_SIZE = 16  # enlarged images are up to ~1 MB each
 
 _OPEN_FLAGS = (
   os.O_RDONLY
@@ -67,6 +75,7 @@ class PoolImages:
     seeds_outside = range(int(run.manifest["num_folder_images"]), run.pool_size)
     self._outside = {i: os.path.realpath(run.file_path(i)) for i in seeds_outside}
     self._cache: collections.OrderedDict[tuple, tuple[bytes, str]] = collections.OrderedDict()
+    self._large: collections.OrderedDict[tuple, tuple[bytes, str]] = collections.OrderedDict()
     self._lock = threading.Lock()
     self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
 
@@ -78,32 +87,40 @@ class PoolImages:
       ValueError: the file is gone, resolves outside where the pool was, is not a regular file,
         is over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS, or no longer decodes.
     """
+    return self._serve(image_id, THUMBNAIL_SIZE, self._cache, CACHE_SIZE)
+
+  def large(self, image_id: int) -> tuple[bytes, str]:
+    """(bytes, mimetype) of pool image `image_id` to see it large: its own resolution, at most
+    LARGE_SIZE on its longest side; checked and bounded as `thumbnail` (same errors)."""
+    return self._serve(image_id, LARGE_SIZE, self._large, LARGE_CACHE_SIZE)
+
+  def _serve(self, image_id: int, size: int, cache, cache_size: int) -> tuple[bytes, str]:
     path = self._run.file_path(image_id)
     fd = self._open(image_id, path)
     try:
       info = os.fstat(fd)
       key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-      cached = self._cached(key)
+      cached = self._cached(cache, key)
       if cached is not None:
         return cached
       with self._decode_slots:  # before reading: waiting requests hold no file in memory
-        cached = self._cached(key)  # made while this request waited for its slot
+        cached = self._cached(cache, key)  # made while this request waited for its slot
         if cached is not None:
           return cached
-        result = _encode_thumbnail(_read_at_most(fd, MAX_IMAGE_BYTES, path), path)
+        result = _encode_thumbnail(_read_at_most(fd, MAX_IMAGE_BYTES, path), path, size)
         with self._lock:  # cached before the slot is free: a request waiting for it finds it
-          self._cache[key] = result
-          while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+          cache[key] = result
+          while len(cache) > cache_size:
+            cache.popitem(last=False)
         return result
     finally:
       os.close(fd)
 
-  def _cached(self, key: tuple) -> tuple[bytes, str] | None:
+  def _cached(self, cache, key: tuple) -> tuple[bytes, str] | None:
     with self._lock:
-      cached = self._cache.get(key)
+      cached = cache.get(key)
       if cached is not None:
-        self._cache.move_to_end(key)
+        cache.move_to_end(key)
       return cached
 
   def _open(self, image_id: int, path: str) -> int:
@@ -181,7 +198,7 @@ def _read_at_most(fd: int, limit: int, path: str) -> io.BytesIO:
   return buffer
 
 
-def _encode_thumbnail(data: io.BytesIO, path: str) -> tuple[bytes, str]:
+def _encode_thumbnail(data: io.BytesIO, path: str, size: int = THUMBNAIL_SIZE) -> tuple[bytes, str]:
   try:  # the header only, and only the JPEG and PNG readers (as the folder scan)
     with Image.open(data, formats=("JPEG", "PNG")) as header:
       width, height = header.size
@@ -196,7 +213,7 @@ def _encode_thumbnail(data: io.BytesIO, path: str) -> tuple[bytes, str]:
     image = folder.decode_image(data)  # PIL reads a file object like a path
   except Exception as error:
     raise ValueError(f"{path} no longer decodes: {error}") from None
-  image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.LANCZOS)
+  image.thumbnail((size, size), Image.Resampling.LANCZOS)  # shrinks only, never enlarges
   buffer = io.BytesIO()
   if max(image.size) <= 128:  # small images (icons, MNIST-like): lossless
     image.save(buffer, format="PNG")

@@ -7,11 +7,16 @@ browsers fetch on their own without the token: an empty 204. Routes:
     GET  /                  the page (static/index.html)
     GET  /app.js, /app.css  its script and style
     GET  /image/<id>        pool image <id> (an int), re-encoded; 404 for any other id
+    GET  /image/<id>/large  the same image to see it large: its own resolution up to
+                             pool_images.LARGE_SIZE on its longest side (same checks)
     GET  /api/state         {version, phase, serial, round, rounds, budget, categories: [{name,
                              labels_used, positives_found, query: [{id, path, answer}], top}]}
     POST /api/answer        {"serial", "category", "id", "answer": true|false}
     POST /api/undo          {"serial"}: takes back the last answer of the open batch
     POST /api/submit        {"serial"}: hands the complete batch to the loop
+    POST /api/correct       {"category", "id", "answer"}: changes an answer of a submitted batch
+                             (422 not answered in one, 409 unchanged or the run busy); the run
+                             is re-derived from the corrected answers (session.correct)
     POST /api/deep_update   {}: a deep update after the batch being labeled (pretrained runs);
                              409 for pixel-PCA runs, one running, or no round left after it
     GET  /export/labels.csv, /export/labels.json   the labels given so far, as a download
@@ -128,9 +133,10 @@ def create_app(
     return flask.Response(assets[name], content_type=_ASSETS[name])
 
   @app.get("/image/<int:image_id>")
-  def image(image_id):
+  @app.get("/image/<int:image_id>/<any('large'):size>")
+  def image(image_id, size=None):
     try:
-      data, mimetype = session.image(image_id)
+      data, mimetype = (session.large_image if size else session.image)(image_id)
     except IndexError:
       return _error(404, f"no image {image_id} in this run")
     except ValueError as error:
@@ -161,6 +167,12 @@ def create_app(
   def submit():
     session.labeler.submit(_json_body({"serial": int})["serial"])
     return flask.jsonify(session.state())
+
+  @app.post("/api/correct")
+  def correct():
+    body = _json_body({"category": int, "id": int, "answer": bool})
+    corrected = session.correct(body["category"], body["id"], body["answer"])
+    return flask.jsonify(dict(session.state(), corrected=corrected))
 
   @app.post("/api/deep_update")
   def deep_update():

@@ -15,13 +15,27 @@ next round is queried on the new features. Requests are written to `deep_request
 before they are acknowledged, and the runner's `update_after` reads them, so a run killed
 during an update redoes that round's update on restart (resuming from its last epoch and
 embedded chunk) and gives the same features.
+
+Corrections: `correct` changes an answer of a batch already submitted. The change is appended
+to `corrections.jsonl` (the labeler's), and the loop thread re-derives the run from the
+corrected answers, since the loop is a pure function of them (`_reconcile`): answers.jsonl is
+rewritten with the corrected answers (it is the runner's derived log; the journals of batches
+and of corrections are only ever appended to), the checkpoints from the corrected round on are
+dropped (`runner.rewind`), and the runner replays the later rounds as they were asked (the same
+images, `follow_recorded`) with the corrected answers. A deep update that followed the
+corrected round or a later one was trained on the wrong label: its files are dropped too and
+it is trained again in the replay, with its progress on the page (never kept silently). A
+marker (`rederive.json`) written before anything is dropped makes a kill at any point finish
+the same re-derivation on restart, so a restart gives the same state.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -33,16 +47,25 @@ from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.webapp import folder_run, pool_images
 from rare_jax.webapp.labeler import (
   DONE,
+  FAILED,
   LABELING,
+  STOPPED,
   UPDATING,
   AnswerRejected,
+  AnswersCorrected,
   LabelingStopped,
   WebLabeler,
+  apply_corrections,
   describe_os_error,
 )
 
 DEEP_REQUESTS = "deep_requests.json"
+CORRECTIONS = "corrections.jsonl"
+REDERIVE = "rederive.json"
 _EPOCH = re.compile(r"^deep update (\d+): epoch (\d+)/(\d+)")
+_EMBED_ROWS = re.compile(r"^embed: (\d+)/(\d+) rows .*ETA ([^)]+)\)")
+_EMBED_RESUME = re.compile(r"^embed: resuming .* at row (\d+)/(\d+)")
+TRAIN_SHARE = 0.8  # of a deep update's progress bar; re-embedding the pool is the rest
 
 THUMBNAIL_SIZE = pool_images.THUMBNAIL_SIZE  # longest side of the images the app serves
 
@@ -62,7 +85,11 @@ class LabelingSession:
     self.run = run
     self.top_k = top_k
     self.log = log
-    self.labeler = WebLabeler(num_categories=len(run.category_names), journal_path=run.journal_path)
+    self.labeler = WebLabeler(
+      num_categories=len(run.category_names),
+      journal_path=run.journal_path,
+      corrections_path=os.path.join(run.run_dir, CORRECTIONS),
+    )
     self.batch_size = int(run.config.batch_size)
     self.total_rounds = runner.num_rounds(run.config)
     self._progress: dict[str, Any] | None = None
@@ -77,6 +104,8 @@ class LabelingSession:
     self._decided = 0  # the newest round whose update_after was answered
     self._deep: dict[str, Any] = {"status": "idle", "message": "", "progress": 0.0}
     self._deep_changes = 0
+    self._feature_version = 0  # of the newest checkpoint read
+    self._epoch_clock: tuple[float, float | None, int, int] | None = None  # (start, s/epoch, k, E)
     # Served images: where the folder resolves to is taken now (checked again per request).
     self._images = pool_images.PoolImages(run)
 
@@ -106,34 +135,145 @@ class LabelingSession:
         from rare_jax.webapp import folder_deep  # jax model code: only for pretrained runs
 
         updater = _ProgressUpdater(self, folder_deep.make_updater(self.run, log=self._deep_log))
-      runner.run_strategy(
-        run_dir=self.run.run_dir,
-        config=self.run.config,
-        strategy=folder_run.STRATEGY,
-        features=self.run.features,
-        val_features=self.run.val_features,
-        seed_ids=self.run.seed_ids,
-        val_ground_truth=self.run.val_ground_truth,
-        labeler=_RefreshingLabeler(self),
-        log=self.log,
-        updater=updater,
-        update_after=None if updater is None else self._update_after,
-      )
-      self._refresh()
-      self.labeler.finish(
-        f"Budget used. Score images with: python -m rare_jax.predict "
-        f"--workdir={self.run.workdir} --images={self.run.manifest['root']} --out=scores.csv"
-      )
-      self.log("labeling done: the budget is used")
+      while True:
+        try:
+          self._reconcile()
+          runner.run_strategy(
+            run_dir=self.run.run_dir,
+            config=self.run.config,
+            strategy=folder_run.STRATEGY,
+            features=self.run.features,
+            val_features=self.run.val_features,
+            seed_ids=self.run.seed_ids,
+            val_ground_truth=self.run.val_ground_truth,
+            labeler=_RefreshingLabeler(self),
+            log=self.log,
+            updater=updater,
+            update_after=None if updater is None else self._update_after,
+            follow_recorded=True,
+          )
+          self._refresh()
+          self.labeler.finish(self.done_message())
+          self.log("labeling done: the budget is used")
+          self.labeler.wait_for_correction()  # returns only by AnswersCorrected
+        except AnswersCorrected:
+          self.log("an answer was changed: re-deriving the run from the corrected answers")
     except LabelingStopped:
       pass
     except OSError as error:  # a full or read-only disk: say so, without a traceback
       message = describe_os_error(error)
       self.log(f"error: {message}")
-      self.labeler.fail(f"the run stopped: {message}; then start the same command again")
+      self.labeler.fail(f"The run stopped: {message}; then start the same command again.")
     except Exception as error:  # Shown on the page; the run resumes on a restart.
       self.log(traceback.format_exc())
-      self.labeler.fail(f"the run stopped: {type(error).__name__}: {error}")
+      self.labeler.fail(f"The run stopped: {type(error).__name__}: {error}")
+
+  def done_message(self) -> str:
+    """The page's line once the budget is used: what was done and what to do next."""
+    per_category = self.total_rounds * self.batch_size
+    return (
+      f"Done: all {per_category} labels per category are used. To score images, run "
+      f"python -m rare_jax.predict --workdir={self.run.workdir} "
+      f"--images={self.run.manifest['root']} --out=scores.csv; to label more, start the same "
+      "command again with a larger --budget."
+    )
+
+  # Corrections.
+
+  def correct(self, category: int, image_id: int, answer: bool) -> dict:
+    """Changes the answer given to `image_id` for `category` in a submitted batch; the loop
+    re-derives the run from the corrected answers (see the module docstring). Returns the
+    correction ({round, category, id, answer}).
+
+    Raises:
+      AnswerRejected: 422 a category out of range, or an image not answered in a submitted
+        batch of that category (seeds included); 409 the same answer as now, or the run is
+        busy (a batch being taken in, a deep update); 507 the journal cannot be written.
+    """
+    names = self.run.category_names
+    if not 0 <= category < len(names):
+      raise AnswerRejected(
+        422, f"category {category} does not exist; expected 0 <= category < {len(names)}"
+      )
+    record: dict[str, Any] = {}
+
+    def check() -> None:  # under the labeler's lock, once it waits for the person
+      answers = runner.read_answers(os.path.join(self.run.run_dir, "answers.jsonl"))
+      corrections = self.labeler.corrections()
+      for round_index in sorted(answers):
+        entry = answers[round_index]
+        ids = entry["query_ids"][category]
+        if image_id in ids:
+          now = apply_corrections(entry["query_ids"], entry["answers"], corrections)
+          current = bool(now[category][ids.index(image_id)])
+          if current == answer:
+            raise AnswerRejected(
+              409,
+              f"image {image_id} is answered {'yes' if answer else 'no'} for {names[category]} "
+              "already; nothing to change",
+            )
+          record.update(round=round_index, category=category, id=image_id, answer=answer)
+          return
+      raise AnswerRejected(
+        422,
+        f"image {image_id} was not answered in a submitted batch of {names[category]}; only "
+        "those answers can be changed (seeds and the open batch cannot: undo works there)",
+      )
+
+    self.labeler.correct(record, check)
+    return dict(record)
+
+  def _reconcile(self) -> None:
+    """Brings answers.jsonl and the checkpoints in line with the corrections journal: a
+    no-op when they are; else rewinds the run to the round before the first changed one
+    (see the module docstring). Runs in the loop thread, before the runner."""
+    run_dir = self.run.run_dir
+    answers_path = os.path.join(run_dir, "answers.jsonl")
+    marker = os.path.join(run_dir, REDERIVE)
+    records = runner.read_answers(answers_path)
+    corrections = self.labeler.corrections()
+    changed = {}
+    for round_index, entry in records.items():
+      now = apply_corrections(entry["query_ids"], entry["answers"], corrections).tolist()
+      if now != [[bool(a) for a in row] for row in entry["answers"]]:
+        changed[round_index] = dict(entry, answers=now)
+    starts = list(changed)
+    if os.path.exists(marker):
+      pending = folder_run.read_json_object(marker).get("from_round")
+      if isinstance(pending, bool) or not isinstance(pending, int) or pending < 1:
+        raise ValueError(f"{marker}: from_round={pending!r}; expected an int >= 1")
+      starts.append(pending)
+    if not starts:
+      return
+    start = min(starts)
+    self.labeler.set_phase(
+      UPDATING, f"Answer changed: recomputing the model from round {start} on."
+    )
+    write_json_atomic(marker, {"from_round": start})  # before anything is dropped
+    if changed:
+      records.update(changed)
+      _write_lines(answers_path, [records[r] for r in sorted(records)])
+    with CheckpointStore(os.path.join(run_dir, "checkpoints")) as store:
+      latest = store.latest_step()
+    keep = min(start - 1, latest) if latest is not None else None
+    if keep is not None:
+      meta = runner.rewind(run_dir, keep, self._abstract_state)
+      if self.deep_available:
+        from rare_jax.webapp import folder_deep
+
+        dropped = folder_deep.discard_versions_after(
+          self.run.run_dir, int(meta.get("feature_version", 0))
+        )
+        if dropped:
+          self.log(
+            f"deep updates {dropped} used a changed answer: they are trained again from the "
+            "corrected answers"
+          )
+        with self._lock:
+          if dropped:
+            self._set_deep(status="idle", updates_done=None, message="", progress=0.0)
+    os.remove(marker)
+    self.log(f"answers corrected: replaying the run from round {start}")
 
   def check(self) -> None:
     """Reads the newest checkpoint and the answers log now, so that damage is refused before
@@ -158,8 +298,9 @@ class LabelingSession:
         return
       state, meta = store.restore(step, self._abstract_state)
     version = int(meta.get("feature_version", 0))
-    if version:
-      with self._lock:
+    with self._lock:
+      self._feature_version = version
+      if version:
         idle = self._deep["status"] not in ("running", "queued")
         if idle and self._deep.get("updates_done") != version:
           self._set_deep(
@@ -169,15 +310,22 @@ class LabelingSession:
             updates_done=version,
             message=f"the rounds use the features of deep model v{version}",
           )
+    self._show(state)
+
+  def _show(self, state) -> None:
+    """What the page shows of a loop state: counts, the answers given, the top scores."""
     labels = np.asarray(state.labels)
+    label_round = np.asarray(state.label_round)
     scores = np.asarray(state.scores, np.float64)
-    seeds = (np.asarray(state.label_round) == 0) & (labels == 1)
+    seeds = (label_round == 0) & (labels == 1)
     has_model = bool(state.has_model)
     categories = []
     for c in range(labels.shape[0]):
       k = min(self.top_k, labels.shape[1])
       top = np.argpartition(-scores[c], k - 1)[:k]
       top = top[np.lexsort((top, -scores[c][top]))]
+      given = np.flatnonzero((label_round[c] >= 1) & (labels[c] >= 0))
+      given = given[np.lexsort((given, -label_round[c][given]))]  # newest round first
       categories.append(
         {
           "labels_used": int(state.round) * self.batch_size,
@@ -193,6 +341,16 @@ class LabelingSession:
               "label": "seed" if seeds[c, i] else {1: "yes", 0: "no"}.get(int(labels[c, i])),
             }
             for i in top
+          ],
+          # The answers of submitted batches (the page changes them: `correct`).
+          "given": [
+            {
+              "id": int(i),
+              "path": self.run.display_path(i),
+              "answer": bool(labels[c, i] == 1),
+              "round": int(label_round[c, i]),
+            }
+            for i in given
           ],
         }
       )
@@ -262,21 +420,83 @@ class LabelingSession:
     self._deep_changes += 1
 
   def _deep_log(self, line: str) -> None:
+    """Follows an update's log lines; the page gets them in plain words (no internals)."""
     self.log(line)
-    match = _EPOCH.match(line)
+    now = time.monotonic()
     with self._lock:
       if self._deep["status"] != "running":
         return
-      epochs = int(match.group(3)) if match else None
-      if match:
-        done = int(match.group(2))
+      epoch = _EPOCH.match(line)
+      rows = _EMBED_ROWS.match(line) or _EMBED_RESUME.match(line)
+      if "trainBGSplit on" in line and self._epoch_clock is not None:
+        epochs = self._epoch_clock[3]
+        self._epoch_clock = (now, None, 0, epochs)
         self._set_deep(
-          progress=round(done / (epochs + 1), 3), message=f"training: epoch {done}/{epochs} done"
+          progress=None, message=f"{self._deep.get('training', 'training')}: epoch 1 of {epochs}"
         )
-      elif line.startswith("embed:") or "trainBGSplit on" in line:
-        self._set_deep(message=line)
-      message = f"Deep update {self._deep.get('version')}: {self._deep['message']}"
-    self.labeler.set_phase(UPDATING, message)
+      elif epoch:
+        done, epochs = int(epoch.group(2)), int(epoch.group(3))
+        started, per_epoch, before, _ = self._epoch_clock or (now, None, 0, epochs)
+        if done > before:
+          per_epoch = (now - started) / (done - before)
+        self._epoch_clock = (now, per_epoch, done, epochs)
+        progress = TRAIN_SHARE * done / epochs
+        left = f", about {_duration(per_epoch * (epochs - done))} left" if per_epoch else ""
+        message = (
+          f"training: epoch {done} of {epochs} done{left}"
+          if done < epochs
+          else "training done; re-embedding the images with the retrained network"
+        )
+        self._set_deep(progress=round(progress, 3), message=message)
+      elif rows and line.startswith("embed: resuming"):
+        self._epoch_clock = None
+        row, total = int(rows.group(1)), int(rows.group(2))
+        self._set_deep(
+          progress=round(TRAIN_SHARE + (1 - TRAIN_SHARE) * row / max(total, 1), 3),
+          message=f"re-embedding the images with the retrained network: resuming at {row} of "
+          f"{total}",
+        )
+      elif rows and total_rows(rows) > 1:  # the pool (not the 1-row placeholder of no validation)
+        self._epoch_clock = None
+        row, total = int(rows.group(1)), int(rows.group(2))
+        self._set_deep(
+          progress=round(TRAIN_SHARE + (1 - TRAIN_SHARE) * row / total, 3),
+          message=f"re-embedding the images with the retrained network: {row} of {total} done, "
+          f"about {rows.group(3)} left",
+        )
+      elif line.startswith(f"deep update {self._deep.get('version')}: re-embedded"):
+        self._set_deep(progress=1.0, message="images re-embedded; refitting the linear model")
+      else:
+        return
+      message = f"Deep update {self._deep.get('version')}: {self._deep['message']}."
+    self.labeler.set_phase(UPDATING, message[:1].upper() + message[1:])
+
+  def _deep_progress(self, deep: dict) -> float | None:
+    """The progress bar's value now: within an epoch after the first, estimated from the
+    last epoch's time (never past the epoch's end); None while unknown (the first epoch)."""
+    clock = self._epoch_clock
+    if deep.get("status") != "running" or clock is None:
+      return deep.get("progress")
+    started, per_epoch, done, epochs = clock
+    if per_epoch is None or done >= epochs:
+      return deep.get("progress")
+    within = min((time.monotonic() - started) / per_epoch, 0.95)
+    return round(TRAIN_SHARE * (done + within) / epochs, 3)
+
+  def _deep_request_refusal(self, snapshot: dict) -> str | None:
+    """Why the page cannot ask for a deep update now (None: it can). Under self._lock."""
+    if not self.deep_available:
+      return f"no deep updates: {self._unavailable_reason()}"
+    if self._deep["status"] == "running":
+      return "a deep update is running already"
+    if self._deep["status"] == "queued":
+      return "a deep update is queued already"
+    if snapshot["phase"] in (DONE, FAILED, STOPPED):
+      return "the labeling budget is used: no batch is left to use a new model"
+    done = self._progress["rounds_done"] if self._progress else 0
+    if max(done + 1, self._decided + 1) >= self.total_rounds:
+      return "only the last batch is left: no batch would use the new model"
+    return None
 
   # What the server calls.
 
@@ -296,6 +516,7 @@ class LabelingSession:
         "positives_found": 0,
         "negatives": 0,
         "top": [],
+        "given": [],
       }
       if progress is not None:
         entry.update(progress["categories"][c])
@@ -304,30 +525,40 @@ class LabelingSession:
       categories.append(entry)
     rounds_done = progress["rounds_done"] if progress else 0
     with self._lock:
-      deep_update = dict(self._deep)
+      deep_update = {k: v for k, v in self._deep.items() if k != "training"}
+      deep_update["progress"] = self._deep_progress(self._deep)
+      refusal = self._deep_request_refusal(snapshot)
       deep_changes = self._deep_changes
+      version = self._feature_version
     if not self.deep_available:
       deep_update = {
         "status": "unavailable",
         "message": self._unavailable_reason(),
         "progress": 0.0,
       }
+    deep_update["can_request"] = refusal is None
+    deep_update["why_not"] = refusal or ""
     return {
       # Changes of the deep update count too: the page re-renders on a new version.
       "version": snapshot["version"] + deep_changes,
       "phase": snapshot["phase"],
       "message": snapshot["message"],
       "serial": snapshot["serial"],
-      "round": rounds_done + 1 if snapshot["phase"] == LABELING else rounds_done,
+      # The batch being answered, or (between batches, during updates, once done) the last one
+      # submitted and taken in.
+      "round": min(rounds_done + 1, self.total_rounds)
+      if snapshot["phase"] == LABELING
+      else rounds_done,
       "rounds": self.total_rounds,
       "batch_size": self.batch_size,
       "budget": self.total_rounds * self.batch_size,
+      "budget_per": "category",
       "answered": snapshot["answered"],
       "last_answer": snapshot["last_answer"],
       "categories": categories,
       "model": {
         "kind": "linear (logistic regression), refitted after every batch",
-        "features": folder_run.describe_features(self.run.config),
+        "features": folder_run.describe_features(self.run.config, deep_version=version),
         "deep_update": deep_update,
         "has_model": bool(progress and progress["has_model"]),
       },
@@ -343,6 +574,11 @@ class LabelingSession:
         or no longer decodes.
     """
     return self._images.thumbnail(image_id)
+
+  def large_image(self, image_id: int) -> tuple[bytes, str]:
+    """(bytes, mimetype) of pool image `image_id` to see it large: its own resolution up to
+    `pool_images.LARGE_SIZE` on its longest side; checked and bounded as `image`."""
+    return self._images.large(image_id)
 
 
 class _ProgressUpdater:
@@ -360,25 +596,41 @@ class _ProgressUpdater:
 
   def update(self, state, version: int):
     session = self._session
+    session._show(state)  # the counters include the batch just submitted, during the update
+    labels = np.asarray(state.labels)
+    labeled = (labels >= 0).any(0)
+    assumed = np.asarray(state.pseudo_negative).any(0) & ~labeled
+    epochs = int(session.run.config.deep_epochs)
     with session._lock:
+      session._epoch_clock = (time.monotonic(), None, 0, epochs)
       session._set_deep(
-        status="running", version=version, progress=0.0, message="starting (a restart resumes it)"
+        status="running",
+        version=version,
+        progress=None,
+        training=f"training the network on your {int(labeled.sum())} labeled images and "
+        f"{int(assumed.sum())} others taken as negatives",
+        message="starting: reading the images (a restart resumes it)",
       )
-    session.labeler.set_phase(UPDATING, f"Deep update {version} running: labeling waits for it.")
+    session.labeler.set_phase(
+      UPDATING, f"Deep update {version}: starting; labeling waits for it (a restart resumes it)."
+    )
     try:
       result = self._updater.update(state, version)
     except BaseException:
       with session._lock:
-        session._set_deep(status="failed", message="stopped; a restart resumes it")
+        session._epoch_clock = None
+        session._set_deep(status="failed", progress=0.0, message="stopped; a restart resumes it")
       raise
     with session._lock:
+      session._epoch_clock = None
+      session._feature_version = version
       session._set_deep(
         status="done",
         progress=1.0,
-        message=f"the next rounds use the features of deep model v{version}",
+        message=f"the next batches are chosen with the retrained network (deep update {version})",
         updates_done=version,
       )
-    session.labeler.set_phase(UPDATING, f"Deep update {version} done; refitting.")
+    session.labeler.set_phase(UPDATING, f"Deep update {version} done; refitting the linear model.")
     return result
 
 
@@ -391,3 +643,23 @@ class _RefreshingLabeler:
   def answer(self, query_ids: np.ndarray) -> np.ndarray:
     self._session._after_round()
     return self._session.labeler.answer(query_ids)
+
+
+def total_rows(match: re.Match) -> int:
+  return int(match.group(2))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _write_lines(path: str, records: list[dict]) -> None:
+  """Replaces a JSON-lines file atomically (temporary file, fsync, rename)."""
+  temporary = path + ".tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)

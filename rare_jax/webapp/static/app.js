@@ -10,6 +10,8 @@
   let inFlight = 0; // requests queued or running
   let actions = 0; // the person's actions so far: a poll that started before one is stale
   let chain = Promise.resolve();
+  // What the status line says in each phase when the server sends no message of its own (its
+  // message, when there is one, says it all: it is shown alone).
   const PHASE_TEXT = {
     starting: "Preparing the first batch…",
     labeling: "Answer every image of this batch, then submit it.",
@@ -17,6 +19,10 @@
     done: "Done: the labeling budget is used.",
     failed: "The run stopped.",
     stopped: "The server stopped. Start the same command again to resume.",
+  };
+  const DEEP_TEXT = {
+    idle: "Not run yet.",
+    unavailable: "Not available: ",
   };
 
   async function api(path, body) {
@@ -39,6 +45,31 @@
 
   function imageUrl(id) {
     return `image/${id}?token=${encodeURIComponent(token)}`;
+  }
+
+  function largeImageUrl(id) {
+    return `image/${id}/large?token=${encodeURIComponent(token)}`;
+  }
+
+  // The enlarged image: at its full resolution (served up to the server's limit), shrunk to
+  // fit the window by the style sheet. Click it or press Esc (or Z) to close it.
+  function openViewer(id, path) {
+    $("viewer-image").src = largeImageUrl(id);
+    $("viewer-image").alt = path;
+    $("viewer-caption").textContent = path;
+    $("viewer").dataset.id = String(id);
+    $("viewer").hidden = false;
+  }
+
+  function closeViewer() {
+    $("viewer").hidden = true;
+    $("viewer-image").removeAttribute("src");
+  }
+
+  function enlargeable(image, id, path) {
+    image.classList.add("enlarge");
+    image.title = `${path} (click to enlarge)`;
+    image.addEventListener("click", () => openViewer(id, path));
   }
 
   function element(tag, className, text) {
@@ -152,7 +183,7 @@
     const image = element("img");
     image.src = imageUrl(item.id);
     image.alt = item.path;
-    image.title = item.path;
+    enlargeable(image, item.id, item.path);
     card.append(image, element("div", "path", item.path));
     const buttons = element("div", "buttons");
     const yes = element("button", "yes-button", "Yes");
@@ -230,7 +261,7 @@
         const image = element("img");
         image.src = imageUrl(entry.id);
         image.alt = entry.path;
-        image.title = entry.path;
+        enlargeable(image, entry.id, entry.path);
         const caption = element("div", "caption", `${entry.score.toFixed(3)} `);
         if (entry.label) caption.append(element("span", `badge ${entry.label}`, entry.label));
         thumb.append(image, caption);
@@ -241,12 +272,48 @@
     }
   }
 
+  // The answers of submitted batches; "Change" flips one (the run is re-derived from it).
+  function renderGiven() {
+    const given = $("given");
+    given.replaceChildren();
+    const canChange = state.phase === "labeling" || state.phase === "done";
+    for (const category of state.categories) {
+      if (state.categories.length > 1) given.append(element("h3", "", category.name));
+      const grid = element("div", "grid given");
+      for (const entry of category.given) {
+        const thumb = element("div", "thumb");
+        thumb.dataset.id = String(entry.id);
+        thumb.dataset.category = String(category.index);
+        const image = element("img");
+        image.src = imageUrl(entry.id);
+        image.alt = entry.path;
+        enlargeable(image, entry.id, entry.path);
+        const word = entry.answer ? "yes" : "no";
+        const caption = element("div", "caption", `batch ${entry.round} `);
+        caption.append(element("span", `badge ${word}`, word));
+        const change = element("button", "change", `Change to ${entry.answer ? "no" : "yes"}`);
+        change.type = "button";
+        change.disabled = !canChange;
+        change.addEventListener("click", () => correct(category.index, entry));
+        thumb.append(image, caption, change);
+        grid.append(thumb);
+      }
+      if (category.given.length === 0) grid.append(element("div", "idle", "No batch submitted yet."));
+      given.append(grid);
+    }
+  }
+
+  function correct(category, entry) {
+    const body = { category, id: entry.id, answer: !entry.answer };
+    setStatus(`Changing the answer for ${entry.path}…`, false);
+    enqueue(() => api("api/correct", body).then(accept));
+  }
+
   function render() {
     if (!state) return;
     $("round").textContent = String(state.round);
     $("rounds").textContent = String(state.rounds);
-    let text = PHASE_TEXT[state.phase] || state.phase;
-    if (state.message) text += ` ${state.message}`;
+    const text = state.message || PHASE_TEXT[state.phase] || state.phase;
     setStatus(text, state.phase === "failed");
     const focus = labeling() ? focused() : null;
     $("categories").replaceChildren(...state.categories.map((c) => renderCategory(c, focus)));
@@ -258,13 +325,18 @@
     $("submit").disabled = !labeling() || !complete();
     $("submit").classList.toggle("ready", labeling() && complete());
     renderTop();
+    renderGiven();
     const model = state.model;
     $("model").textContent = `Model: ${model.kind}. Features: ${model.features}.`;
     const deep = model.deep_update;
     $("deep-section").dataset.status = deep.status;
-    $("deep-status").textContent = `${deep.status}: ${deep.message}`;
-    $("deep-progress").value = deep.progress;
-    $("deep-update").disabled = !["idle", "done", "failed"].includes(deep.status);
+    const said = deep.message ? deep.message[0].toUpperCase() + deep.message.slice(1) : "";
+    $("deep-status").textContent = `${DEEP_TEXT[deep.status] || ""}${said}`;
+    const bar = $("deep-progress");
+    if (deep.progress === null) bar.removeAttribute("value"); // unknown yet: an animated bar
+    else bar.value = deep.progress;
+    $("deep-update").disabled = !deep.can_request;
+    $("deep-update").title = deep.can_request ? "" : deep.why_not;
   }
 
   function deepUpdate() {
@@ -274,8 +346,13 @@
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     const key = event.key.toLowerCase();
-    const focus = labeling() ? focused() : null;
-    if (key === "y" && focus) answer(focus.category, focus.item, true);
+    let focus = labeling() ? focused() : null;
+    const viewing = !$("viewer").hidden;
+    if (viewing && focus && $("viewer").dataset.id !== String(focus.item.id)) focus = null;
+    if (viewing && (key === "y" || key === "n") && focus) closeViewer(); // answered: back
+    if (viewing && (key === "escape" || key === "z")) closeViewer();
+    else if (key === "z" && focus) openViewer(focus.item.id, focus.item.path);
+    else if (key === "y" && focus) answer(focus.category, focus.item, true);
     else if (key === "n" && focus) answer(focus.category, focus.item, false);
     else if (key === "u" || key === "backspace") undo();
     else if (key === "enter") submit();
@@ -287,6 +364,7 @@
     $("undo").addEventListener("click", undo);
     $("submit").addEventListener("click", submit);
     $("deep-update").addEventListener("click", deepUpdate);
+    $("viewer").addEventListener("click", closeViewer);
     refresh(true);
     window.setInterval(() => refresh(false), 700);
   });
