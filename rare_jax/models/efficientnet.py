@@ -365,7 +365,8 @@ def fold_batchnorm(
     dtype: the folded arrays' dtype.
 
   Returns:
-    `{layer path: {"kernel", "bias"}}` with paths like "stem", "block3/expand", "head".
+    `{layer path: {"kernel", "bias"}}` with paths like "stem", "block3/expand", "head" (the
+    layers `variables` has).
   """
   params, stats = variables["params"], variables["batch_stats"]
 
@@ -377,10 +378,11 @@ def fold_batchnorm(
     bias = np.asarray(bn["bias"], np.float64) - np.asarray(bn["mean"], np.float64) * scale
     return {"kernel": jnp.asarray(kernel * scale, dtype), "bias": jnp.asarray(bias, dtype)}
 
-  out = {
-    "stem": fold(params["stem_conv"], {**params["stem_bn"], **stats["stem_bn"]}),
-    "head": fold(params["head_conv"], {**params["head_bn"], **stats["head_bn"]}),
-  }
+  out = {}
+  for name, conv in (("stem", "stem_conv"), ("head", "head_conv")):
+    if conv in params:  # (a trunk initialised as one part has only that part's layers)
+      bn = f"{name}_bn"
+      out[name] = fold(params[conv], {**params[bn], **stats[bn]})
   for name in sorted(k for k in params if k.startswith("block")):
     block, block_stats = params[name], stats[name]
     for part in ("expand", "depthwise", "project"):
@@ -431,28 +433,42 @@ def embed_folded(
   depthwise: str = "auto",
   dtype: Any = jnp.float32,
   matmul_dtype: Any = None,
+  part: str = "all",
+  frozen_blocks: int = 0,
 ) -> jax.Array:
   """The trunk's embedding `[B, 1280]` (float32) with folded BatchNorm (`fold_batchnorm`).
 
-  Equals `EfficientNetLite(width, depth, depthwise=depthwise)(x, train=False)` up to float
-  rounding (tests/test_embed_speed.py); pointwise convolutions are matrix products.
+  Equals `EfficientNetLite(width, depth, depthwise=depthwise, frozen_blocks=frozen_blocks,
+  part=part)(x, train=False)` up to float rounding (tests/test_embed_speed.py): `part="frozen"`
+  returns the output of the stem and the first `frozen_blocks` blocks, `"trainable"` reads
+  that output and runs the rest. Pointwise convolutions are matrix products.
   """
   if depthwise not in DEPTHWISE_MODES:
     raise ValueError(f"depthwise mode must be one of {DEPTHWISE_MODES}, got {depthwise!r}")
+  specs = block_specs(width, depth)
+  if part not in PARTS:
+    raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+  if part != "all" and not 1 <= frozen_blocks <= len(specs):
+    raise ValueError(f"part={part!r} needs frozen_blocks in [1, {len(specs)}], got {frozen_blocks}")
   relu6 = functools.partial(jnp.clip, min=0, max=6)
   matmul_dtype = dtype if matmul_dtype is None else matmul_dtype
   x = x.astype(dtype)
-  stem = folded["stem"]
-  with jax.named_scope("stem"):
-    x = lax.conv_general_dilated(
-      x,
-      stem["kernel"].astype(dtype),
-      window_strides=(2, 2),
-      padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    x = relu6(x + stem["bias"].astype(dtype))
-  for i, (_, stride, expand, filters_in, filters_out) in enumerate(block_specs(width, depth)):
+  if part != "trainable":
+    stem = folded["stem"]
+    with jax.named_scope("stem"):
+      x = lax.conv_general_dilated(
+        x,
+        stem["kernel"].astype(dtype),
+        window_strides=(2, 2),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      x = relu6(x + stem["bias"].astype(dtype))
+  for i, (_, stride, expand, filters_in, filters_out) in enumerate(specs):
+    if part == "trainable" and i < frozen_blocks:
+      continue
+    if part == "frozen" and i >= frozen_blocks:
+      return x
     inputs = x
     if expand != 1:
       with jax.named_scope(f"block{i}/expand"):
@@ -463,6 +479,8 @@ def embed_folded(
       x = _pointwise(x, folded[f"block{i}/project"], matmul_dtype)
       if stride == 1 and filters_in == filters_out:
         x = x + inputs
+  if part == "frozen":  # every block frozen
+    return x
   with jax.named_scope("head"):
     x = relu6(_pointwise(x, folded["head"], matmul_dtype))
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
