@@ -64,8 +64,18 @@ def blueprint(
       raise AnswerRejected(422, f"category={value}; expected 0 <= category < {len(names)}")
     return value
 
+  cache: dict[str, Any] = {"key": None, "value": None}
+  cache_lock = threading.Lock()
+
   def overview() -> dict[str, Any]:
+    """GET /api/audit's body; recomputed only when the model or an audit file changed (the
+    page polls it)."""
     probabilities, labels, fitted = model.read()
+    key = (model.step, _stamp(os.path.join(audit.audit_dir(run.workdir), audit.ANSWERS)))
+    key += tuple(_stamp(audit.design_path(run.workdir, c)) for c in range(len(names)))
+    with cache_lock:
+      if cache["key"] == key:
+        return cache["value"]
     categories = []
     for c, name in enumerate(names):
       entry = {"index": c, "name": name, "has_model": bool(fitted is not None and fitted[c])}
@@ -76,11 +86,14 @@ def blueprint(
       entry["pending"] = len(left)
       entry["next"] = {"id": left[0], "path": run.display_path(left[0])} if left else None
       categories.append(entry)
-    return {
+    value = {
       "categories": categories,
       "default_size": audit.DEFAULT_SIZE,
       "max_size": audit.MAX_SIZE,
     }
+    with cache_lock:
+      cache["key"], cache["value"] = key, value
+    return value
 
   @bp.get("/audit.js")
   def audit_script():
@@ -124,6 +137,15 @@ def blueprint(
   return bp
 
 
+def _stamp(path: str) -> tuple[int, int, int] | None:
+  """What changes when a file is written (inode, size, mtime in ns), or None if it is absent."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    return None
+  return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _checked(make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
   """`make()`, with a damaged audit file or checkpoint said as a 500 with its message."""
   try:
@@ -142,6 +164,11 @@ class _NewestModel:
     self._lock = threading.Lock()
     self._step = None
     self._value: tuple[Any, Any, Any] = (None, None, None)
+
+  @property
+  def step(self) -> int | None:
+    """The checkpoint step of the last `read`."""
+    return self._step
 
   def read(self):
     with self._lock:

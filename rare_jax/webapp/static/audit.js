@@ -73,6 +73,7 @@
     if (!node) {
       node = element("section");
       node.id = "audit-section";
+      node.style.padding = "0 1.2em 1em"; // as the page's other sections (CSSOM: CSP allows it)
       const footer = document.querySelector("footer");
       document.body.insertBefore(node, footer);
     }
@@ -124,10 +125,11 @@
       element(
         "p",
         "help",
-        "Answer a few images drawn at random from those you have not labeled (more of them " +
-          "near the classifier's threshold). From them the page estimates the classifier's " +
-          "precision and recall at probability 0.5 and how many positives are still unfound, " +
-          "with 95% intervals. These answers never train the model.",
+        "Answer a few images drawn at random from those you have not labeled, from every " +
+          "score range. From them the page estimates the classifier's precision and recall " +
+          "at probability 0.5 and how many positives are still unfound, with 95% intervals " +
+          "(they hold at least 95% of the time; for a rare category the recall interval " +
+          "stays wide unless the audit is large). These answers never train the model.",
       ),
     );
     if (message) {
@@ -210,12 +212,27 @@
         buttons.append(button);
       }
       card.append(img, path, buttons);
-      root.append(element("p", "", `Is this image ${entry.name}?`), card);
+      root.append(element("p", "", `Does this image show ${entry.name}?`), card);
     }
-    const summary = element("p", "", audit.summary);
-    summary.id = "audit-summary";
-    root.append(summary);
-    if (audit.recall) root.append(estimateTable(audit));
+    if (audit.recall) {
+      const table = estimateTable(audit);
+      table.id = "audit-estimate";
+      root.append(table);
+      if (audit.uncovered) {
+        root.append(
+          element(
+            "p",
+            "help",
+            `${audit.uncovered} unlabeled images had a label when this audit was drawn and ` +
+              "are not covered by it: draw a new audit to include them.",
+          ),
+        );
+      }
+    } else {
+      const waiting = element("p", "help", audit.summary);
+      waiting.id = "audit-summary";
+      root.append(waiting);
+    }
     const again = element("button", "", "Draw a new audit");
     again.type = "button";
     again.id = "audit-new";
