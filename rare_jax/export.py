@@ -1,6 +1,20 @@
-r"""The labels a person gave in a labeling workdir, as CSV or JSON: `python -m rare_jax.export`.
+r"""The labels a person gave in a labeling workdir, or its ranked results, as CSV and JSON:
+`python -m rare_jax.export`.
 
     python -m rare_jax.export --workdir=RUN --out=labels.csv [--format=csv|json]
+    python -m rare_jax.export --workdir=RUN --results [--out_dir=DIR]
+
+`--results` (the finish step; the page's finish action writes the same files): the ranked
+results of the whole pool for every category, from the run's newest model (deep updates
+included; no image is embedded again: the loop's own scores), written to
+`RUN/results/ranked_results.csv` and `.json` (or `--out_dir`), and their paths printed. CSV
+columns `category,rank,path,score,label` (rank 1 = highest score; `score` the model's
+probability; `label` the answer given: `yes` (seeds included), `no` or `none`); the JSON holds
+the same per category, plus the audit's estimate of precision and recall where the run has an
+audit. See `rare_jax.webapp.exports.write_results`. It reads a running run's newest checkpoint
+as well (the server need not be stopped).
+
+The labels (`--out`):
 
 RUN is a workdir of `python -m rare_jax.label` (running or stopped: the files are only read).
 One row per label: `path` (relative to the labeled folder, or absolute for a seed outside
@@ -16,25 +30,29 @@ UTF-8 get backslash escapes such as `\xff`: see `rare_jax/infra/csvfile.py`). Th
 `{"format", "images", "labels": [{path, category, answer, round}, ...]}` with `images` the
 labeled folder; its names are escaped the same way, not quoted. Both are written atomically;
 the directories of --out are created if missing (checked before anything is read).
-Errors are one line on stderr: exit status 2 for a bad workdir or --out (a directory, or in a
-directory that cannot be created) or a damaged run file (naming the file and line), 1 for a
-failed write.
-One process only (it reads files, no JAX work): it takes no multi-host flags.
+Errors are one line on stderr: exit status 2 for a bad workdir, an `--out` that is a directory
+or in a directory that cannot be created, an `--out_dir` that is a file, a run with no model
+yet (`--results`) or a damaged run file (naming the file and line); 1 for a failed write.
+One process only (it reads the run's files; `--results` restores the newest checkpoint on the
+CPU): it takes no multi-host flags.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import app, flags
 
 from rare_jax.infra import csvfile
+from rare_jax.infra.checkpoint import quiet_library_logging
 from rare_jax.webapp.exports import (
   FORMATS,
   collect_labels,
   format_of,
   prepare_out_file,
   write_labels,
+  write_results,
 )
 from rare_jax.webapp.labeler import describe_os_error
 
@@ -42,13 +60,50 @@ from rare_jax.webapp.labeler import describe_os_error
 def _define_flags():
   """The command's flags, defined when it runs: importing this module for its functions (the
   tests, other tools) must not claim flag names that other commands define too."""
-  global _WORKDIR, _OUT, _FORMAT
+  global _WORKDIR, _OUT, _FORMAT, _RESULTS, _OUT_DIR
   _WORKDIR = flags.DEFINE_string("workdir", None, "A labeling workdir (python -m rare_jax.label).")
-  _OUT = flags.DEFINE_string("out", None, "The file to write (labels.csv or labels.json).")
+  _OUT = flags.DEFINE_string("out", None, "The labels file to write (labels.csv or labels.json).")
   _FORMAT = flags.DEFINE_enum(
     "format", None, list(FORMATS), "csv or json (default: from --out's extension; .json or CSV)."
   )
-  flags.mark_flags_as_required(["workdir", "out"])
+  _RESULTS = flags.DEFINE_bool(
+    "results",
+    False,
+    "Write the ranked results of the whole pool for every category (CSV and JSON) instead of "
+    "the labels.",
+  )
+  _OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "With --results: the folder to write them to (default: WORKDIR/results)."
+  )
+  flags.mark_flags_as_required(["workdir"])
+
+
+def _results(log) -> None:
+  """--results: writes the ranked results and says where they are."""
+  if _OUT.value is not None or _FORMAT.value is not None:
+    raise ValueError("--results writes both CSV and JSON to --out_dir; drop --out/--format")
+  paths = write_results(_WORKDIR.value, _OUT_DIR.value, log=log)
+  with open(paths[1], encoding="utf-8") as f:
+    document = json.load(f)
+  log(f"ranked results of {document['model']}:")
+  for entry in document["categories"]:
+    line = (
+      f"  {entry['name']}: {len(entry['results'])} images ranked, "
+      f"{entry['positives_labeled']} labeled yes, {entry['negatives_labeled']} no"
+    )
+    if "estimate" in entry:
+      line += f"; audit estimate: {_estimate_line(entry['estimate'])}"
+    log(line)
+  for path in paths:
+    print(path, flush=True)  # stdout: the files, for scripts
+  log(f"wrote {paths[0]} and {paths[1]}")
+
+
+def _estimate_line(estimate) -> str:
+  """One line of the audit's estimate (its own `summary` when it gives one)."""
+  if isinstance(estimate, dict) and isinstance(estimate.get("summary"), str):
+    return estimate["summary"]
+  return json.dumps(estimate, ensure_ascii=False)[:500]
 
 
 def main(argv):
@@ -58,6 +113,22 @@ def main(argv):
   def log(line: str) -> None:
     print(csvfile.printable(line), file=sys.stderr, flush=True)
 
+  if _RESULTS.value:
+    if not flags.FLAGS["verbosity"].present:
+      quiet_library_logging()  # its own lines, not Orbax's INFO per checkpoint read
+    try:
+      _results(log)
+    except ValueError as error:
+      log(f"error: {error}")
+      sys.exit(2)
+    except OSError as error:
+      log(f"error: {describe_os_error(error, error.filename)}; the results were not written")
+      sys.exit(1)
+    return
+  if _OUT_DIR.value is not None:
+    raise app.UsageError("--out_dir goes with --results")
+  if _OUT.value is None:
+    raise app.UsageError("pass --out=labels.csv (the labels) or --results (the ranked results)")
   try:
     fmt = format_of(_OUT.value, _FORMAT.value)
     prepare_out_file(_OUT.value)

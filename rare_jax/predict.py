@@ -1,6 +1,7 @@
 r"""Score images with a run's newest model, to CSV or COCO-style JSON: `python -m rare_jax.predict`.
 
     python -m rare_jax.predict --workdir=RUN --images=DIR --out=scores.csv [--top_k=N]
+    python -m rare_jax.predict --workdir=RUN --pool --out=scores.csv
     python -m rare_jax.predict --workdir=RUN --images=DIR --out=scores.json [--head=deep]
     python -m rare_jax.predict --workdir=RUN --dataset=rare_fashion_mnist --split=test \
         --out=scores.csv [--threshold=0.5] [--strategy=ours_linear --category=Sandal]
@@ -8,9 +9,14 @@ r"""Score images with a run's newest model, to CSV or COCO-style JSON: `python -
 The model is the newest checkpoint of the run (a finished run's last round, or the round a
 running one is at), of any run:
 - runs of `python -m rare_jax.label` (a folder of images): with pretrained features, the same
-  trunk and weights embed the images (squeezed to the run's `image_size`), z-scored with the
-  statistics of the run's cached pool embeddings; with `--features=pixel_pca`, the pixel-PCA
-  projection the run saved (`features/projection.npz`);
+  trunk embeds the images (squeezed to the run's `image_size`), z-scored with the statistics of
+  the run's cached pool embeddings under that trunk. After deep updates from the labeling page
+  (or `--deep_every`) the trunk is the newest update's (`ours_linear/deep/v{i}`) and the
+  statistics those of the pool it re-embedded (`ours_linear/features/v{i}/pool`): the
+  embedding of an image is the one the run computed for its pool (to float32 rounding). With
+  `--features=pixel_pca`, the pixel-PCA projection the run saved (`features/projection.npz`).
+  `--pool` scores the run's own pool instead: the newest checkpoint's scores (the loop's own,
+  on the features of its newest deep update, if any), so nothing is read or embedded;
 - runs of `python -m rare_jax.run` with `features="m_pre"` (a deep model, e.g. strategy `ours`
   with background-splitting updates): the linear model of round r lives on the features of
   model version v = r // rounds_per_update (0: M_pre, i: the deep model after update i), so
@@ -20,19 +26,33 @@ running one is at), of any run:
 - runs of `python -m rare_jax.run` with `features="pixel_pca"`: the projection is fitted again
   on the task's related-domain split (the same deterministic fit the run made).
 
+Every category of the run is scored in one pass over the images (one embedding per image, one
+score per category); `--category=NAME` scores one.
+
+Embedding cache (labeling runs on pretrained features; `--nocache` turns it off): the
+embeddings of the images scored are kept in `RUN/predict_cache/` and reused for a file with the
+same absolute path, size and modification time under the same trunk, so a second call embeds
+only new or changed files; the run's own pool embeddings count as cached for pool files not
+modified since the run started. Bounded: one file per trunk (the others are deleted when it is
+written), holding only files that still exist unchanged. See `EmbeddingCache`.
+
 Outputs, highest score first (`--format`, or `--out`'s suffix):
-- CSV: a header and one row per image: `id,path,score` for a folder (id = position among the
-  folder's readable images sorted by relative path) or `id,label,score` for a dataset split
-  (id = index in the split, label = its class name). Paths are safe to open in a spreadsheet:
+- CSV: a header and one row per image: `id,path,score` for a folder or the pool (id = position
+  among the folder's readable images sorted by relative path; for `--pool` the pool id, and
+  the path relative to the folder or absolute for a seed outside it) or `id,label,score` for a
+  dataset split (id = index in the split, label = its class name). Several categories:
+  `id,path,category,score`, one row per image and category, by category (the run's order),
+  each highest score first. Paths are safe to open in a spreadsheet:
   a path starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`
   (formula injection), and a file name that is not valid UTF-8 is written with backslash
   escapes (`\xff`); see `rare_jax/infra/csvfile.py`.
-- JSON (COCO-style): `info`, `categories`, `images` (`id` and `file_name`, or `label` for a
-  split) and one `annotations` entry per image with `image_id`, `score` and `label` ("yes"
-  when score >= 0.5); see `write_json`.
+- JSON (COCO-style): `info`, `categories` (ids 1, 2, ... in the run's order), `images` (`id`
+  and `file_name`, or `label` for a split) and one `annotations` entry per image and category
+  with `image_id`, `category_id`, `score` and `label` ("yes" when score >= 0.5); see
+  `write_json`.
 `score` is the model's probability that the image is of the category. `--top_k` keeps the best
-N images, `--threshold` those with score >= it; by default every image is written. Progress
-(images, rate, ETA) goes to stderr.
+N images of each category, `--threshold` those with score >= it; by default every image is
+written. Progress (images, rate, ETA) goes to stderr.
 
 The directories of `--out` are created if missing, for every format, before any image is read
 (`rare_jax.webapp.exports.prepare_out_file`). Image files are read as `rare_jax.data.folder` reads
@@ -48,16 +68,19 @@ file is left.
 Multi-host: it accepts the flags of `rare_jax.infra.distributed_flags` (--coordinator_address, ...)
 so that a launcher may start it in every process, but it does not split the work: every
 process scores every image (a linear model on pixel features is cheap) and process 0 alone
-writes the CSV and logs.
+writes the CSV and logs (the embedding cache too).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import jax
@@ -71,48 +94,87 @@ from rare_jax import models, workdirs
 from rare_jax.active import linear, runner
 from rare_jax.data import folder, pipeline, sources, tasks
 from rare_jax.deep import embed as embed_lib
-from rare_jax.deep import stand_in, trunk_features
+from rare_jax.deep import stand_in, train, trunk_features, updates
 from rare_jax.infra import csvfile, distributed_flags, sharding, teardown_noise
 from rare_jax.infra.checkpoint import CheckpointStore, quiet_library_logging
-from rare_jax.webapp import folder_run
+from rare_jax.models import pretrained
+from rare_jax.webapp import exports, folder_deep, folder_run
 from rare_jax.webapp.exports import prepare_out_file
 from rare_jax.webapp.labeler import describe_os_error
 
 CHUNK = 1024
+CACHE_DIR = "predict_cache"  # under a labeling run's workdir: see EmbeddingCache
 
 
 class Scorer:
-  """The model of one category of a run, on the features the run used.
+  """The model of a run's categories, on the features the run used.
 
   Attributes:
-    probabilities: prepared images [n, H, W, C] (as `to_model_input` gives) -> float32 [n].
+    features: prepared images [n, H, W, C] (as `to_model_input` gives) -> float32 [n, D]: the
+      features the model reads (a trunk's raw embeddings for pretrained folder runs).
+    from_features: float32 [n, D] -> float32 [n, C] probabilities, one column per category.
     to_model_input: uint8 [H, W, C] image (C = 1 or 3) or decoded RGB PIL image -> the uint8
       array the model takes.
-    category: its name. round: the checkpoint's round. kind: what run it is. head: "linear"
-      (the loop's logistic regression) or "deep" (the deep model's main head).
+    categories: the names of the scored categories (the columns); category: the first one.
+    round: the checkpoint's round. kind: what run it is. head: "linear" (the loop's logistic
+      regression) or "deep" (the deep model's main head).
+    cache_key: for pretrained folder runs, a hash of the trunk that makes `features` (its
+      weights, architecture and image size): embeddings are reused under this key
+      (`EmbeddingCache`); None where features are not cached.
+    pool_store: (pool files, their feature rows [P, D], the time the run started) of the run's
+      own cached pool embeddings under this trunk, or None: `EmbeddingCache` takes a pool
+      file's row instead of embedding it again (see there).
   """
 
-  def __init__(self, *, probabilities, to_model_input, category, round_index, kind, head):
-    self.probabilities = probabilities
+  def __init__(
+    self,
+    *,
+    features,
+    from_features,
+    to_model_input,
+    categories,
+    round_index,
+    kind,
+    head,
+    cache_key=None,
+    pool_store=None,
+  ):
+    self.features = features
+    self.from_features = from_features
     self.to_model_input = to_model_input
-    self.category = category
+    self.categories = list(categories)
+    self.category = self.categories[0]
     self.round = round_index
     self.kind = kind
     self.head = head
+    self.cache_key = cache_key
+    self.pool_store = pool_store
+    self.images_embedded = 0  # images passed through `features` (not taken from a cache)
 
   def score(self, images: np.ndarray) -> np.ndarray:
-    """float32 [n] probabilities of prepared images [n, H, W, C] (as `to_model_input` gives)."""
-    return np.asarray(self.probabilities(np.asarray(images)), np.float32)
+    """float32 [n, C] probabilities of prepared images [n, H, W, C] (as `to_model_input`
+    gives), one column per category of `categories`."""
+    images = np.asarray(images)
+    self.images_embedded += len(images)
+    return self.score_features(self.features(images))
+
+  def score_features(self, features: np.ndarray) -> np.ndarray:
+    return np.asarray(self.from_features(np.asarray(features, np.float32)), np.float32)
 
 
-def _linear_probabilities(features_of: Callable, weights, bias) -> Callable:
+def _linear_probabilities(weights, bias, mean=None, std=None) -> Callable:
+  """features [n, D] -> [n, C] probabilities of linear models `weights` [C, D], `bias` [C],
+  on `(features - mean) / std` when given."""
   model = linear.LinearModel(
-    weights=jnp.asarray(np.asarray(weights, np.float32)), bias=jnp.asarray(float(bias))
+    weights=jnp.asarray(np.asarray(weights, np.float32)),
+    bias=jnp.asarray(np.asarray(bias, np.float32)),
   )
 
-  def probabilities(images):
-    features = jnp.asarray(features_of(images), jnp.float32)
-    return np.asarray(jax.device_get(linear.predict_proba(features, model)))
+  def probabilities(features):
+    features = np.asarray(features, np.float32)
+    if mean is not None:
+      features = (features - mean) / std
+    return np.asarray(jax.device_get(linear.predict_proba(jnp.asarray(features), model)))
 
   return probabilities
 
@@ -149,6 +211,9 @@ def load_scorer(
 ) -> Scorer:
   """The scorer of a run's newest checkpoint (see the module docstring for supported runs).
 
+  `category`: a name or index to score that category only; None scores every category of the
+  run (one column each).
+
   Raises:
     ValueError: not a run, unknown strategy, category or head, no checkpoint, no model yet,
       or head="deep" for a run without deep updates.
@@ -183,8 +248,8 @@ def load_scorer(
   strategy = strategy or strategies[0]
   if strategy not in strategies:
     raise ValueError(f"strategy={strategy!r}; expected one of the run's {strategies}")
-  index = _category_index(category, names)
-  pool_shape = _pool_shape(workdir, config)
+  indices = _category_indices(category, names)
+  pool_shape = exports.pool_feature_shape(workdir, config)
   like = runner.abstract_state(
     jax.ShapeDtypeStruct(pool_shape, jnp.float32), seed_ids, int(config.seed)
   )
@@ -196,24 +261,19 @@ def load_scorer(
     if step is None:
       raise ValueError(f"{directory} holds no checkpoint; expected a started run")
     state, meta = store.restore(step, like)
-  if config.get("features") == "pretrained" and int(meta.get("feature_version", 0)):
-    raise ValueError(
-      f"{workdir}: the labeling run's model lives on the features of deep update "
-      f"v{meta['feature_version']}, which predict cannot compute yet; expected a run without "
-      "deep updates (the labels: python -m rare_jax.export)"
-    )
   if head == "linear" and not bool(state.has_model):
     raise ValueError(f"{workdir}: no batch labeled yet (round 0): no linear model to score with")
-  weights = np.asarray(state.linear.weights)[index]
-  bias = np.asarray(state.linear.bias)[index]
-  common = dict(category=names[index], round_index=int(state.round), head=head)
+  weights = np.asarray(state.linear.weights)[indices]
+  bias = np.asarray(state.linear.bias)[indices]
+  common = dict(categories=[names[i] for i in indices], round_index=int(state.round), head=head)
   if config.get("features") == "m_pre":
-    probabilities, to_model_input, version = _deep_run(
-      workdir, config, strategy, int(state.round), index, head, weights, bias, log
+    features, from_features, to_model_input, version = _deep_run(
+      workdir, config, strategy, int(state.round), indices, head, weights, bias, log
     )
     what = "M_pre" if version == 0 else f"deep model v{version}"
     return Scorer(
-      probabilities=probabilities,
+      features=features,
+      from_features=from_features,
       to_model_input=to_model_input,
       kind=f"{kind}, {head} head on {what}",
       **common,
@@ -224,54 +284,126 @@ def load_scorer(
       f"features='m_pre'); this run has features={config.features!r}: use head='linear'"
     )
   if config.features == "pretrained":
-    embedder = folder_run.embedder(config)
-    trunk_features.check_source(embedder, folder_run.pool_store_dir(workdir))  # same weights?
-    raw_pool = embed_lib.FeatureStore.open(folder_run.pool_store_dir(workdir)).features
+    version = int(meta.get("feature_version", 0))
+    embedder, store_dir, key = _folder_trunk(workdir, config, manifest, version, log)
+    store = embed_lib.FeatureStore.open(store_dir)
+    if not store.complete:
+      raise ValueError(f"{store_dir}: the run's pool embeddings are incomplete")
+    raw_pool = np.asarray(store.features, np.float32)
     mean, std = workdirs.feature_statistics(raw_pool, config.feature_normalization)
+    started = os.stat(os.path.join(workdir, folder_run.MANIFEST)).st_mtime_ns
     size = int(config.image_size)
     return Scorer(
-      probabilities=_linear_probabilities(
-        lambda images: (embedder.embed(images) - mean) / std, weights, bias
-      ),
+      features=embedder.embed,
+      from_features=_linear_probabilities(weights, bias, mean, std),
       to_model_input=_resizer((size, size, 3)),
-      kind=kind,
+      kind=kind if version == 0 else f"{kind}, after deep update v{version}",
+      cache_key=key,
+      pool_store=(folder_run.pool_files(manifest), raw_pool, started),
       **common,
     )
   if projection is None:  # a dataset run: refit the PCA
     log(f"refitting the run's pixel PCA on {len(task.pretrain_ids)} related-domain images")
-    train = sources.open_source(task.dataset, task.train_split, data_dir or config.data_dir or None)
-    pretrain_images, _ = sources.load_arrays(train, task.pretrain_ids)
+    train_source = sources.open_source(
+      task.dataset, task.train_split, data_dir or config.data_dir or None
+    )
+    pretrain_images, _ = sources.load_arrays(train_source, task.pretrain_ids)
     projection = stand_in.PixelProjection.fit(pretrain_images, int(config.feature_dim))
   if pool_shape[1] != projection.dim:
     raise ValueError(
       f"{workdir}: pool features have {pool_shape[1]} dims, the projection {projection.dim}"
     )
   return Scorer(
-    probabilities=_linear_probabilities(projection.project, weights, bias),
+    features=projection.project,
+    from_features=_linear_probabilities(weights, bias),
     to_model_input=_resizer(projection.image_shape),
     kind=kind,
     **common,
   )
 
 
-def _pool_shape(workdir: str, config) -> tuple[int, int]:
-  """[P, D] of the features the run's loop started from (without reading them)."""
-  directory = os.path.join(workdir, "features")
-  if config.features in ("pretrained", "m_pre"):
-    store = embed_lib.FeatureStore.open(os.path.join(directory, "pool"))
-    return (store.num_rows, store.dim)
-  path = os.path.join(directory, "pool.npy")
-  if not os.path.exists(path):
-    raise ValueError(f"{workdir}: {path} is missing; the run never computed features")
-  return tuple(np.load(path, mmap_mode="r").shape)
+def _folder_trunk(workdir, config, manifest, version, log):
+  """(TrunkEmbedder, the pool's feature store dir, cache key) of a pretrained folder run whose
+  newest model lives on the features of `version` (0: the pretrained trunk; i: the trunk after
+  the i-th deep update from the labeling page, `folder_deep.py`)."""
+  base = folder_run.embedder(config)
+  if version == 0:
+    trunk_features.check_source(base, folder_run.pool_store_dir(workdir))  # same weights?
+    identity = {"weights_sha256": trunk_features.sha256(base.weights)}
+    embedder, store_dir = base, folder_run.pool_store_dir(workdir)
+  else:
+    log(f"loading the trunk of deep update v{version}")
+    variables = deep_trunk_variables(workdir, config, len(manifest["category_names"]), version)
+    embedder = trunk_features.TrunkEmbedder(
+      config.model,
+      config.init,
+      int(config.image_size),
+      batch_size=int(config.embed_batch_size),
+      trunk_variables=variables,
+    )
+    identity = {"trunk_sha256": variables_sha256(variables)}
+    store_dir = os.path.join(workdir, folder_run.STRATEGY, "features", f"v{version}", "pool")
+    if not embed_lib.FeatureStore.exists(store_dir):
+      raise ValueError(
+        f"{store_dir} is missing; expected the pool features of deep update v{version}"
+      )
+  key = hashlib.sha256(
+    json.dumps(
+      {"model": config.model, "image_size": int(config.image_size), **identity}, sort_keys=True
+    ).encode()
+  ).hexdigest()
+  return embedder, store_dir, key
 
 
-def _deep_run(workdir, config, strategy, round_index, index, head, weights, bias, log):
-  """(probabilities, to_model_input, model version) of a `features="m_pre"` run's newest model.
+def deep_trunk_variables(workdir: str, config, num_categories: int, version: int) -> dict:
+  """`{"params", "batch_stats"}` of a folder run's deep model after update `version` (its
+  newest TrainState checkpoint in `ours_linear/deep/v{version}`), restored without building
+  the training pipeline.
+
+  Raises:
+    ValueError: a missing or damaged checkpoint (named).
+  """
+  settings = folder_deep.settings(config)
+  model = updates.bgsplit_model(settings, num_categories, pretrained.spec(config.model).num_classes)
+  tx = train.make_optimizer(
+    momentum=settings.momentum,
+    weight_decay=settings.weight_decay,
+    total_steps=1,
+    frozen=train.frozen_mask(model),  # the optimizer state's structure depends on it
+  )
+  size = int(config.image_size)
+  init = functools.partial(
+    train.create_train_state, model=model, tx=tx, input_shape=(1, size, size, 3)
+  )
+  like = jax.eval_shape(init, jax.random.key(0, impl="rbg"))
+  directory = os.path.join(workdir, folder_run.STRATEGY, "deep", f"v{version}")
+  if not os.path.isdir(directory):
+    raise ValueError(f"{directory} is missing; expected the checkpoints of deep update v{version}")
+  with CheckpointStore(directory) as store:
+    state, _ = train.restore_train_state(store, like)
+  return jax.device_get(state.variables)
+
+
+def variables_sha256(variables: dict) -> str:
+  """SHA-256 of a model's trunk variables (paths, shapes, dtypes and bytes, in tree order)."""
+  digest = hashlib.sha256()
+  for kind in ("params", "batch_stats"):
+    leaves = jax.tree_util.tree_leaves_with_path(variables[kind]["trunk"])
+    for path, leaf in leaves:
+      array = np.ascontiguousarray(np.asarray(leaf))
+      digest.update(f"{kind}{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
+      digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def _deep_run(workdir, config, strategy, round_index, indices, head, weights, bias, log):
+  """(features, from_features, to_model_input, model version) of a `features="m_pre"` run's
+  newest model.
 
   The loop's linear model after round r lives on the features of model version
   v = r // rounds_per_update (0: M_pre; i: the deep model after update i), z-scored with that
-  version's pool statistics when the run standardises; the deep head is version v's main head.
+  version's pool statistics when the run standardises; the deep head is version v's main head
+  (its features are then the main head's logits).
   """
   context = workdirs.load(workdir, log=log)
   parts = context.deep_parts
@@ -299,8 +431,9 @@ def _deep_run(workdir, config, strategy, round_index, index, head, weights, bias
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   batch_size = int(settings.embed_batch_size)
   preprocess = settings.preprocess
+  output = "main_logits" if head == "deep" else "embedding"
 
-  def outputs(images):
+  def features(images):
     results = []
     for start in range(0, len(images), batch_size):
       chunk = images[start : start + batch_size]
@@ -311,34 +444,147 @@ def _deep_run(workdir, config, strategy, round_index, index, head, weights, bias
         **preprocess,
       )
       out = apply(variables, jnp.asarray(batch["image"]))
-      results.append({k: np.asarray(v)[: len(chunk)] for k, v in out.items()})
-    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+      results.append(np.asarray(out[output])[: len(chunk)])
+    return np.concatenate(results)
 
   if head == "deep":
 
-    def probabilities(images):
-      logits = outputs(images)["main_logits"][:, index]
-      return 1 / (1 + np.exp(-logits.astype(np.float64)))
+    def from_features(logits):
+      return 1 / (1 + np.exp(-np.asarray(logits, np.float64)[:, indices]))
 
   else:
-    probabilities = _linear_probabilities(
-      lambda images: (outputs(images)["embedding"] - mean) / std, weights, bias
-    )
+    from_features = _linear_probabilities(weights, bias, mean, std)
   sample = context.deep_parts["data"].train
   shape = sample[0].shape[1:] if isinstance(sample, tuple) else sample[0]["image"].shape
-  return probabilities, _resizer(tuple(shape)), version
+  return features, from_features, _resizer(tuple(shape)), version
 
 
-def _category_index(category: str | None, names: list[str]) -> int:
+def _category_indices(category: str | None, names: list[str]) -> list[int]:
   if category is None:
-    if len(names) != 1:
-      raise ValueError(f"the run has {len(names)} categories {names}; pass --category")
-    return 0
+    return list(range(len(names)))
   if category in names:
-    return names.index(category)
+    return [names.index(category)]
   if category.isdigit() and int(category) < len(names):
-    return int(category)
+    return [int(category)]
   raise ValueError(f"category={category!r}; expected one of {names} or an index")
+
+
+class EmbeddingCache:
+  """Embeddings of image files already embedded, reused by `score_folder`.
+
+  One file per trunk, `WORKDIR/predict_cache/embeddings_<key>.npz` (`key`: `Scorer.cache_key`,
+  a hash of the trunk's weights, architecture and image size), mapping an image file's
+  absolute path, size and modification time (ns) to its raw embedding. A file whose size or
+  modification time changed is embedded again. Bounded: on `save`, entries of files that no
+  longer exist or changed are dropped, and the cache files of other trunks are deleted (a run
+  only moves forward: predict always uses its newest trunk), so the cache holds at most one
+  row per image file scored that still exists.
+
+  A labeling run's own pool embeddings under this trunk (`Scorer.pool_store`) count as cached
+  for the pool files last modified before the run started (its `folder_run.json`): the run
+  embedded those very contents (at the start, or from the pixels a deep update read later).
+
+  A damaged or foreign cache file is ignored (and replaced on `save`), never an error; a
+  workdir that cannot be written keeps predict working without a cache (logged).
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    scorer: Scorer,
+    *,
+    log: Callable[[str], None] = print,
+    writable: bool = True,
+  ):
+    if scorer.cache_key is None:
+      raise ValueError("this run's features are not cached (no Scorer.cache_key)")
+    self.directory = os.path.join(workdir, CACHE_DIR)
+    self.key = scorer.cache_key
+    self.path = os.path.join(self.directory, f"embeddings_{self.key[:32]}.npz")
+    self.log = log
+    self.writable = writable  # multi-host: process 0 alone writes
+    self._entries: dict[str, tuple[int, int, np.ndarray]] = {}
+    self._pool: dict[str, int] = {}
+    self._pool_rows = None
+    self._started = None
+    self.added = 0
+    if scorer.pool_store is not None:
+      files, rows, started = scorer.pool_store
+      self._pool = {os.path.abspath(f): i for i, f in enumerate(files)}
+      self._pool_rows, self._started = rows, started
+    self._load()
+
+  def _load(self) -> None:
+    if not os.path.exists(self.path):
+      return
+    try:
+      with np.load(self.path, allow_pickle=False) as data:
+        meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+        rows = np.asarray(data["embeddings"], np.float32)
+      if meta.get("key") != self.key or len(meta["paths"]) != len(rows):
+        raise ValueError("another trunk's cache")
+      for path, size, mtime, row in zip(
+        meta["paths"], meta["sizes"], meta["mtimes"], rows, strict=True
+      ):
+        self._entries[path] = (int(size), int(mtime), row)
+    except Exception as error:  # numpy and json raise several types for a damaged file
+      self.log(f"ignoring the embedding cache {self.path} ({type(error).__name__}: {error})")
+      self._entries = {}
+
+  def get(self, path: str, stat: os.stat_result) -> np.ndarray | None:
+    """The cached embedding of `path` (absolute) as of `stat`, or None."""
+    entry = self._entries.get(path)
+    if entry is not None and entry[:2] == (stat.st_size, stat.st_mtime_ns):
+      return entry[2]
+    pool_id = self._pool.get(path)
+    if pool_id is not None and stat.st_mtime_ns < self._started:
+      row = np.asarray(self._pool_rows[pool_id], np.float32)
+      self._entries[path] = (stat.st_size, stat.st_mtime_ns, row)
+      return row
+    return None
+
+  def put(self, path: str, stat: os.stat_result, row: np.ndarray) -> None:
+    self._entries[path] = (stat.st_size, stat.st_mtime_ns, np.asarray(row, np.float32))
+    self.added += 1
+
+  def save(self) -> None:
+    """Writes the cache (atomically), dropping entries of files gone or changed, and deletes
+    other trunks' cache files. A failure to write is logged, not raised."""
+    if not self.writable:
+      return
+    kept = {}
+    for path, (size, mtime, row) in self._entries.items():
+      try:
+        stat = os.stat(path)
+      except OSError:
+        continue
+      if (stat.st_size, stat.st_mtime_ns) == (size, mtime):
+        kept[path] = (size, mtime, row)
+    self._entries = kept
+    tmp = f"{self.path}.{os.getpid()}.tmp.npz"
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      paths = list(kept)
+      meta = {
+        "key": self.key,
+        "paths": paths,  # json escapes undecodable names' surrogates: read back the same
+        "sizes": [kept[p][0] for p in paths],
+        "mtimes": [kept[p][1] for p in paths],
+      }
+      rows = np.stack([kept[p][2] for p in paths]) if paths else np.zeros((0, 0), np.float32)
+      with open(tmp, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8), embeddings=rows)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+      for name in os.listdir(self.directory):
+        if name.startswith("embeddings_") and name != os.path.basename(self.path):
+          os.remove(os.path.join(self.directory, name))
+    except OSError as error:
+      self.log(f"the embedding cache was not saved: {describe_os_error(error, self.path)}")
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def iter_folder(
@@ -349,19 +595,108 @@ def iter_folder(
   Unreadable files are skipped (and logged), as `folder.open_folder` does, so ids agree.
   """
   candidates, refused = folder.list_image_files(root)
+  yield from _read_images(os.path.abspath(root), candidates, to_model_input, refused, log=log)
+
+
+@dataclasses.dataclass
+class Scored:
+  """Scores of images: ids [n], names [n] (relative paths, or class names for a dataset
+  split: `key`), probabilities float32 [n, C] (one column per `Scorer.categories`)."""
+
+  ids: list[int]
+  names: list[str]
+  scores: np.ndarray
+  key: str  # "path" or "label"
+
+  def rows(self, category: int = 0) -> list[tuple]:
+    """[(id, name, score)] of one category, in id order."""
+    column = self.scores[:, category]
+    return [(i, n, float(s)) for i, n, s in zip(self.ids, self.names, column, strict=True)]
+
+
+def score_folder(
+  scorer: Scorer,
+  root: str,
+  *,
+  log: Callable[[str], None],
+  cache: EmbeddingCache | None = None,
+) -> Scored:
+  """Scores of the readable images under `root` (ids: positions among them, sorted by relative
+  path). With `cache`, images whose embedding it holds are neither read nor embedded again, and
+  the new ones are added to it (saved at the end)."""
+  if not os.path.isdir(root):
+    raise ValueError(f"--images={root!r} is not a directory; expected a folder of JPEG/PNG")
+  candidates, refused = folder.list_image_files(root)
+  base = os.path.abspath(root)
+  found: dict[str, np.ndarray] = {}  # relative path -> cached features
+  stats: dict[str, os.stat_result] = {}
+  if cache is not None:
+    for relative in candidates:
+      full = os.path.join(base, *relative.split("/"))
+      try:
+        stats[relative] = os.stat(full)
+      except OSError:
+        continue  # read (and skipped with its reason) below
+      row = cache.get(full, stats[relative])
+      if row is not None:
+        found[relative] = row
+  missing = [p for p in candidates if p not in found]
+  if cache is not None:
+    log(
+      f"{len(found)} of {len(candidates)} images already embedded with this trunk (cache "
+      f"{cache.path}); embedding {len(missing)}"
+    )
+  features: dict[str, np.ndarray] = dict(found)
+  done, started = len(found), time.perf_counter()
+  for paths, images in _read_images(base, missing, scorer.to_model_input, refused, log=log):
+    rows = scorer.features(images)
+    scorer.images_embedded += len(images)
+    for relative, row in zip(paths, rows, strict=True):
+      features[relative] = np.asarray(row, np.float32)
+      if cache is not None and relative in stats:
+        full = os.path.join(base, *relative.split("/"))
+        try:
+          after = os.stat(full)
+        except OSError:
+          continue
+        if (after.st_size, after.st_mtime_ns) == (
+          stats[relative].st_size,
+          stats[relative].st_mtime_ns,
+        ):
+          cache.put(full, after, row)  # unchanged while it was read
+    done += len(images)
+    _progress(log, done, len(candidates), started, len(found))
+  names = [p for p in candidates if p in features]
+  if not names:
+    raise ValueError(f"--images={root!r} holds no readable JPEG/PNG image")
+  scores = np.concatenate(
+    [
+      scorer.score_features(np.stack([features[p] for p in names[start : start + CHUNK]]))
+      for start in range(0, len(names), CHUNK)
+    ]
+  )
+  if cache is not None:
+    cache.save()
+  if found and not missing:
+    log(f"scored {len(names)}/{len(candidates)} images (all from the cache)")
+  return Scored(ids=list(range(len(names))), names=names, scores=scores, key="path")
+
+
+def _read_images(base, relatives, to_model_input, refused, *, log):
+  """`iter_folder` over given relative paths of `base` (refused files logged first)."""
   for path, reason in refused:
     log(f"skipped {path}: {reason}")
 
   def read(relative):
     try:
-      image = folder.decode_image(os.path.join(root, *relative.split("/")))
+      image = folder.decode_image(os.path.join(base, *relative.split("/")))
       return to_model_input(image), None
     except Exception as error:
       return None, f"{type(error).__name__}: {error}"
 
   with futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-    for start in range(0, len(candidates), CHUNK):
-      chunk = candidates[start : start + CHUNK]
+    for start in range(0, len(relatives), CHUNK):
+      chunk = relatives[start : start + CHUNK]
       paths, images = [], []
       for relative, (image, error) in zip(chunk, pool.map(read, chunk), strict=True):
         if error is not None:
@@ -373,43 +708,39 @@ def iter_folder(
         yield paths, np.stack(images)
 
 
-def score_folder(scorer: Scorer, root: str, *, log: Callable[[str], None]) -> list[tuple]:
-  """[(id, relative path, score)] of the readable images under `root`."""
-  if not os.path.isdir(root):
-    raise ValueError(f"--images={root!r} is not a directory; expected a folder of JPEG/PNG")
-  candidates = len(folder.list_image_files(root)[0])
-  rows, started = [], time.perf_counter()
-  for paths, images in iter_folder(root, scorer.to_model_input, log=log):
-    scores = scorer.score(images)
-    rows += [
-      (len(rows) + k, p, float(s)) for k, (p, s) in enumerate(zip(paths, scores, strict=True))
-    ]
-    _progress(log, len(rows), candidates, started)
-  if not rows:
-    raise ValueError(f"--images={root!r} holds no readable JPEG/PNG image")
-  return rows
+def score_pool(pool: exports.PoolScores, categories: Sequence[str]) -> Scored:
+  """A labeling run's own pool, scored by its newest model from the checkpoint's scores
+  (`exports.pool_scores`): nothing is read or embedded. Ids are pool ids, names the pool's
+  paths (relative to the folder; absolute for seeds outside it)."""
+  indices = [pool.category_names.index(n) for n in categories]
+  return Scored(
+    ids=list(range(len(pool.paths))),
+    names=list(pool.paths),
+    scores=np.asarray(pool.probabilities[indices].T, np.float32),
+    key="path",
+  )
 
 
 def score_dataset(
   scorer: Scorer, name: str, split: str, *, data_dir: str | None, log: Callable[[str], None]
-) -> list[tuple]:
-  """[(id, class name, score)] of every example of a prepared TFDS split."""
+) -> Scored:
+  """Scores of every example of a prepared TFDS split (names: their class names)."""
   source = sources.open_source(name, split, data_dir)
-  rows, started = [], time.perf_counter()
+  ids, labels, scores, started = [], [], [], time.perf_counter()
   for start in range(0, len(source), CHUNK):
     examples = source.__getitems__(range(start, min(start + CHUNK, len(source))))
     images = np.stack([scorer.to_model_input(e["image"]) for e in examples])
-    scores = scorer.score(images)
-    for k, (example, score) in enumerate(zip(examples, scores, strict=True)):
+    scores.append(scorer.score(images))
+    for k, example in enumerate(examples):
       label = example["label"]
-      name_of = source.class_names[label] if 0 <= label < source.num_classes else str(label)
-      rows.append((start + k, name_of, float(score)))
-    _progress(log, len(rows), len(source), started)
-  return rows
+      labels.append(source.class_names[label] if 0 <= label < source.num_classes else str(label))
+      ids.append(start + k)
+    _progress(log, len(ids), len(source), started)
+  return Scored(ids=ids, names=labels, scores=np.concatenate(scores), key="label")
 
 
-def _progress(log, done: int, total: int, started: float) -> None:
-  rate = done / max(time.perf_counter() - started, 1e-9)
+def _progress(log, done: int, total: int, started: float, cached: int = 0) -> None:
+  rate = (done - cached) / max(time.perf_counter() - started, 1e-9)
   eta = embed_lib.format_eta(max(total - done, 0) / rate if rate > 0 else None)
   log(f"scored {done}/{total} images ({rate:.1f} images/s, ETA {eta})")
 
@@ -431,8 +762,24 @@ def select_rows(rows: list[tuple], *, top_k: int | None, threshold: float | None
 
 
 def write_csv(path: str, header: tuple[str, str, str], rows: list[tuple]) -> None:
-  """Writes the CSV atomically (a reader never sees half a file; see `csvfile`)."""
+  """Writes one category's CSV atomically (a reader never sees half a file; see `csvfile`)."""
   csvfile.write_csv_atomic(path, header, ((i, name, f"{score:.6f}") for i, name, score in rows))
+
+
+def write_csv_categories(
+  path: str, header: tuple[str, str, str], categories: list[tuple[str, list[tuple]]]
+) -> None:
+  """Writes the CSV of several categories atomically: header `id,path,category,score` (or
+  `id,label,...`), one row per image and category, by category then as `rows` are ordered."""
+  csvfile.write_csv_atomic(
+    path,
+    (header[0], header[1], "category", header[2]),
+    (
+      (i, name, category, f"{score:.6f}")
+      for category, rows in categories
+      for i, name, score in rows
+    ),
+  )
 
 
 FORMATS = ("csv", "json")
@@ -452,21 +799,45 @@ def write_json(
   header: tuple[str, str, str],
   rows: list[tuple],
   *,
-  scorer: Scorer,
+  scorer,
   workdir: str,
   source: str,
+  categories: list[tuple[str, list[tuple]]] | None = None,
 ) -> None:
   """Writes a COCO-style JSON of per-image labels and scores, atomically.
 
-  `{"info": {...}, "categories": [{"id": 1, "name": CATEGORY}], "images": [{"id", "file_name"}
-  (folders) or {"id", "label"} (dataset splits: the true class)], "annotations": [{"id",
-  "image_id", "category_id": 1, "score", "label": "yes" | "no"}]}`: one annotation per image,
-  `label` "yes" when score >= 0.5, in the order of `rows` (highest score first).
+  `{"info": {...}, "categories": [{"id": 1, "name": CATEGORY}, ...], "images": [{"id",
+  "file_name"} (folders) or {"id", "label"} (dataset splits: the true class)], "annotations":
+  [{"id", "image_id", "category_id", "score", "label": "yes" | "no"}]}`: one annotation per
+  image and category, `label` "yes" when score >= 0.5, by category then in the order of its
+  rows (highest score first). One category: `rows`; several: `categories` = [(name, rows)]
+  (category ids 1, 2, ... in that order; `rows` is then ignored).
   """
+  if categories is None:
+    categories = [(scorer.category, rows)]
   key = "file_name" if header[1] == "path" else "label"
+  images, seen = [], set()
+  for _, category_rows in categories:
+    for i, name, _ in category_rows:
+      if i not in seen:
+        seen.add(i)
+        images.append({"id": int(i), key: csvfile.printable(name)})
+  annotations = []
+  for c, (_, category_rows) in enumerate(categories):
+    for i, _, score in category_rows:
+      annotations.append(
+        {
+          "id": len(annotations) + 1,
+          "image_id": int(i),
+          "category_id": c + 1,
+          "score": round(float(score), 6),
+          "label": "yes" if score >= 0.5 else "no",
+        }
+      )
+  names = [name for name, _ in categories]
   document = {
     "info": {
-      "description": f"rare_jax.predict scores of {scorer.category!r}",
+      "description": f"rare_jax.predict scores of {', '.join(repr(n) for n in names)}",
       "workdir": os.path.abspath(workdir),
       "source": source,
       "model": scorer.kind,
@@ -474,18 +845,9 @@ def write_json(
       "round": scorer.round,
       "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     },
-    "categories": [{"id": 1, "name": scorer.category}],
-    "images": [{"id": int(i), key: csvfile.printable(name)} for i, name, _ in rows],
-    "annotations": [
-      {
-        "id": k + 1,
-        "image_id": int(i),
-        "category_id": 1,
-        "score": round(float(score), 6),
-        "label": "yes" if score >= 0.5 else "no",
-      }
-      for k, (i, _, score) in enumerate(rows)
-    ],
+    "categories": [{"id": c + 1, "name": name} for c, name in enumerate(names)],
+    "images": images,
+    "annotations": annotations,
   }
   if os.path.isdir(path):
     raise ValueError(f"--out={path!r} is a directory; expected a file name")
@@ -504,6 +866,11 @@ def write_json(
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (rare_jax.label or rare_jax.run).")
 _IMAGES = flags.DEFINE_string("images", None, "A folder of JPEG/PNG images to score.")
+_POOL = flags.DEFINE_bool(
+  "pool",
+  False,
+  "Score the labeling run's own pool from its newest checkpoint (nothing is embedded again).",
+)
 _DATASET = flags.DEFINE_string("dataset", None, "A prepared TFDS dataset to score instead.")
 _SPLIT = flags.DEFINE_string("split", "test", "The split of --dataset (e.g. test, train[:10%]).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS's default).")
@@ -512,11 +879,19 @@ _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "csv or json (default
 _HEAD = flags.DEFINE_enum(
   "head", "linear", list(HEADS), "linear: the loop's model; deep: the deep model's main head."
 )
-_TOP_K = flags.DEFINE_integer("top_k", None, "Keep only the N highest-scoring images.")
+_TOP_K = flags.DEFINE_integer(
+  "top_k", None, "Keep only the N highest-scoring images (per category)."
+)
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Keep only images with score >= this.")
 _STRATEGY = flags.DEFINE_string("strategy", None, "Strategy of the run (default: its first).")
 _CATEGORY = flags.DEFINE_string(
-  "category", None, "Category name or index (needed when the run has several)."
+  "category", None, "Category name or index (default: every category of the run, one pass)."
+)
+_CACHE = flags.DEFINE_bool(
+  "cache",
+  True,
+  "Labeling runs on pretrained features: reuse the embeddings of files already embedded "
+  "(WORKDIR/predict_cache) and add the new ones.",
 )
 flags.mark_flags_as_required(["workdir", "out"])
 distributed_flags.define()
@@ -535,8 +910,9 @@ def main(argv):
     if primary:
       print(csvfile.printable(line), file=sys.stderr, flush=True)
 
-  if (_IMAGES.value is None) == (_DATASET.value is None):
-    raise app.UsageError("pass exactly one of --images=DIR or --dataset=NAME")
+  given = [_IMAGES.value is not None, _DATASET.value is not None, _POOL.value]
+  if sum(given) != 1:
+    raise app.UsageError("pass exactly one of --images=DIR, --dataset=NAME or --pool")
   started = time.perf_counter()
   try:
     select_rows([], top_k=_TOP_K.value, threshold=_THRESHOLD.value)  # fail early on bad cuts
@@ -546,40 +922,80 @@ def main(argv):
       prepare_out_file(_OUT.value)
     if not os.path.isdir(_WORKDIR.value):
       raise ValueError(f"--workdir={_WORKDIR.value!r} is not a directory; expected a run's workdir")
-    scorer = load_scorer(
-      _WORKDIR.value,
-      strategy=_STRATEGY.value,
-      category=_CATEGORY.value,
-      head=_HEAD.value,
-      data_dir=_DATA_DIR.value,
-      log=log,
-    )
-    log(f"model: {scorer.kind}, category {scorer.category!r}, round {scorer.round}")
-    if _IMAGES.value is not None:
-      rows = score_folder(scorer, _IMAGES.value, log=log)
-      header = ("id", "path", "score")
+    if _POOL.value:
+      if _HEAD.value != "linear" or _STRATEGY.value is not None:
+        raise ValueError(
+          "--pool scores with the labeling run's linear model; drop --head/--strategy"
+        )
+      pool = exports.pool_scores(_WORKDIR.value)
+      names = pool.category_names
+      chosen = [names[i] for i in _category_indices(_CATEGORY.value, names)]
+      scorer = Scorer(
+        features=None,
+        from_features=None,
+        to_model_input=None,
+        categories=chosen,
+        round_index=pool.round,
+        kind=f"labeling run's pool: {pool.model}",
+        head="linear",
+      )
+      log(f"model: {scorer.kind}; the pool's scores from its newest checkpoint (no embedding)")
+      scored = score_pool(pool, chosen)
+      source = f"the labeling pool of {pool.manifest['root']}"
     else:
-      rows = score_dataset(scorer, _DATASET.value, _SPLIT.value, data_dir=_DATA_DIR.value, log=log)
-      header = ("id", "label", "score")
+      scorer = load_scorer(
+        _WORKDIR.value,
+        strategy=_STRATEGY.value,
+        category=_CATEGORY.value,
+        head=_HEAD.value,
+        data_dir=_DATA_DIR.value,
+        log=log,
+      )
+      log(f"model: {scorer.kind}, categories {scorer.categories}, round {scorer.round}")
+      if _IMAGES.value is not None:
+        cache = None
+        if _CACHE.value and scorer.cache_key is not None:
+          cache = EmbeddingCache(_WORKDIR.value, scorer, log=log, writable=primary)
+        scored = score_folder(scorer, _IMAGES.value, log=log, cache=cache)
+        source = _IMAGES.value
+      else:
+        scored = score_dataset(
+          scorer, _DATASET.value, _SPLIT.value, data_dir=_DATA_DIR.value, log=log
+        )
+        source = f"{_DATASET.value}:{_SPLIT.value}"
+    header = ("id", scored.key, "score")
+    categories = [
+      (name, select_rows(scored.rows(c), top_k=_TOP_K.value, threshold=_THRESHOLD.value))
+      for c, name in enumerate(scorer.categories)
+    ]
   except ValueError as error:
     log(f"error: {error}")
     sys.exit(2)
-  rows = select_rows(rows, top_k=_TOP_K.value, threshold=_THRESHOLD.value)
   if not primary:
     return
   try:
     if output_format(_OUT.value, _FORMAT.value) == "json":
-      source = _IMAGES.value or f"{_DATASET.value}:{_SPLIT.value}"
-      write_json(_OUT.value, header, rows, scorer=scorer, workdir=_WORKDIR.value, source=source)
+      write_json(
+        _OUT.value,
+        header,
+        categories[0][1],
+        scorer=scorer,
+        workdir=_WORKDIR.value,
+        source=source,
+        categories=categories,
+      )
+    elif len(categories) == 1:
+      write_csv(_OUT.value, header, categories[0][1])
     else:
-      write_csv(_OUT.value, header, rows)
+      write_csv_categories(_OUT.value, header, categories)
   except ValueError as error:
     log(f"error: {error}")
     sys.exit(2)
   except OSError as error:
     log(f"error: {describe_os_error(error, error.filename or _OUT.value)}; nothing was written")
     sys.exit(1)
-  log(f"wrote {len(rows)} rows to {_OUT.value} ({time.perf_counter() - started:.1f}s)")
+  count = sum(len(rows) for _, rows in categories)
+  log(f"wrote {count} rows to {_OUT.value} ({time.perf_counter() - started:.1f}s)")
 
 
 def run():

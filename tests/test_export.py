@@ -123,3 +123,151 @@ def test_padded_seeds_of_several_categories_are_exported_once(workdir):
     ("a/1.png", "Sandal"),
     ("c/3.png", "Bag"),
   ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A labeling run of two categories (pixel-PCA features) after its 2 rounds, answered from
+  the folder's classes (Sandal, and Bag)."""
+  import numpy as np
+
+  from rare_jax.active import labelers, runner
+  from rare_jax.data import folder
+
+  out = tmp_path_factory.mktemp("finish")
+  images, sandal_seeds = folder.write_example_folder(out, per_class=8, rare_count=10, num_seeds=3)
+  bag_seeds = sorted(
+    os.path.join(images, "Bag", p) for p in os.listdir(os.path.join(images, "Bag"))
+  )
+  config = folder_run.make_config(budget=10, batch_size=5, feature_dim=12, image_size=16)
+  run = folder_run.prepare_folder_run(
+    str(out / "run"),
+    images=images,
+    categories=[("Sandal", ",".join(sandal_seeds)), ("Bag", ",".join(bag_seeds[:2]))],
+    config=config,
+    log=lambda _: None,
+  )
+  paths = run.manifest["paths"]
+  truth = np.array(
+    [
+      [p.startswith("Sandal/") or p.startswith("/") for p in paths],
+      [p.startswith("Bag/") for p in paths],
+    ]
+  )
+  runner.run_strategy(
+    run_dir=run.run_dir,
+    config=config,
+    strategy=folder_run.STRATEGY,
+    features=run.features,
+    val_features=run.val_features,
+    seed_ids=run.seed_ids,
+    val_ground_truth=run.val_ground_truth,
+    labeler=labelers.SimulatedLabeler(truth),
+    log=lambda _: None,
+  )
+  like = runner.abstract_state(run.features, run.seed_ids, int(config.seed))
+  from rare_jax.infra.checkpoint import CheckpointStore
+
+  with CheckpointStore(os.path.join(run.run_dir, "checkpoints")) as store:
+    state, _ = store.restore(store.latest_step(), like)
+  assert int(state.round) == 2
+  return run, state
+
+
+def test_finish_writes_the_ranked_pool_of_every_category(finished_run, tmp_path):
+  import numpy as np
+
+  run, state = finished_run
+  written = exports.write_results(run.workdir, str(tmp_path / "out"), estimate=lambda *a: None)
+  assert written == [
+    str(tmp_path / "out" / "ranked_results.csv"),
+    str(tmp_path / "out" / "ranked_results.json"),
+  ]
+  probabilities = 1 / (1 + np.exp(-np.asarray(state.scores, np.float64)))
+  labels = np.asarray(state.labels)
+  with open(written[0], newline="", encoding="utf-8") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["category", "rank", "path", "score", "label"]
+  rows = rows[1:]
+  pool = run.pool_size
+  assert len(rows) == 2 * pool
+  index = {p: i for i, p in enumerate(run.manifest["paths"])}
+  for c, name in enumerate(["Sandal", "Bag"]):
+    mine = rows[c * pool : (c + 1) * pool]
+    assert {r[0] for r in mine} == {name}
+    assert [int(r[1]) for r in mine] == list(range(1, pool + 1))
+    ids = [index[r[2]] for r in mine]
+    assert sorted(ids) == list(range(pool))  # every pool image once
+    scores = [float(r[3]) for r in mine]
+    assert scores == sorted(scores, reverse=True)
+    np.testing.assert_allclose(scores, probabilities[c, ids], atol=5e-7)
+    expected = [{1: "yes", 0: "no"}.get(int(labels[c, i]), "none") for i in ids]
+    assert [r[4] for r in mine] == expected
+  # The labels given are the ones the labels export lists.
+  _, given = exports.collect_labels(run.workdir)
+  assert {(x["path"], x["category"], x["answer"]) for x in given} == {
+    (r[2], r[0], r[4]) for r in rows if r[4] != "none"
+  }
+  document = json.loads(open(written[1], encoding="utf-8").read())
+  assert document["format"] == exports.RESULTS_FORMAT and document["round"] == 2
+  assert [c["name"] for c in document["categories"]] == ["Sandal", "Bag"]
+  for c, entry in enumerate(document["categories"]):
+    assert "estimate" not in entry  # no audit: no estimate, not a made-up one
+    assert [(r["rank"], r["path"], f"{r['score']:.6f}", r["label"]) for r in entry["results"]] == [
+      (int(r[1]), r[2], r[3], r[4]) for r in rows[c * pool : (c + 1) * pool]
+    ]
+    assert entry["positives_labeled"] == int((labels[c] == 1).sum())
+  # The audit's estimate goes into the JSON as given (the hook's contract).
+  calls = []
+
+  def estimate(workdir, category, scores, labels_row):
+    calls.append((workdir, category, scores.shape, labels_row.dtype))
+    return {"precision": 0.5} if category == 1 else None
+
+  written = exports.write_results(run.workdir, estimate=estimate)
+  assert written[0] == os.path.join(run.workdir, "results", "ranked_results.csv")
+  assert calls == [(run.workdir, c, (pool,), np.dtype(np.int8)) for c in (0, 1)]
+  document = json.loads(open(written[1], encoding="utf-8").read())
+  assert "estimate" not in document["categories"][0]
+  assert document["categories"][1]["estimate"] == {"precision": 0.5}
+
+
+def test_finish_command_and_its_errors(finished_run, tmp_path):
+  import shutil
+
+  run, _ = finished_run
+
+  def export(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "rare_jax.export", *args],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  out = tmp_path / "done"
+  result = export(f"--workdir={run.workdir}", "--results", f"--out_dir={out}")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [
+    str(out / "ranked_results.csv"),
+    str(out / "ranked_results.json"),
+  ]
+  assert "Sandal:" in result.stderr and "Bag:" in result.stderr and "Traceback" not in result.stderr
+  assert "images ranked" in result.stderr
+  # A run with no batch labeled yet: no model to rank with.
+  fresh = tmp_path / "fresh"
+  shutil.copytree(run.workdir, fresh, ignore=shutil.ignore_patterns("results"))
+  for step in os.listdir(fresh / "ours_linear" / "checkpoints"):
+    if step != "0":
+      shutil.rmtree(fresh / "ours_linear" / "checkpoints" / step)
+  result = export(f"--workdir={fresh}", "--results")
+  assert result.returncode == 2 and "no batch labeled yet" in result.stderr, result.stderr
+  assert not (fresh / "results").exists()
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  with pytest.raises(ValueError, match="is a file"):
+    exports.write_results(run.workdir, str(a_file))
+  with pytest.raises(ValueError, match="holds no labeling run"):
+    exports.write_results(str(tmp_path))

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from rare_jax import predict, workdirs
-from rare_jax.active import linear, loop, runner
+from rare_jax.active import labelers, linear, loop, runner
 from rare_jax.data import folder, sources, tasks
-from rare_jax.deep import stand_in
+from rare_jax.deep import embed as embed_lib
+from rare_jax.deep import stand_in, trunk_features
 from rare_jax.infra.checkpoint import CheckpointStore
-from rare_jax.webapp import folder_run
+from rare_jax.webapp import exports, folder_deep, folder_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +117,7 @@ def test_top_k_threshold_and_dataset_images(folder_workdir):
   images, workdir, run, probabilities = folder_workdir
   scorer = predict.load_scorer(workdir, log=lambda _: None)
   assert scorer.category == "the category" and scorer.round == 1  # seeds given as a file list
-  rows = predict.score_folder(scorer, images, log=lambda _: None)
+  rows = predict.score_folder(scorer, images, log=lambda _: None).rows()
   top = predict.select_rows(rows, top_k=3, threshold=None)
   assert len(top) == 3 and top[0][2] >= top[1][2] >= top[2][2]
   np.testing.assert_allclose([r[2] for r in top], np.sort(probabilities[:102])[::-1][:3], atol=2e-6)
@@ -130,7 +131,7 @@ def test_top_k_threshold_and_dataset_images(folder_workdir):
   train = sources.open_source("rare_fashion_mnist", "train")
   id_, path, score = rows[5]
   image = train[int(path.split("/")[1].split(".")[0])]["image"]
-  assert abs(scorer.score(scorer.to_model_input(image)[None])[0] - score) < 1e-6
+  assert abs(scorer.score(scorer.to_model_input(image)[None])[0, 0] - score) < 1e-6
 
 
 def test_errors_are_clear(folder_workdir, tmp_path):
@@ -203,7 +204,7 @@ def test_dataset_run_refits_the_same_projection(tmp_path):
   scorer = predict.load_scorer(workdir, log=lambda _: None)
   rows = predict.score_dataset(
     scorer, "rare_fashion_mnist", "test[:300]", data_dir=None, log=lambda _: None
-  )
+  ).rows()
   expected = np.asarray(linear.predict_proba(jax.numpy.asarray(val), state.linear))[:, 0]
   got = np.array([rows[i][2] for i in task.val_ids])
   np.testing.assert_allclose(got, expected, atol=1e-6)
@@ -365,14 +366,14 @@ def test_deep_run_reproduces_the_runs_own_scores(deep_workdir, folder_workdir):
   assert scorer.head == "linear" and scorer.round == 2
   rows = predict.score_dataset(
     scorer, "rare_fashion_mnist", "train[:3000]", data_dir=None, log=lambda _: None
-  )
+  ).rows()
   got = np.array([rows[i][2] for i in task.pool_ids])
   expected = 1 / (1 + np.exp(-np.asarray(state.scores[0], np.float64)))
   np.testing.assert_allclose(got, expected, atol=2e-4)
   deep = predict.load_scorer(deep_workdir, head="deep", log=lambda _: None)
   rows = predict.score_dataset(
     deep, "rare_fashion_mnist", "test[:600]", data_dir=None, log=lambda _: None
-  )
+  ).rows()
   val = embed.FeatureStore.open(os.path.join(deep_workdir, "ours", "features", "v1", "val"))
   got = np.array([rows[i][2] for i in task.val_ids])
   np.testing.assert_allclose(got, np.asarray(val["main_probs"])[:, 0], atol=2e-5)
@@ -404,7 +405,7 @@ def test_pretrained_folder_run_scores_like_its_pool(folder_workdir, tmp_path):
   _save_model(workdir, features, run.seed_ids, weights, [0.1])
   scorer = predict.load_scorer(workdir, log=lambda _: None)
   assert "efficientnet_lite0" in scorer.kind and scorer.head == "linear"
-  rows = predict.score_folder(scorer, images, log=lambda _: None)
+  rows = predict.score_folder(scorer, images, log=lambda _: None).rows()
   expected = 1 / (1 + np.exp(-(features.astype(np.float64) @ weights[0] + 0.1)))
   got = np.array([score for _, _, score in sorted(rows)])
   np.testing.assert_allclose(got, expected[:102], atol=1e-4)
@@ -421,8 +422,214 @@ def test_pretrained_folder_run_scores_like_its_pool(folder_workdir, tmp_path):
   )
   with pytest.raises(ValueError, match="format='xml'"):
     predict.output_format("x.csv", "xml")
-  # After a deep update from the labeling page the model lives on features predict cannot
-  # compute yet: refused, not scored with the wrong features.
-  _save_model(workdir, features, run.seed_ids, weights, [0.1], step=2, meta={"feature_version": 1})
-  with pytest.raises(ValueError, match="deep update v1"):
-    predict.load_scorer(workdir, log=lambda _: None)
+
+
+def test_every_category_in_one_pass(folder_workdir, tmp_path):
+  """A run of two categories: one pass over the images gives both columns; the CSV has one
+  row per image and category, the JSON two COCO categories; --category keeps the old layout."""
+  images, _, first, _ = folder_workdir
+  bags = sorted(glob.glob(os.path.join(images, "Bag", "*.png")))[:3]
+  config = folder_run.make_config(budget=10, batch_size=5, feature_dim=12, image_size=16)
+  workdir = str(tmp_path / "run")
+  run = folder_run.prepare_folder_run(
+    workdir,
+    images=images,
+    categories=[("Sandal", ",".join(first.manifest["seed_files"])), ("Bag", ",".join(bags))],
+    config=config,
+    log=lambda _: None,
+  )
+  features = np.asarray(run.features)
+  weights = np.random.default_rng(2).normal(size=(2, features.shape[1])) * 0.3
+  bias = np.array([0.2, -0.4])
+  _save_model(workdir, features, run.seed_ids, weights, bias)
+  expected = 1 / (1 + np.exp(-(features.astype(np.float64) @ weights.T + bias)))  # [P, 2]
+  scorer = predict.load_scorer(workdir, log=lambda _: None)
+  assert scorer.categories == ["Sandal", "Bag"]
+  scored = predict.score_folder(scorer, images, log=lambda _: None)
+  assert scorer.images_embedded == 102  # one pass, not one per category
+  assert scored.scores.shape == (102, 2)
+  np.testing.assert_allclose(scored.scores, expected[:102], atol=2e-6)
+
+  def cli(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "rare_jax.predict", f"--workdir={workdir}", *args],
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  result = cli(f"--images={images}", f"--out={tmp_path / 'both.csv'}", "--top_k=4")
+  assert result.returncode == 0, result.stderr
+  header, rows = _read_csv(tmp_path / "both.csv")
+  assert header == ["id", "path", "category", "score"]
+  assert [r[2] for r in rows] == ["Sandal"] * 4 + ["Bag"] * 4
+  for c, name in enumerate(("Sandal", "Bag")):
+    best = np.argsort(-expected[:102, c], kind="stable")[:4]
+    got = [r for r in rows if r[2] == name]
+    assert [int(r[0]) for r in got] == best.tolist()
+    np.testing.assert_allclose([float(r[3]) for r in got], expected[best, c], atol=2e-6)
+  result = cli(f"--images={images}", f"--out={tmp_path / 'both.json'}")
+  assert result.returncode == 0, result.stderr
+  document = json.loads((tmp_path / "both.json").read_text(encoding="utf-8"))
+  assert document["categories"] == [{"id": 1, "name": "Sandal"}, {"id": 2, "name": "Bag"}]
+  assert len(document["images"]) == 102 and len(document["annotations"]) == 204
+  for annotation in document["annotations"]:
+    c = annotation["category_id"] - 1
+    assert abs(annotation["score"] - expected[annotation["image_id"], c]) < 2e-6
+  result = cli(f"--images={images}", f"--out={tmp_path / 'bag.csv'}", "--category=Bag")
+  assert result.returncode == 0, result.stderr
+  header, rows = _read_csv(tmp_path / "bag.csv")
+  assert header == ["id", "path", "score"] and len(rows) == 102
+  assert abs(float(rows[0][2]) - expected[:102, 1].max()) < 2e-6
+
+
+@pytest.fixture(scope="module")
+def deep_labeling_run(tmp_path_factory):
+  """A labeling run on EfficientNet-Lite0 embeddings (32 px) with a real deep update after
+  round 1, as the page's "Update the deep model" asks for, then round 2 on its features."""
+  out = tmp_path_factory.mktemp("deep_labeling")
+  images, seed_files = folder.write_example_folder(out, per_class=4, rare_count=6, num_seeds=3)
+  config = folder_run.make_config(
+    budget=10,
+    batch_size=5,
+    features="pretrained",
+    image_size=32,
+    embed_batch_size=16,
+    deep_epochs=1,
+  )
+  run = folder_run.prepare_folder_run(
+    str(out / "run"),
+    images=images,
+    seeds=",".join(seed_files),
+    config=config,
+    eval_subfolder="Sandal",
+    log=lambda _: None,
+  )
+  runner.run_strategy(
+    run_dir=run.run_dir,
+    config=config,
+    strategy=folder_run.STRATEGY,
+    features=run.features,
+    val_features=run.val_features,
+    seed_ids=run.seed_ids,
+    val_ground_truth=run.val_ground_truth,
+    labeler=labelers.SimulatedLabeler(run.val_ground_truth),
+    log=lambda _: None,
+    updater=folder_deep.make_updater(run, log=lambda _: None),
+    update_after=lambda round_index: round_index == 1,
+  )
+  like = runner.abstract_state(run.features, run.seed_ids, int(config.seed))
+  with CheckpointStore(os.path.join(run.run_dir, "checkpoints")) as store:
+    state, meta = store.restore(store.latest_step(), like)
+  assert meta["feature_version"] == 1 and int(state.round) == 2
+  expected = 1 / (1 + np.exp(-np.asarray(state.scores[0], np.float64)))
+  return images, run, expected
+
+
+class _CountEmbeddings:
+  """Counts the images a TrunkEmbedder passes through the network."""
+
+  def __init__(self, monkeypatch):
+    self.count = 0
+    original = trunk_features.TrunkEmbedder.embed
+
+    def embed(embedder, images):
+      self.count += len(images)
+      return original(embedder, images)
+
+    monkeypatch.setattr(trunk_features.TrunkEmbedder, "embed", embed)
+
+
+def test_the_pool_after_a_deep_update_is_scored_without_embedding(deep_labeling_run, tmp_path):
+  """`--pool` writes the newest checkpoint's scores (on deep update v1's features); the folder
+  the run labeled, scored with --images, gets the same scores from the run's own v1 pool
+  embeddings: no image passes through the trunk."""
+  images, run, expected = deep_labeling_run
+  out = tmp_path / "pool.csv"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.predict",
+      f"--workdir={run.workdir}",
+      "--pool",
+      f"--out={out}",
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  assert "after deep update v1" in result.stderr and "no embedding" in result.stderr
+  header, rows = _read_csv(out)
+  assert header == ["id", "path", "score"] and len(rows) == run.pool_size
+  for id_, path, score in rows:
+    assert path == run.display_path(int(id_))
+    assert abs(float(score) - expected[int(id_)]) < 2e-6
+  assert exports.pool_scores(run.workdir).feature_version == 1
+
+
+def test_after_a_deep_update_new_images_use_the_updated_trunk_and_the_cache(
+  deep_labeling_run, tmp_path, monkeypatch
+):
+  """(1) The trunk of deep update v1 embeds new files exactly as the run embedded its pool after
+  that update (float32 rounding). (2) Embeddings are cached per (path, size, mtime, trunk): a
+  second call embeds nothing, a touched file is embedded again, gone files leave the cache, and
+  the run's labeled folder needs no embedding at all."""
+  images, run, expected = deep_labeling_run
+  counter = _CountEmbeddings(monkeypatch)
+  scorer = predict.load_scorer(run.workdir, log=lambda _: None)
+  assert "after deep update v1" in scorer.kind and scorer.round == 2
+  v0 = embed_lib.FeatureStore.open(folder_run.pool_store_dir(run.workdir)).features
+  v1 = embed_lib.FeatureStore.open(os.path.join(run.run_dir, "features", "v1", "pool")).features
+  assert np.abs(np.asarray(v1) - np.asarray(v0)).max() > 1e-2  # the update changed the trunk
+  # New files: copies of pool images under new names (not in any cache).
+  pool_ids = [0, 5, 20, 21, run.manifest["num_folder_images"]]  # the last: a seed outside
+  new = tmp_path / "new"
+  new.mkdir()
+  for k, i in enumerate(pool_ids):
+    shutil.copyfile(run.file_path(i), new / f"copy_{k}.png")
+  images_new = np.stack(
+    [scorer.to_model_input(folder.decode_image(str(new / f"copy_{k}.png"))) for k in range(5)]
+  )
+  np.testing.assert_allclose(
+    scorer.features(images_new), np.asarray(v1)[pool_ids], rtol=1e-4, atol=1e-4
+  )
+  counter.count = 0
+  cache_dir = os.path.join(run.workdir, predict.CACHE_DIR)
+  os.makedirs(cache_dir, exist_ok=True)
+  stale = os.path.join(cache_dir, "embeddings_of_another_trunk.npz")
+  open(stale, "wb").close()
+  scored = predict.score_folder(
+    scorer, str(new), log=lambda _: None, cache=predict.EmbeddingCache(run.workdir, scorer)
+  )
+  assert counter.count == 5
+  np.testing.assert_allclose(scored.scores[:, 0], expected[pool_ids], atol=1e-4)
+  assert not os.path.exists(stale)  # one cache file: the current trunk's
+  counter.count = 0
+  again = predict.score_folder(
+    scorer, str(new), log=lambda _: None, cache=predict.EmbeddingCache(run.workdir, scorer)
+  )
+  assert counter.count == 0
+  np.testing.assert_array_equal(again.scores, scored.scores)
+  stat = os.stat(new / "copy_1.png")
+  os.utime(new / "copy_1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+  os.remove(new / "copy_4.png")
+  predict.score_folder(
+    scorer, str(new), log=lambda _: None, cache=predict.EmbeddingCache(run.workdir, scorer)
+  )
+  assert counter.count == 1  # the touched file only
+  cache = predict.EmbeddingCache(run.workdir, scorer)
+  assert sorted(cache._entries) == sorted(str(new / f"copy_{k}.png") for k in range(4))
+  assert os.listdir(cache_dir) == [os.path.basename(cache.path)]
+  # The folder the run labeled: its own v1 pool embeddings, nothing embedded.
+  counter.count = 0
+  lines = []
+  labeled = predict.score_folder(scorer, images, log=lines.append, cache=cache)
+  assert counter.count == 0, lines
+  assert labeled.names == run.manifest["paths"][: len(labeled.names)]
+  np.testing.assert_allclose(labeled.scores[:, 0], expected[: len(labeled.names)], atol=1e-4)

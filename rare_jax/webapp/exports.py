@@ -1,16 +1,32 @@
-"""A labeling workdir's labels as CSV or JSON: what `python -m rare_jax.export` and the labeling
-page's download links write (the format is described in `rare_jax/export.py`)."""
+"""A labeling workdir's labels, and its ranked results, as CSV or JSON: what
+`python -m rare_jax.export` and the labeling page's download links and finish action write (the
+formats are described in `rare_jax/export.py`).
+
+`collect_labels` / `write_labels`: the labels given. `pool_scores`: the newest checkpoint's
+scores of the whole pool (what `rare_jax.predict --pool` writes). `write_results`: the ranked
+results of the whole pool for every category (the finish action), with the audit's estimate
+of precision and recall when the run has an audit (`rare_jax.webapp.audit`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from rare_jax.active import runner
+from rare_jax.active import loop, runner
+from rare_jax.deep import embed as embed_lib
 from rare_jax.infra import csvfile
-from rare_jax.infra.checkpoint import write_json_atomic
+from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.webapp import folder_run
 from rare_jax.webapp.labeler import read_journal
 
@@ -25,19 +41,7 @@ def collect_labels(workdir: str) -> tuple[dict, list[dict[str, Any]]]:
   Raises:
     ValueError: not a directory, no labeling run in it, or damaged run files (naming them).
   """
-  if not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir!r} is not a directory; expected a labeling workdir")
-  manifest_path = os.path.join(workdir, folder_run.MANIFEST)
-  if not os.path.exists(manifest_path):
-    raise ValueError(
-      f"{workdir} holds no labeling run: {manifest_path} is missing; expected a workdir of "
-      "python -m rare_jax.label"
-    )
-  manifest = folder_run.read_json_object(manifest_path)
-  if manifest.get("format") != folder_run.MANIFEST_FORMAT:
-    raise ValueError(
-      f"{manifest_path}: format {manifest.get('format')!r}; expected {folder_run.MANIFEST_FORMAT!r}"
-    )
+  manifest, _ = collect_labels_manifest(workdir)
   paths, names = manifest["paths"], manifest["category_names"]
   run_dir = os.path.join(workdir, folder_run.STRATEGY)
   logged = runner.read_answers(os.path.join(run_dir, "answers.jsonl"))
@@ -125,3 +129,245 @@ def write_labels(out: str, manifest: dict, labels: list[dict[str, Any]], fmt: st
     write_json_atomic(out, {"format": FORMAT, "images": images, "labels": printable})
   else:
     raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+
+
+RESULTS_FORMAT = "rare_jax.Results/1"
+RESULTS_COLUMNS = ("category", "rank", "path", "score", "label")
+RESULTS_DIR = "results"  # under the workdir, unless another folder is given
+RESULTS_NAME = "ranked_results"  # .csv and .json
+
+
+def pool_feature_shape(workdir: str, config) -> tuple[int, int]:
+  """[P, D] of the features a run's loop started from (without reading them): the cached
+  embeddings (`features/pool/`) or the pixel-PCA features (`features/pool.npy`).
+
+  Raises:
+    ValueError: the run never computed them.
+  """
+  directory = os.path.join(workdir, "features")
+  if config.features in ("pretrained", "m_pre"):
+    store_dir = os.path.join(directory, "pool")
+    if not embed_lib.FeatureStore.exists(store_dir):
+      raise ValueError(f"{workdir}: {store_dir} is missing; the run never computed features")
+    store = embed_lib.FeatureStore.open(store_dir)
+    return (store.num_rows, store.dim)
+  path = os.path.join(directory, "pool.npy")
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir}: {path} is missing; the run never computed features")
+  return tuple(np.load(path, mmap_mode="r").shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolScores:
+  """The newest checkpoint of a labeling run: its model's scores of the whole pool.
+
+  probabilities: float64 [C, P], the linear model's probability per category and pool image
+  (the loop's own scores: logits on the features of the checkpoint's feature version, so no
+  image is embedded again). labels: int8 [C, P], 1 yes (seeds included), 0 no, -1 none.
+  seeds: bool [C, P]. paths: the pool's display paths (relative to the folder, or absolute
+  for a seed outside it).
+  """
+
+  workdir: str
+  manifest: dict
+  config: Any
+  category_names: list[str]
+  paths: list[str]
+  probabilities: np.ndarray
+  labels: np.ndarray
+  seeds: np.ndarray
+  round: int
+  feature_version: int
+
+  @property
+  def model(self) -> str:
+    """One line for people: which model gave the scores."""
+    features = folder_run.describe_features(self.config)
+    if self.feature_version:
+      features += f", after deep update v{self.feature_version}"
+    return f"the linear model of round {self.round} on {features}"
+
+
+def pool_scores(workdir: str) -> PoolScores:
+  """The newest checkpoint's scores of a labeling run's pool (see `PoolScores`).
+
+  Raises:
+    ValueError: not a labeling run, a damaged checkpoint or run file (named), no batch
+      labeled yet (no model), or a category without a linear model yet.
+  """
+  manifest, _ = collect_labels_manifest(workdir)
+  config = ml_collections.ConfigDict(
+    folder_run.read_json_object(os.path.join(workdir, "config.json"))
+  )
+  seed_ids = np.asarray(manifest["seed_ids"], np.int64)
+  like = runner.abstract_state(
+    jax.ShapeDtypeStruct(pool_feature_shape(workdir, config), jnp.float32),
+    seed_ids,
+    int(config.seed),
+  )
+  directory = os.path.join(workdir, folder_run.STRATEGY, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"{workdir}: {directory} is missing; expected a started labeling run")
+  with CheckpointStore(directory) as store:
+    step = store.latest_step()
+    if step is None:
+      raise ValueError(f"{directory} holds no checkpoint; expected a started labeling run")
+    state, meta = store.restore(step, like)
+  names = list(manifest["category_names"])
+  if not bool(state.has_model):
+    raise ValueError(
+      f"{workdir}: no batch labeled yet (round 0): no model to rank the pool with; expected "
+      "at least one submitted batch"
+    )
+  fitted = np.asarray(loop.fitted(state))
+  if not fitted.all():
+    missing = [n for n, f in zip(names, fitted, strict=True) if not f]
+    raise ValueError(
+      f"{workdir}: categories {missing} have no linear model yet (no negative or no positive "
+      "label); expected another batch labeled"
+    )
+  logits = np.asarray(state.scores, np.float64)
+  labels = np.asarray(state.labels, np.int8)
+  return PoolScores(
+    workdir=workdir,
+    manifest=manifest,
+    config=config,
+    category_names=names,
+    paths=list(manifest["paths"]),
+    probabilities=1 / (1 + np.exp(-logits)),
+    labels=labels,
+    seeds=(np.asarray(state.label_round) == 0) & (labels == 1),
+    round=int(state.round),
+    feature_version=int(meta.get("feature_version", 0)),
+  )
+
+
+def collect_labels_manifest(workdir: str) -> tuple[dict, str]:
+  """(manifest, its path) of a labeling workdir, checked.
+
+  Raises:
+    ValueError: not a directory, no labeling run in it, or a damaged manifest.
+  """
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir!r} is not a directory; expected a labeling workdir")
+  path = os.path.join(workdir, folder_run.MANIFEST)
+  if not os.path.exists(path):
+    raise ValueError(
+      f"{workdir} holds no labeling run: {path} is missing; expected a workdir of "
+      "python -m rare_jax.label"
+    )
+  manifest = folder_run.read_json_object(path)
+  if manifest.get("format") != folder_run.MANIFEST_FORMAT:
+    raise ValueError(
+      f"{path}: format {manifest.get('format')!r}; expected {folder_run.MANIFEST_FORMAT!r}"
+    )
+  return manifest, path
+
+
+def ranking(probabilities: np.ndarray) -> np.ndarray:
+  """Pool ids from the highest probability to the lowest (ties: lower id first)."""
+  probabilities = np.asarray(probabilities)
+  return np.lexsort((np.arange(len(probabilities)), -probabilities))
+
+
+AUDIT_MODULE = "rare_jax.webapp.audit"
+
+
+def audit_estimate(workdir: str, category: int, scores: np.ndarray, labels: np.ndarray):
+  """The audit's estimate for one category (`rare_jax.webapp.audit.estimate(workdir,
+  category_index, scores, labels)`: a JSON-ready dict, or None when the run has no audit
+  answers for it); None where that module is not installed in this version."""
+  try:
+    audit = importlib.import_module(AUDIT_MODULE)
+  except ModuleNotFoundError as error:
+    if error.name != AUDIT_MODULE:
+      raise
+    return None
+  return audit.estimate(workdir, category, scores, labels)
+
+
+def write_results(
+  workdir: str,
+  out_dir: str | None = None,
+  *,
+  estimate: Callable[[str, int, np.ndarray, np.ndarray], Any] = audit_estimate,
+  log: Callable[[str], None] = lambda _: None,
+) -> list[str]:
+  """Writes the ranked results of the whole pool for every category, from the run's newest
+  model; returns the paths written ([CSV, JSON]).
+
+  Files: `OUT_DIR/ranked_results.csv` and `.json` (OUT_DIR: `WORKDIR/results` by default),
+  written atomically (a reader sees the previous results or the new ones). The CSV has one
+  row per (category, pool image): `category,rank,path,score,label`, by category (the run's
+  order) then rank (1 = highest score); `score` is the model's probability (6 decimals; the
+  rank orders ties by pool id), `label` the answer given: `yes` (seeds included), `no`, or
+  `none`. The JSON: `{"format": "rare_jax.Results/1", "workdir", "images" (the folder),
+  "round", "feature_version", "model", "date_created", "categories": [{"name",
+  "positives_labeled", "negatives_labeled", "estimate" (only where the run has an audit:
+  `audit_estimate`), "results": [{"rank", "path", "score", "label", "seed"}]}]}`. Paths that
+  are not valid UTF-8 are written with backslash escapes, CSV cells are safe in a spreadsheet
+  (`rare_jax.infra.csvfile`).
+
+  Raises:
+    ValueError: as `pool_scores`, or an `out_dir` that is a file or cannot be created.
+    OSError: a failed write (nothing partial is left).
+  """
+  scores = pool_scores(workdir)
+  out_dir = os.path.join(workdir, RESULTS_DIR) if out_dir is None else out_dir
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"out_dir={out_dir!r} is a file; expected a folder for the results")
+  prepare_out_file(os.path.join(out_dir, f"{RESULTS_NAME}.csv"))
+  categories = []
+  for c, name in enumerate(scores.category_names):
+    order = ranking(scores.probabilities[c])
+    labels = scores.labels[c]
+    results = [
+      {
+        "rank": rank + 1,
+        "path": scores.paths[i],
+        "score": round(float(scores.probabilities[c, i]), 6),
+        "label": {1: "yes", 0: "no"}.get(int(labels[i]), "none"),
+        "seed": bool(scores.seeds[c, i]),
+      }
+      for rank, i in enumerate(order)
+    ]
+    entry = {
+      "name": name,
+      "positives_labeled": int((labels == 1).sum()),
+      "negatives_labeled": int((labels == 0).sum()),
+    }
+    found = estimate(workdir, c, scores.probabilities[c], labels)
+    if found is not None:
+      entry["estimate"] = found
+      log(f"{name}: audit estimate {json.dumps(found, ensure_ascii=False)[:300]}")
+    entry["results"] = results
+    categories.append(entry)
+  csv_path = os.path.join(out_dir, f"{RESULTS_NAME}.csv")
+  json_path = os.path.join(out_dir, f"{RESULTS_NAME}.json")
+  csvfile.write_csv_atomic(
+    csv_path,
+    RESULTS_COLUMNS,
+    (
+      (entry["name"], r["rank"], r["path"], f"{r['score']:.6f}", r["label"])
+      for entry in categories
+      for r in entry["results"]
+    ),
+  )
+  for entry in categories:
+    for r in entry["results"]:
+      r["path"] = csvfile.printable(r["path"])
+  document = {
+    "format": RESULTS_FORMAT,
+    "workdir": os.path.abspath(workdir),
+    "images": csvfile.printable(scores.manifest["root"]),
+    "round": scores.round,
+    "feature_version": scores.feature_version,
+    "model": scores.model,
+    "date_created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "categories": [
+      {k: csvfile.printable(v) if k == "name" else v for k, v in entry.items()}
+      for entry in categories
+    ],
+  }
+  write_json_atomic(json_path, document)
+  return [csv_path, json_path]
