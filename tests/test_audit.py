@@ -15,8 +15,8 @@ size (2,000 posterior draws per estimate); the answers are the dataset's labels.
 The checks can fail (`test_the_checks_fail_...`): the naive estimate that ignores the inclusion
 probabilities has mean precision 0.69 against the true 0.127 at 50 images (the bias check
 fails), and Jeffreys' intervals cover 0.980 / 0.824 / 0.820 at 50 images (the coverage check
-fails). The file takes about 16 s of CPU (30-40 s of wall time on the shared, loaded 2-core
-machine), most of it imports and the 1,500 estimates of the coverage tests.
+fails). The file takes about 19 s of CPU (45-55 s of wall time on the shared 2-core machine at
+a load of 9), most of it imports and the 1,500 estimates of the coverage tests.
 """
 
 import dataclasses
