@@ -92,7 +92,7 @@ def _results(log) -> None:
       f"{entry['positives_labeled']} labeled yes, {entry['negatives_labeled']} no"
     )
     if "estimate" in entry:
-      line += f"; audit estimate: {_estimate_line(entry['estimate'])}"
+      line += f"; audit: {_estimate_line(entry['estimate'])}"
     log(line)
   for path in paths:
     print(path, flush=True)  # stdout: the files, for scripts
@@ -100,10 +100,9 @@ def _results(log) -> None:
 
 
 def _estimate_line(estimate) -> str:
-  """One line of the audit's estimate (its own `summary` when it gives one)."""
-  if isinstance(estimate, dict) and isinstance(estimate.get("summary"), str):
-    return estimate["summary"]
-  return json.dumps(estimate, ensure_ascii=False)[:500]
+  """One line of the audit's estimate: its own summary sentence."""
+  summary = estimate.get("summary") if isinstance(estimate, dict) else None
+  return summary if isinstance(summary, str) else json.dumps(estimate, ensure_ascii=False)[:500]
 
 
 def main(argv):

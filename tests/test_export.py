@@ -255,7 +255,7 @@ def test_finish_command_and_its_errors(finished_run, tmp_path):
     str(out / "ranked_results.json"),
   ]
   assert "Sandal:" in result.stderr and "Bag:" in result.stderr and "Traceback" not in result.stderr
-  assert "images ranked" in result.stderr
+  assert "images ranked" in result.stderr and "audit" not in result.stderr
   # A run with no batch labeled yet: no model to rank with.
   fresh = tmp_path / "fresh"
   shutil.copytree(run.workdir, fresh, ignore=shutil.ignore_patterns("results"))
@@ -271,3 +271,45 @@ def test_finish_command_and_its_errors(finished_run, tmp_path):
     exports.write_results(run.workdir, str(a_file))
   with pytest.raises(ValueError, match="holds no labeling run"):
     exports.write_results(str(tmp_path))
+
+
+def test_finish_includes_the_audit_estimate_where_the_run_has_an_audit(finished_run, tmp_path):
+  """A recorded audit of Sandal (20 images drawn from the unlabeled ones, answered from the
+  folder's classes): its estimate is in the results' JSON and the command's output; Bag, with
+  no audit, gets none."""
+  import shutil
+
+  import numpy as np
+
+  from rare_jax.webapp import audit
+
+  run, state = finished_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run.workdir, workdir, ignore=shutil.ignore_patterns("results"))
+  probabilities = 1 / (1 + np.exp(-np.asarray(state.scores, np.float64)))
+  labels = np.asarray(state.labels, np.int8)
+  audit.start(workdir, 0, probabilities, labels, size=20, seed=3)
+  for i in audit.pending(workdir, 0):
+    path = run.manifest["paths"][i]
+    audit.record(workdir, 0, i, path.startswith("Sandal/") or path.startswith("/"))
+  expected = audit.estimate(workdir, 0, probabilities[0], labels[0])
+  assert expected is not None and expected["labeled"] == 20 and expected["recall"] is not None
+  assert audit.estimate(workdir, 1, probabilities[1], labels[1]) is None
+  result = subprocess.run(
+    [sys.executable, "-m", "rare_jax.export", f"--workdir={workdir}", "--results"],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  assert f"Sandal: {run.pool_size} images ranked" in result.stderr
+  assert f"audit: {expected['summary']}" in result.stderr
+  document = json.loads(
+    open(os.path.join(workdir, "results", "ranked_results.json"), encoding="utf-8").read()
+  )
+  sandal, bag = document["categories"]
+  assert "estimate" not in bag
+  got = dict(sandal["estimate"])
+  assert got == json.loads(json.dumps(expected))  # the estimate as the audit gives it

@@ -11,7 +11,6 @@ of precision and recall when the run has an audit (`rare_jax.webapp.audit`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import time
@@ -27,7 +26,7 @@ from rare_jax.active import loop, runner
 from rare_jax.deep import embed as embed_lib
 from rare_jax.infra import csvfile
 from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
-from rare_jax.webapp import folder_run
+from rare_jax.webapp import audit, folder_run
 from rare_jax.webapp.labeler import read_journal
 
 FORMAT = "rare_jax.Labels/1"
@@ -270,27 +269,11 @@ def ranking(probabilities: np.ndarray) -> np.ndarray:
   return np.lexsort((np.arange(len(probabilities)), -probabilities))
 
 
-AUDIT_MODULE = "rare_jax.webapp.audit"
-
-
-def audit_estimate(workdir: str, category: int, scores: np.ndarray, labels: np.ndarray):
-  """The audit's estimate for one category (`rare_jax.webapp.audit.estimate(workdir,
-  category_index, scores, labels)`: a JSON-ready dict, or None when the run has no audit
-  answers for it); None where that module is not installed in this version."""
-  try:
-    audit = importlib.import_module(AUDIT_MODULE)
-  except ModuleNotFoundError as error:
-    if error.name != AUDIT_MODULE:
-      raise
-    return None
-  return audit.estimate(workdir, category, scores, labels)
-
-
 def write_results(
   workdir: str,
   out_dir: str | None = None,
   *,
-  estimate: Callable[[str, int, np.ndarray, np.ndarray], Any] = audit_estimate,
+  estimate: Callable[[str, int, np.ndarray, np.ndarray], Any] = audit.estimate,
   log: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
   """Writes the ranked results of the whole pool for every category, from the run's newest
@@ -303,8 +286,9 @@ def write_results(
   rank orders ties by pool id), `label` the answer given: `yes` (seeds included), `no`, or
   `none`. The JSON: `{"format": "rare_jax.Results/1", "workdir", "images" (the folder),
   "round", "feature_version", "model", "date_created", "categories": [{"name",
-  "positives_labeled", "negatives_labeled", "estimate" (only where the run has an audit:
-  `audit_estimate`), "results": [{"rank", "path", "score", "label", "seed"}]}]}`. Paths that
+  "positives_labeled", "negatives_labeled", "estimate" (only where the category has an audit:
+  `rare_jax.webapp.audit.estimate` of the current model's probabilities and labels, with its
+  one-line "summary"), "results": [{"rank", "path", "score", "label", "seed"}]}]}`. Paths that
   are not valid UTF-8 are written with backslash escapes, CSV cells are safe in a spreadsheet
   (`rare_jax.infra.csvfile`).
 
@@ -339,7 +323,7 @@ def write_results(
     found = estimate(workdir, c, scores.probabilities[c], labels)
     if found is not None:
       entry["estimate"] = found
-      log(f"{name}: audit estimate {json.dumps(found, ensure_ascii=False)[:300]}")
+      log(f"{name}: audit: {found.get('summary') or json.dumps(found)[:300]}")
     entry["results"] = results
     categories.append(entry)
   csv_path = os.path.join(out_dir, f"{RESULTS_NAME}.csv")
