@@ -650,8 +650,11 @@ def total_rows(match: re.Match) -> int:
 
 
 def _duration(seconds: float) -> str:
+  """'12s', '3m05s', '1h02m': as the embedding's ETA is written."""
   seconds = int(round(seconds))
-  return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _write_lines(path: str, records: list[dict]) -> None:
