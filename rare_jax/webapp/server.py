@@ -17,6 +17,9 @@ browsers fetch on their own without the token: an empty 204. Routes:
     POST /api/correct       {"category", "id", "answer"}: changes an answer of a submitted batch
                              (422 not answered in one, 409 unchanged or the run busy); the run
                              is re-derived from the corrected answers (session.correct)
+    POST /api/finish        {}: writes the ranked results of the whole pool for every category
+                             (exports.write_results); the state's "results" says where
+                             (409 no model yet or the run busy)
     POST /api/deep_update   {}: a deep update after the batch being labeled (pretrained runs);
                              409 for pixel-PCA runs, one running, or no round left after it
     GET  /export/labels.csv, /export/labels.json   the labels given so far, as a download
@@ -66,7 +69,7 @@ from typing import Any
 import flask
 from werkzeug import exceptions, serving
 
-from rare_jax.webapp import exports
+from rare_jax.webapp import audit_routes, exports
 from rare_jax.webapp.labeler import AnswerRejected
 from rare_jax.webapp.session import LabelingSession
 
@@ -174,6 +177,12 @@ def create_app(
     corrected = session.correct(body["category"], body["id"], body["answer"])
     return flask.jsonify(dict(session.state(), corrected=corrected))
 
+  @app.post("/api/finish")
+  def finish():
+    _json_body({})
+    written = session.write_results()
+    return flask.jsonify(dict(session.state(), written=written))
+
   @app.post("/api/deep_update")
   def deep_update():
     _json_body({})  # the page sends {}: anything else is a malformed request
@@ -199,6 +208,9 @@ def create_app(
   def _rejected(error):
     return _error(error.status, str(error))
 
+  # The audit (its routes and page script: rare_jax/webapp/audit_routes.py), after the app's own
+  # routes; the token check, headers and error handlers above apply to it too.
+  app.register_blueprint(audit_routes.blueprint(session, json_body=_json_body))
   return app
 
 

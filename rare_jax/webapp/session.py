@@ -31,6 +31,7 @@ the same re-derivation on restart, so a restart gives the same state.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -105,6 +106,8 @@ class LabelingSession:
     self._deep: dict[str, Any] = {"status": "idle", "message": "", "progress": 0.0}
     self._deep_changes = 0
     self._feature_version = 0  # of the newest checkpoint read
+    self._results: dict | None = None  # the last ranked results written (Finish)
+    self._results_lock = threading.Lock()
     self._epoch_clock: tuple[float, float | None, int, int] | None = None  # (start, s/epoch, k, E)
     # Served images: where the folder resolves to is taken now (checked again per request).
     self._images = pool_images.PoolImages(run)
@@ -172,11 +175,60 @@ class LabelingSession:
     """The page's line once the budget is used: what was done and what to do next."""
     per_category = self.total_rounds * self.batch_size
     return (
-      f"Done: all {per_category} labels per category are used. To score images, run "
-      f"python -m rare_jax.predict --workdir={self.run.workdir} "
-      f"--images={self.run.manifest['root']} --out=scores.csv; to label more, start the same "
-      "command again with a larger --budget."
+      f"Done: all {per_category} labels per category are used. Write the ranked results of "
+      "every image below (Finish); score other images with python -m rare_jax.predict "
+      f"--workdir={self.run.workdir} --images=OTHER_FOLDER --out=scores.csv; to label more, "
+      "start the same command again with a larger --budget."
     )
+
+  # Finish.
+
+  def write_results(self) -> dict:
+    """Writes the ranked results of the whole pool for every category from the newest model
+    (`exports.write_results`: WORKDIR/results/ranked_results.csv and .json); returns what the
+    page shows of them ({csv, json, round, message}), also in `state()["results"]`.
+
+    Raises:
+      AnswerRejected: 409 while the run is busy (a batch being taken in, a deep update, a
+        correction) or with no model yet; 507/500 a failed write (nothing partial is left).
+    """
+    from rare_jax.webapp import exports  # reads checkpoints and audits: only when asked
+
+    phase = self.labeler.snapshot()["phase"]
+    if phase not in (LABELING, DONE):
+      raise AnswerRejected(
+        409, f"the run is {phase} now; write the results once the next batch is shown"
+      )
+    with self._results_lock:
+      try:
+        csv_path, json_path = exports.write_results(self.run.workdir, log=self.log)
+      except ValueError as error:
+        raise AnswerRejected(409, f"no results yet: {error}") from None
+      except OSError as error:
+        status = 507 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+        raise AnswerRejected(
+          status, f"{describe_os_error(error)}; the results are NOT written"
+        ) from None
+      with open(json_path, encoding="utf-8") as f:
+        written = json.load(f)
+      names = [c["name"] for c in written["categories"]]
+      results = {
+        "csv": os.path.abspath(csv_path),
+        "json": os.path.abspath(json_path),
+        "round": int(written["round"]),
+        "message": (
+          f"The ranked results of all {self.run.pool_size} images for "
+          f"{' and '.join(names) if len(names) < 3 else ', '.join(names)}, from the model of "
+          f"batch {written['round']}, are in {os.path.abspath(csv_path)} (a table: category, "
+          f"rank, path, score, label given) and {os.path.abspath(json_path)} (the same, with "
+          "the audit's estimate where there is one). Write them again after more batches."
+        ),
+      }
+      with self._lock:
+        self._results = results
+        self._deep_changes += 1  # the page re-renders
+    self.log(f"results written: {csv_path} and {json_path}")
+    return dict(results)
 
   # Corrections.
 
@@ -530,6 +582,7 @@ class LabelingSession:
       refusal = self._deep_request_refusal(snapshot)
       deep_changes = self._deep_changes
       version = self._feature_version
+      results = None if self._results is None else dict(self._results)
     if not self.deep_available:
       deep_update = {
         "status": "unavailable",
@@ -556,6 +609,7 @@ class LabelingSession:
       "answered": snapshot["answered"],
       "last_answer": snapshot["last_answer"],
       "categories": categories,
+      "results": results,
       "model": {
         "kind": "linear (logistic regression), refitted after every batch",
         "features": folder_run.describe_features(self.run.config, deep_version=version),

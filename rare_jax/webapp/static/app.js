@@ -336,7 +336,16 @@
     if (deep.progress === null) bar.removeAttribute("value"); // unknown yet: an animated bar
     else bar.value = deep.progress;
     $("deep-update").disabled = !deep.can_request;
+    const canFinish = (state.phase === "labeling" || state.phase === "done") && model.has_model;
+    $("finish").disabled = !canFinish;
+    $("finish").title = canFinish ? "" : "Possible once a batch is submitted and the run waits for you.";
+    $("finish-status").textContent = state.results ? state.results.message : "";
     $("deep-update").title = deep.can_request ? "" : deep.why_not;
+  }
+
+  function finish() {
+    setStatus("Writing the ranked results…", false);
+    enqueue(() => api("api/finish", {}).then(accept));
   }
 
   function deepUpdate() {
@@ -365,6 +374,7 @@
     $("submit").addEventListener("click", submit);
     $("deep-update").addEventListener("click", deepUpdate);
     $("viewer").addEventListener("click", closeViewer);
+    $("finish").addEventListener("click", finish);
     refresh(true);
     window.setInterval(() => refresh(false), 700);
   });
