@@ -61,6 +61,7 @@ setuptools.setup(
       "rare-jax-run=rare_jax.run:run",
       "rare-jax-pretrain=rare_jax.pretrain:run",
       "rare-jax-replay=rare_jax.replay:run",
+      "rare-jax-compare=rare_jax.compare:run",
       "rare-jax-label=rare_jax.label:run",
       "rare-jax-predict=rare_jax.predict:run",
       "rare-jax-classify=rare_jax.classify:run",

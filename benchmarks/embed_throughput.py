@@ -39,6 +39,7 @@ from absl import app, flags
 from PIL import Image
 
 from rare_jax.deep import trunk_features
+from rare_jax.infra import provenance
 from rare_jax.models import efficientnet, pretrained
 
 FLAGS = flags.FLAGS
@@ -151,6 +152,7 @@ def main(argv):
   say(f"float32 peak {peak:.0f} GFLOP/s = {how}")
   say(f"load before: {uptime}")
   say("GPU: none lent to this session; CPU only.")
+  say(f"provenance: {provenance.one_line()}")
   for size in [int(s) for s in FLAGS.sizes]:
     kinds = {"reference": dict(reference=True), "new": {}}
     if FLAGS.bf16:

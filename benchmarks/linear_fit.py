@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rare_jax.active import linear  # noqa: E402
+from rare_jax.infra import provenance  # noqa: E402
 
 
 def make_labeled(rng, *, categories, labels, dim, basis, prototypes):
@@ -125,6 +126,7 @@ def main():
     help="fit sklearn on this many categories and scale its time to all (default: all)",
   )
   args = parser.parse_args()
+  print(f"provenance: {provenance.one_line()}")
   tols = sorted((float(t) for t in args.tols.split(",")), reverse=True)
   print(
     f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "

@@ -41,6 +41,7 @@ from sklearn.linear_model import LogisticRegression
 
 import rare_jax
 from rare_jax.active import linear, loop, runner, select
+from rare_jax.infra import provenance
 
 
 def make_features(pool: int, dim: int, dtype, seed: int = 0) -> jax.Array:
@@ -382,6 +383,7 @@ def main():
   # `python benchmarks/loop_round.py` puts benchmarks/ first on sys.path, not the checkout: run
   # with PYTHONPATH=. to time a worktree's rare_jax rather than the installed one.
   print(f"rare_jax: {os.path.dirname(rare_jax.__file__)}")
+  print(f"provenance: {provenance.one_line()}")
   print(
     f"devices: {jax.devices()}; pool {args.pool} x dim {args.dim}, {args.categories} categories"
   )

@@ -41,6 +41,7 @@ from PIL import Image
 from rare_jax import models
 from rare_jax.data import folder, on_device, pipeline, sources
 from rare_jax.deep import train
+from rare_jax.infra import provenance
 
 FLAGS = flags.FLAGS
 IMAGE_SIZE = 48
@@ -173,6 +174,7 @@ def main(argv):
   with os.popen("uptime") as f:
     load = f.read().strip()
   print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, {load}")
+  print(f"# provenance: {provenance.one_line()}")
   print(
     f"# jax {jax.__version__} ({jax.default_backend()}), efficientnet_lite0 {IMAGE_SIZE}x"
     f"{IMAGE_SIZE}x3 frozen_blocks=11, batches: embed {BATCH['embed']}, train "

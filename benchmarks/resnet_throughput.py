@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from rare_jax.deep import train
-from rare_jax.infra import sharding
+from rare_jax.infra import provenance, sharding
 from rare_jax.models import MODELS, BGSplitModel
 
 FLAGS = flags.FLAGS
@@ -244,6 +244,8 @@ def main(argv):
       f"  ratio sharded/baseline: train {ratio['train']:.3f}  inference {ratio['inference']:.3f}"
     )
   report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  report["provenance"] = provenance.provenance()
+  print(f"  provenance: {provenance.one_line(report['provenance'])}")
   print(f"  peak resident memory {report['peak_rss_gib']:.2f} GiB")
   if FLAGS.json_out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
