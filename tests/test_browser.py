@@ -1,7 +1,8 @@
 """End to end in a real headless browser: Debian's chromium, driven by Selenium through Debian's
 chromedriver (no browser download). The tests start `python -m rare_jax.label` and open the
 printed URL: on a folder of Fashion-MNIST PNGs, one labels a round by clicking and by keys (with
-an undo), submits it with Enter and sees the next round's images and the updated counts;
+an undo), submits it with Enter and sees the next round's images and the updated counts, sees an
+image large (click, Esc, Z), changes an answer of the submitted batch and writes the results;
 another asks about two categories; the last, on crops of real photographs with pretrained
 features, labels two categories, starts a deep update from the page, follows its progress to
 done, downloads the labels from the page's link and saves a screenshot of the app to
@@ -120,6 +121,7 @@ def _truth(path):
 def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
   _require_browser()
   from selenium.webdriver.common.by import By
+  from selenium.webdriver.common.keys import Keys
 
   images, seed_files = folder.write_example_folder(
     tmp_path, per_class=28, rare_count=20, num_seeds=5
@@ -223,8 +225,51 @@ def test_label_a_round_in_chromium(tmp_path, tmp_path_factory):
     top = driver.find_elements(By.CSS_SELECTOR, "#top .thumb")
     assert len(top) == 24
     assert all(
-      img.get_property("naturalWidth") > 0 for img in driver.find_elements(By.CSS_SELECTOR, "img")
+      img.get_property("naturalWidth") > 0
+      for img in driver.find_elements(By.CSS_SELECTOR, "img:not(#viewer-image)")
     )
+
+    # Enlarge: a click on an image shows it large (its own pixels, served by /large); Esc
+    # closes it; Z opens the highlighted one, and Z again closes it.
+    viewer = driver.find_element(By.ID, "viewer")
+
+    def enlarged():
+      image = driver.find_element(By.ID, "viewer-image")
+      return viewer.is_displayed() and image.get_property("naturalWidth") > 0 and image
+
+    cards()[0].find_element(By.TAG_NAME, "img").click()
+    image = _wait(enlarged, "the enlarged image")
+    assert f"/image/{second_round[0][0]}/large?" in image.get_attribute("src")
+    assert text("#viewer-caption") == second_round[0][1]
+    body.send_keys(Keys.ESCAPE)
+    _wait(lambda: not viewer.is_displayed(), "Esc to close the enlarged image")
+    body.send_keys("z")
+    _wait(lambda: enlarged() and text("#viewer-caption") == second_round[0][1], "Z to enlarge")
+    body.send_keys("z")
+    _wait(lambda: not viewer.is_displayed(), "Z to close it")
+
+    # A mistaken answer of the submitted batch, changed from the list of answers given.
+    def given():
+      return {
+        int(t.get_attribute("data-id")): t.find_element(By.CLASS_NAME, "badge").text
+        for t in driver.find_elements(By.CSS_SELECTOR, "#given .thumb")
+      }
+
+    assert given() == {i: "yes" if answers[i] else "no" for i in answers}
+    changed = first_round[0][0]
+    driver.find_element(By.CSS_SELECTOR, f'#given .thumb[data-id="{changed}"] .change').click()
+    flipped = "no" if answers[changed] else "yes"
+    _wait(
+      lambda: given()[changed] == flipped and text("#round") == "2" and len(cards()) == 5,
+      "the corrected answer and the second batch asked again",
+      timeout=180,
+    )
+    found = sum(answers.values()) + (-1 if answers[changed] else 1)
+    assert text(".positives-found") == str(found)
+    # Finish: the ranked results, and where they are.
+    driver.find_element(By.ID, "finish").click()
+    _wait(lambda: "ranked_results.csv" in text("#finish-status"), "the results' place")
+    assert os.path.exists(tmp_path / "run" / "results" / "ranked_results.csv")
   finally:
     if driver is not None:
       driver.quit()
@@ -417,7 +462,8 @@ def test_photos_deep_update_and_export(tmp_path, tmp_path_factory):
     _wait(lambda: text("#answered") == "2 of 8 answered", "two answers of round 2")
     _wait(
       lambda: all(
-        img.get_property("naturalWidth") > 0 for img in driver.find_elements(By.CSS_SELECTOR, "img")
+        img.get_property("naturalWidth") > 0
+        for img in driver.find_elements(By.CSS_SELECTOR, "img:not(#viewer-image)")
       ),
       "every image loaded",
     )
