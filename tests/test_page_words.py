@@ -121,3 +121,20 @@ def test_budget_help_says_per_category():
 
   text = flags.FLAGS["budget"].help
   assert "per category" in text and "in all" not in text
+
+
+def test_a_restart_without_budget_keeps_the_runs_own(tmp_path):
+  """Without --budget a restart keeps the budget in config.json (before, the default 100 was
+  taken, and refused as another config); with --budget the flag's value is used."""
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from rare_jax import label
+
+  (tmp_path / "config.json").write_text('{"budget": 40, "batch_size": 10}')
+  with flagsaver.flagsaver():
+    assert not flags.FLAGS["budget"].present
+    assert label._started_budget(str(tmp_path)) == 40
+    assert label._started_budget(str(tmp_path / "new")) is None
+    flags.FLAGS["budget"].parse("60")
+    assert label._started_budget(str(tmp_path)) is None  # --budget given: it decides

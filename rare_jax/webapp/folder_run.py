@@ -7,8 +7,11 @@
     WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
     WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
-                                submitted.jsonl, the web labeler's journal; with deep updates
-                                (folder_deep.py) deep_requests.json, deep/v{i}, features/v{i}
+                                submitted.jsonl, the web labeler's journal; corrections.jsonl,
+                                the answers changed on the page, and rederive.json while a
+                                re-derivation from them is under way (session.py); with deep
+                                updates (folder_deep.py) deep_requests.json, deep/v{i},
+                                features/v{i}
     WORKDIR/features/pixels_S.npy   the pool at S x S, for deep updates (folder_deep.py)
 
 Features (`config.features`):
@@ -25,7 +28,9 @@ Features (`config.features`):
 
 The pool is the folder's readable images (ids = sorted relative paths) followed by the seed
 images that lie outside the folder. One category, or several (`categories`): each is asked
-`batch_size` images per round, with its own budget and counts.
+`batch_size` images per round, with its own budget and counts. A restart may change the budget
+(per category) only: config.json is rewritten with it, and one below the labels already used
+is refused.
 """
 
 from __future__ import annotations

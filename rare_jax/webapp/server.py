@@ -24,6 +24,8 @@ browsers fetch on their own without the token: an empty 204. Routes:
                              409 for pixel-PCA runs, one running, or no round left after it
     GET  /export/labels.csv, /export/labels.json   the labels given so far, as a download
                              (what `python -m rare_jax.export` writes)
+    /audit.js, /api/audit...  the audit's routes (rare_jax/webapp/audit_routes.py, registered
+                             after these)
 
 POST bodies are JSON objects of exactly the fields shown (types checked; others, or nesting
 deeper than Python's JSON decoder takes, are 400) of at most `max_request_bytes`, declared

@@ -360,7 +360,7 @@ class LabelingSession:
             progress=1.0,
             version=version,
             updates_done=version,
-            message=f"the rounds use the features of deep model v{version}",
+            message=f"the batches are chosen with the retrained network (deep update {version})",
           )
     self._show(state)
 
