@@ -256,3 +256,58 @@ def test_corrections_journal_damage_is_named(tmp_path):
     read_corrections(str(path))
   path.write_text('{"round": 1, "category": 0, "id": 3, "answer": true}\n{"round": 1')
   assert read_corrections(str(path)) == [{"round": 1, "category": 0, "id": 3, "answer": True}]
+
+
+def test_a_correction_before_a_deep_update_drops_that_update(example, tmp_path):
+  """The rule: an update trained after the changed round (its labels included the wrong
+  answer) is dropped, files and all, and the checkpoints go back to the round before the
+  change; one trained before it is kept. (The replay then trains it again:
+  tests/test_update_after.py.)"""
+  run = open_run(tmp_path / "run", example)
+  truth_of = np.array([truth(p) for p in run.manifest["paths"]])
+
+  class Updater:
+    def features(self, version):
+      return run.features + version, run.val_features
+
+    def update(self, state, version):
+      for parent in ("deep", "features"):
+        os.makedirs(os.path.join(run.run_dir, parent, f"v{version}"), exist_ok=True)
+      return run.features + version, run.val_features, {}
+
+    def evaluate(self, version):
+      return {}
+
+  class Labeler:
+    def answer(self, query_ids):
+      return truth_of[np.asarray(query_ids)]
+
+  runner.run_strategy(
+    run_dir=run.run_dir,
+    config=run.config,
+    strategy=folder_run.STRATEGY,
+    features=run.features,
+    val_features=run.val_features,
+    seed_ids=run.seed_ids,
+    val_ground_truth=run.val_ground_truth,
+    labeler=Labeler(),
+    updater=Updater(),
+    update_after=lambda r: r in (1, 2),  # v1 after round 1, v2 after round 2
+    log=lambda _: None,
+  )
+  answers = runner.read_answers(os.path.join(run.run_dir, "answers.jsonl"))
+  changed = answers[2]["query_ids"][0][0]
+  with open(os.path.join(run.run_dir, session_lib.CORRECTIONS), "w") as f:
+    record = {"round": 2, "category": 0, "id": changed, "answer": not truth_of[changed]}
+    f.write(json.dumps(record) + "\n")
+  session = LabelingSession(run, log=lambda _: None)
+  session.deep_available = True  # as a pretrained run's (no updater is built here)
+  session._reconcile()
+  assert checkpoint(run, 1)[1] == [0, 1]  # back to the round before the change
+  assert sorted(os.listdir(os.path.join(run.run_dir, "deep"))) == ["v1"]  # v2 dropped
+  assert sorted(os.listdir(os.path.join(run.run_dir, "features"))) == ["v1"]
+  corrected = runner.read_answers(os.path.join(run.run_dir, "answers.jsonl"))
+  assert corrected[2]["answers"][0][0] == (not truth_of[changed])
+  assert corrected[3] == answers[3] and corrected[1] == answers[1]
+  session._reconcile()  # a second pass (a restart): nothing left to do
+  assert checkpoint(run, 1)[1] == [0, 1]
