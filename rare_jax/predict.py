@@ -33,8 +33,9 @@ Embedding cache (labeling runs on pretrained features; `--nocache` turns it off)
 embeddings of the images scored are kept in `RUN/predict_cache/` and reused for a file with the
 same absolute path, size and modification time under the same trunk, so a second call embeds
 only new or changed files; the run's own pool embeddings count as cached for pool files not
-modified since the run started. Bounded: one file per trunk (the others are deleted when it is
-written), holding only files that still exist unchanged. See `EmbeddingCache`.
+modified since the run started (read from the run's store, not copied). Bounded: one file per
+trunk (the others are deleted when it is written), holding only files that still exist
+unchanged. See `EmbeddingCache`.
 
 Outputs, highest score first (`--format`, or `--out`'s suffix):
 - CSV: a header and one row per image: `id,path,score` for a folder or the pool (id = position
@@ -483,6 +484,7 @@ class EmbeddingCache:
   A labeling run's own pool embeddings under this trunk (`Scorer.pool_store`) count as cached
   for the pool files last modified before the run started (its `folder_run.json`): the run
   embedded those very contents (at the start, or from the pixels a deep update read later).
+  Those rows are read from the run's store, not copied into the cache file.
 
   A damaged or foreign cache file is ignored (and replaced on `save`), never an error; a
   workdir that cannot be written keeps predict working without a cache (logged).
@@ -538,9 +540,8 @@ class EmbeddingCache:
       return entry[2]
     pool_id = self._pool.get(path)
     if pool_id is not None and stat.st_mtime_ns < self._started:
-      row = np.asarray(self._pool_rows[pool_id], np.float32)
-      self._entries[path] = (stat.st_size, stat.st_mtime_ns, row)
-      return row
+      # Not copied into the cache file: the run's pool store keeps it.
+      return np.asarray(self._pool_rows[pool_id], np.float32)
     return None
 
   def put(self, path: str, stat: os.stat_result, row: np.ndarray) -> None:

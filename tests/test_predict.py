@@ -635,3 +635,5 @@ def test_after_a_deep_update_new_images_use_the_updated_trunk_and_the_cache(
   assert counter.count == 0, lines
   assert labeled.names == run.manifest["paths"][: len(labeled.names)]
   np.testing.assert_allclose(labeled.scores[:, 0], expected[: len(labeled.names)], atol=1e-4)
+  reread = predict.EmbeddingCache(run.workdir, scorer)  # the pool's rows are not copied in
+  assert sorted(reread._entries) == sorted(cache._entries) and len(reread._entries) == 4
