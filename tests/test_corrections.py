@@ -203,7 +203,9 @@ def test_a_larger_budget_continues_the_run_and_a_smaller_one_is_refused(example,
     served.answer_batch(served.labeling(2))
     done = wait_for(lambda: (s := served.state())["phase"] == "done" and s, "the budget used")
     assert done["budget"] == 10 and done["round"] == 2
-    assert done["message"].startswith("Done: all 10 labels per category are used. To score")
+    assert done["message"].startswith(
+      "Done: all 10 labels per category are used. Write the ranked results of every image"
+    )
     assert done["model"]["deep_update"]["can_request"] is False
   finally:
     served.stop()
