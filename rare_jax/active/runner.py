@@ -12,7 +12,9 @@ arguments (never absl flags). A strategy's run directory holds:
 Order within a round: query -> answers appended to answers.jsonl -> observe -> checkpoint ->
 metrics. A run killed at any instant restarts from its newest checkpoint; answers already
 recorded for the next round are reused when its query matches (a person never answers twice),
-so the resumed run ends in exactly the state of an uninterrupted one.
+so the resumed run ends in exactly the state of an uninterrupted one. `rewind` drops the
+checkpoints after a round, and `run_strategy(follow_recorded=True)` then replays the logged
+rounds as they were asked (the labeling app's corrections of answers).
 """
 
 from __future__ import annotations
