@@ -3,8 +3,9 @@
 # .venv) once per setting named on the command line and compares each run's final F1 lines
 # (`<strategy>: mean F1 by labels/category: ...`) with the first setting's.
 #
-#   benchmarks/demo_settings.sh [SETTING ...]      (default: default isa_avx)
+#   benchmarks/demo_settings.sh [SETTING ...] [-- RUN_FLAGS ...]   (default: default isa_avx)
 #
+# RUN_FLAGS go to every run, e.g. -- "--config.strategies=('ours_linear',)" for a shorter check.
 # Settings: default (this machine as it is); isa_avx (XLA_FLAGS=--xla_cpu_max_isa=AVX: XLA's
 # CPU code generated without AVX2/FMA, as on an older CPU); one_core (taskset -c 0: XLA and
 # BLAS on one core). Each demo takes about 13 minutes on the idle 2-core CPU; outputs go to
@@ -13,7 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo_settings}
-settings=("$@")
+settings=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do settings+=("$1"); shift; done
+[ $# -gt 0 ] && shift  # the --
+run_flags=("$@")
 [ ${#settings[@]} -gt 0 ] || settings=(default isa_avx)
 mkdir -p "$OUT"
 for setting in "${settings[@]}"; do
@@ -26,7 +30,7 @@ for setting in "${settings[@]}"; do
   rm -rf "${OUT:?}/$setting"
   start=$(date +%s)
   "${prefix[@]}" "$PY" -m rare_jax.run --config=experiments/configs/demo.py \
-    --workdir="$OUT/$setting" >"$OUT/$setting.log" 2>&1
+    --workdir="$OUT/$setting" ${run_flags[@]+"${run_flags[@]}"} >"$OUT/$setting.log" 2>&1
   grep "mean F1 by labels/category" "$OUT/$setting.log" >"$OUT/$setting.table"
   echo "$setting: $(($(date +%s) - start)) s"
   cat "$OUT/$setting.table"
