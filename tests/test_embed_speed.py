@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rare_jax.deep import trunk_features
+from rare_jax.deep import inference, trunk_features
 from rare_jax.models import efficientnet
 
 SIZE = 32  # tiny images: the same network, seconds to compile
@@ -16,19 +16,7 @@ def test_folded_batchnorm_equals_the_flax_trunk_with_nontrivial_statistics():
   # A narrow, shallow Lite: the same code as Lite0-2 at any width and depth, faster to compile.
   model = efficientnet.EfficientNetLite(width=0.5, depth=0.5, depthwise="shifted")
   x = jax.random.normal(jax.random.key(0), (2, SIZE, SIZE, 3))
-  shapes = jax.eval_shape(model.init, jax.random.key(1), x)  # (jitted init: 17 s to compile)
-  rng = np.random.default_rng(2)
-
-  def values(path, leaf):  # BatchNorm statistics and affine parameters far from identity
-    name = path[-1].key
-    if name in ("var", "scale"):
-      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-    if name in ("mean", "bias"):
-      return rng.uniform(-0.75, 0.75, leaf.shape).astype(np.float32)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  variables = jax.tree_util.tree_map_with_path(values, shapes)
+  variables = _random_variables(model, x, 2)  # (eval_shape: a jitted init takes 17 s)
   expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   folded = efficientnet.fold_batchnorm(variables, epsilon=model.bn_epsilon)
   got = jax.jit(lambda f, x: efficientnet.embed_folded(f, x, width=0.5, depth=0.5))(folded, x)
@@ -54,7 +42,7 @@ def reference(images):
 
 def test_default_path_equals_the_reference_within_float32_rounding(images, reference, monkeypatch):
   # A temporary-buffer limit this small forces micro-batches of 1 (with an uneven last batch).
-  monkeypatch.setattr(trunk_features, "MAX_TEMP_BYTES", 1)
+  monkeypatch.setattr(inference, "MAX_TEMP_BYTES", 1)
   embedder = trunk_features.TrunkEmbedder("efficientnet_lite0", "imagenet", SIZE, batch_size=4)
   got = embedder.embed(images)
   assert embedder.micro_batch == 1
@@ -110,7 +98,7 @@ def test_deep_updates_embed_folded_equals_the_flax_model(tmp_path, monkeypatch):
   CPU device (micro-batches, an uneven last one). A bfloat16 trunk keeps the Flax path."""
   from jax.sharding import Mesh
 
-  from rare_jax.deep import inference, train, updates
+  from rare_jax.deep import train, updates
   from rare_jax.infra import sharding
   from rare_jax.models import bgsplit
 

@@ -107,7 +107,7 @@ def folded_predict(model: Any, state: Any, mesh: Mesh) -> Callable | None:
     images = batch["image"]
     key = (tuple(images.shape), str(images.dtype))
     if key not in compiled:
-      compiled[key] = _micro_batched(jax.jit(fn), args, images.shape, images.dtype, model.trunk)
+      compiled[key] = micro_batched(jax.jit(fn), args, images.shape, images.dtype, model.trunk)
     size, executable = compiled[key]
     if size == len(images):
       return executable(args, images)
@@ -124,9 +124,11 @@ def folded_predict(model: Any, state: Any, mesh: Mesh) -> Callable | None:
   return predict
 
 
-def _micro_batched(fn, args, shape, dtype, trunk) -> tuple[int, Any]:
-  """(size, executable) for the largest micro-batch, spread evenly over the batch, whose XLA
-  temporary buffer is at most `MAX_TEMP_BYTES` (memory_analysis of the compiled program)."""
+def micro_batched(fn, args, shape, dtype, trunk) -> tuple[int, Any]:
+  """(size, executable of `fn(args, x)`) for the largest micro-batch of a batch `shape`,
+  spread evenly over it, whose XLA temporary buffer is at most `MAX_TEMP_BYTES`
+  (memory_analysis of the compiled program; CPU only). `trunk`: the EfficientNet-Lite whose
+  size gives the first guess."""
   batch = size = int(shape[0])
   if trunk.part != "trainable":
     # A first guess that saves compiles (Lite0 measured 780-800 bytes per position of the

@@ -12,9 +12,10 @@ Inference path (docs/speed.md, benchmarks/embed_throughput.py): for EfficientNet
 BatchNorms are folded into the convolutions (`models.efficientnet.fold_batchnorm`, pointwise
 convolutions as matrix products, depthwise ones as shifted multiply-adds on the CPU), and on the
 CPU each batch runs in micro-batches small enough that XLA's temporary buffer stays under
-`MAX_TEMP_BYTES` (glibc's malloc then reuses it instead of mapping fresh pages, and page faults,
-every call). The embeddings equal the reference path (`reference=True`: the Flax classifier on
-whole batches, the path before 2026-12-05) up to float32 rounding (tests/test_embed_speed.py).
+`inference.MAX_TEMP_BYTES` (glibc's malloc then reuses it instead of mapping fresh pages, and
+page faults, every call). The embeddings equal the reference path (`reference=True`: the Flax
+classifier on whole batches, the path before 2026-12-05) up to float32 rounding
+(tests/test_embed_speed.py).
 `compute="bfloat16"` (opt-in) runs the matrix products on bfloat16 operands (float32
 accumulation); the store's `source.json` records it.
 
@@ -36,14 +37,10 @@ import numpy as np
 
 from rare_jax.data import folder
 from rare_jax.deep import embed as embed_lib
+from rare_jax.deep import inference
 from rare_jax.infra.checkpoint import record_or_check
 from rare_jax.models import efficientnet, pretrained
 
-# On the CPU, micro-batches keep XLA's temporary buffer at most this size: glibc's malloc serves
-# blocks above its largest dynamic mmap threshold (32 MiB on 64-bit) with fresh mappings, so a
-# larger buffer is page-faulted in on every call (measured: a third of the CPU time of Lite0 at
-# 224x224, batch 32; benchmarks/results/embed_throughput_*.txt).
-MAX_TEMP_BYTES = 28 << 20
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -139,29 +136,18 @@ class TrunkEmbedder:
   def _executable(self):
     """The jitted embedding for micro-batches (the whole batch for the reference path or off
     the CPU; on the CPU the largest size, spread evenly over the batch, whose XLA temporary
-    buffer is at most `MAX_TEMP_BYTES`)."""
+    buffer is at most `inference.MAX_TEMP_BYTES`)."""
     if self._compiled is not None:
       return self._compiled
-    size = self.batch_size
     trunk = self.classifier.trunk
-    if not self.reference and isinstance(trunk, efficientnet.EfficientNetLite):
-      # A first guess (Lite0 measured 780-800 bytes per position of the stride-2 map, which
-      # grows with the width); the loop below checks it.
-      per_image = 800 * trunk.width * (-(-self.image_size // 2)) ** 2
-      size = min(size, max(1, int(MAX_TEMP_BYTES // per_image)))
-      size = -(-self.batch_size // -(-self.batch_size // size))
     fn = jax.jit(self._fn)
-    while True:
-      spec = jax.ShapeDtypeStruct((size, self.image_size, self.image_size, 3), jnp.float32)
-      compiled = fn.lower(self._args, spec).compile()
-      if self.reference or jax.default_backend() != "cpu" or size == 1:
-        break
-      stats = compiled.memory_analysis()
-      temp = getattr(stats, "temp_size_in_bytes", None)
-      if temp is None or temp <= MAX_TEMP_BYTES:
-        break
-      limit = max(1, min(size - 1, size * MAX_TEMP_BYTES // temp))
-      size = -(-self.batch_size // -(-self.batch_size // limit))  # even, at most `limit`
+    shape = (self.batch_size, self.image_size, self.image_size, 3)
+    lite = isinstance(trunk, efficientnet.EfficientNetLite)
+    if self.reference or not lite or jax.default_backend() != "cpu":
+      size = self.batch_size
+      compiled = fn.lower(self._args, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+    else:
+      size, compiled = inference.micro_batched(fn, self._args, shape, jnp.float32, trunk)
     self.micro_batch = size
     self._compiled = (size, compiled)
     return self._compiled
