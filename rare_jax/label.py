@@ -168,7 +168,10 @@ def main(argv):
   teardown_noise.ignore_closed_event_loop_callbacks()  # after a damaged checkpoint's error
   try:
     config = folder_run.make_config(
-      budget=_started_budget(_WORKDIR.value) or _BUDGET.value,
+      # A restart without --budget keeps the run's own; with it, a larger one continues the run
+      # (one below the labels used is refused).
+      budget=(None if _BUDGET.present else folder_run.started_budget(_WORKDIR.value))
+      or _BUDGET.value,
       batch_size=_BATCH_SIZE.value,
       features=_started_features(_WORKDIR.value) or _FEATURES.value,
       model=_MODEL.value,
@@ -287,20 +290,6 @@ def _started_features(workdir: str) -> str | None:
   except ValueError:
     return None
   return {"pixel_pca_folder": "pixel_pca", "pretrained": "pretrained"}.get(config.get("features"))
-
-
-def _started_budget(workdir: str) -> int | None:
-  """The budget an existing run was started (or last continued) with, when --budget is not
-  given: a restart without --budget keeps it; with --budget it changes (a larger one continues
-  the run; one below the labels used is refused)."""
-  if flags.FLAGS["budget"].present:
-    return None
-  try:
-    config = folder_run.read_json_object(os.path.join(workdir, "config.json"))
-  except (ValueError, OSError):
-    return None
-  budget = config.get("budget")
-  return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
 
 
 def _started_with_deep_settings(workdir: str) -> bool:

@@ -186,9 +186,22 @@ def test_folder_run_workdir(example, tmp_path):
     folder_run.prepare_folder_run(
       str(tmp_path / "run"),
       images=root,
+      seeds=os.path.dirname(seed_files[0]),
+      config=folder_run.make_config(budget=6, batch_size=3, feature_dim=16, image_size=10),
+      eval_subfolder="Sandal",
+    )
+  # A larger budget continues the run, but not when the restart is refused for another reason:
+  # then config.json keeps the run's budget.
+  saved_config = (tmp_path / "run" / "config.json").read_text()
+  with pytest.raises(ValueError, match="other seeds"):
+    folder_run.prepare_folder_run(
+      str(tmp_path / "run"),
+      images=root,
       seeds=seed_files[0],
       config=folder_run.make_config(budget=9, batch_size=3, feature_dim=8, image_size=10),
+      eval_subfolder="Sandal",
     )
+  assert (tmp_path / "run" / "config.json").read_text() == saved_config
 
 
 def test_bad_settings_are_refused(example, tmp_path):

@@ -3,6 +3,11 @@ state: the deep update's progress and status (no internals, no bar moving in thi
 counters during an update, the deep-update button once no batch would use it, the footer after
 an update, the done line, and `--budget`'s help."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -115,26 +120,26 @@ def test_the_deep_update_button_is_off_when_no_batch_would_use_it(run):
 
 
 def test_budget_help_says_per_category():
-  from absl import flags
-
-  from rare_jax import label  # noqa: F401 (defines the flags)
-
-  text = flags.FLAGS["budget"].help
-  assert "per category" in text and "in all" not in text
+  # In a child process: rare_jax.label and rare_jax.predict both define --images, so they cannot
+  # share one process's flags (other tests of this worker may have imported predict).
+  out = subprocess.run(
+    [sys.executable, "-m", "rare_jax.label", "--helpfull"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  ).stdout
+  text = re.search(r"--budget: (.*?)\n\s+\(default", out, re.S)
+  assert text, out[-2000:]
+  text = " ".join(text.group(1).split())
+  assert "per category" in text and "in all" not in text, text
 
 
 def test_a_restart_without_budget_keeps_the_runs_own(tmp_path):
   """Without --budget a restart keeps the budget in config.json (before, the default 100 was
-  taken, and refused as another config); with --budget the flag's value is used."""
-  from absl import flags
-  from absl.testing import flagsaver
-
-  from rare_jax import label
-
+  taken, and refused as another config); `rare_jax.label` passes --budget instead when given."""
   (tmp_path / "config.json").write_text('{"budget": 40, "batch_size": 10}')
-  with flagsaver.flagsaver():
-    assert not flags.FLAGS["budget"].present
-    assert label._started_budget(str(tmp_path)) == 40
-    assert label._started_budget(str(tmp_path / "new")) is None
-    flags.FLAGS["budget"].parse("60")
-    assert label._started_budget(str(tmp_path)) is None  # --budget given: it decides
+  assert folder_run.started_budget(str(tmp_path)) == 40
+  assert folder_run.started_budget(str(tmp_path / "new")) is None
+  (tmp_path / "config.json").write_text('{"budget": true}')
+  assert folder_run.started_budget(str(tmp_path)) is None

@@ -321,8 +321,11 @@ def prepare_folder_run(
     raise ValueError(f"workdir={workdir!r} is a file; expected a directory (new or of this run)")
   os.makedirs(workdir, exist_ok=True)
   runner.loop_config(config, STRATEGY)  # fail on bad settings before any work
-  budget_changed = _change_budget(workdir, config, log)
-  runner.write_config(workdir, workdirs.config_to_dict(config))
+  # A larger budget is written to config.json only once every other check has passed, so a
+  # refused restart leaves the run as it was.
+  budget_change = _budget_change(workdir, config)
+  if budget_change is None:
+    runner.write_config(workdir, workdirs.config_to_dict(config))
   if categories is None:
     if seeds is None:
       raise ValueError("no seeds; expected seeds=FOLDER_OR_FILES or categories=[(name, seeds)]")
@@ -375,12 +378,19 @@ def prepare_folder_run(
     new = len(set(current) - known - {p for p, _ in manifest["skipped"]})
     if new:
       log(f"{new} image files were added to {images} since the run started: not in this run")
-    if budget_changed:
+    if budget_change is not None:
       _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
   else:
     manifest, resized = _new_manifest(images, categories, seed_files, config, eval_subfolder, log)
     _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
     write_json_atomic(path, manifest)
+  if budget_change is not None:
+    previous, used = budget_change
+    write_json_atomic(os.path.join(workdir, "config.json"), workdirs.config_to_dict(config))
+    log(
+      f"budget changed from {previous} to {config.budget} labels per category: the run "
+      f"continues ({used} used so far)"
+    )
   features, projection = _features(workdir, manifest, config, resized, log)
   seed_ids = np.asarray(manifest["seed_ids"], np.int64)
   if manifest["eval_subfolder"] is not None:
@@ -543,36 +553,43 @@ def labels_used(workdir: str) -> int:
   return max(rounds, batches) * int(config["batch_size"])
 
 
-def _change_budget(workdir: str, config: ml_collections.ConfigDict, log) -> bool:
-  """Continues a run with another budget (per category): config.json is rewritten when only
-  the budget differs, and refused below the labels already used. Returns whether it changed.
+def started_budget(workdir: str) -> int | None:
+  """The budget (per category) the run in `workdir` was started or last continued with; None
+  for a new workdir or an unreadable config.json (refused later with its own message)."""
+  try:
+    config = read_json_object(os.path.join(workdir, "config.json"))
+  except (ValueError, OSError):
+    return None
+  budget = config.get("budget")
+  return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+
+
+def _budget_change(workdir: str, config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(the run's budget, labels used) when `config` continues the run in `workdir` with another
+  budget (per category) and nothing else changed; None otherwise (a new run, the same config,
+  or another config, which `runner.write_config` refuses). Writes nothing.
 
   Raises:
     ValueError: a budget below the labels this run has used.
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return False
+    return None
   try:
     existing = read_json_object(path)
   except ValueError:
-    return False  # write_config refuses it with its own message
+    return None  # write_config refuses it with its own message
   wanted = workdirs.config_to_dict(config)
   differing = {k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k)}
   if not differing or not differing <= BUDGET_KEYS:
-    return False
+    return None
   used = labels_used(workdir)
   if int(config.budget) < used:
     raise ValueError(
       f"--budget={config.budget} is below the {used} labels per category this run has used "
       f"already ({workdir}); expected --budget >= {used} (a larger budget continues the run)"
     )
-  write_json_atomic(path, wanted)
-  log(
-    f"budget changed from {existing.get('budget')} to {config.budget} labels per category: "
-    f"the run continues ({used} used so far)"
-  )
-  return True
+  return existing.get("budget"), used
 
 
 def _check_budget(config, pool_size: int, num_seeds: int) -> None:
