@@ -540,3 +540,32 @@ def test_routes_refuse_a_second_audit_and_an_image_outside_it(audit_client):
   assert reply.status_code == 422 and "not in" in reply.get_json()["error"]  # a seed
   body["replace"] = True
   assert client.post("/api/audit/start", json=body).status_code == 200
+
+
+def test_routes_read_a_checkpoint_rewritten_under_the_same_step(audit_client, tmp_path):
+  """A correction rewinds the run and replays it to the same round numbers: the checkpoint of
+  step 1 is replaced by another one. The audit must read the new model, not keep the old one
+  because its step number is unchanged."""
+  import shutil
+
+  import jax.numpy as jnp
+
+  from rare_jax.active import loop
+  from rare_jax.infra.checkpoint import CheckpointStore
+
+  client, labels = audit_client
+  assert client.get("/api/audit").get_json()["categories"][1]["has_model"] is False
+  directory = os.path.join(str(tmp_path), "ours_linear", "checkpoints")
+  features = jnp.zeros((labels.shape[1], 4), jnp.float32)
+  state = loop.init(features, np.array([[0, 1, 2], [3, 4, 5]], np.int32), seed=0)
+  changed = labels.copy()
+  changed[1, 10:20] = 0  # the replay gave category 1 negatives: it has a model now
+  state = state.replace(
+    labels=jnp.asarray(changed),
+    has_model=jnp.asarray(True),
+    scores=jnp.zeros((2, labels.shape[1]), jnp.float32),
+  )
+  shutil.rmtree(os.path.join(directory, "1"))  # as runner.rewind drops it
+  with CheckpointStore(directory) as store:
+    store.save(1, state, {"round": 1})
+  assert client.get("/api/audit").get_json()["categories"][1]["has_model"] is True

@@ -71,7 +71,7 @@ def blueprint(
     """GET /api/audit's body; recomputed only when the model or an audit file changed (the
     page polls it)."""
     probabilities, labels, fitted = model.read()
-    key = (model.step, _stamp(os.path.join(audit.audit_dir(run.workdir), audit.ANSWERS)))
+    key = (model.key, _stamp(os.path.join(audit.audit_dir(run.workdir), audit.ANSWERS)))
     key += tuple(_stamp(audit.design_path(run.workdir, c)) for c in range(len(names)))
     with cache_lock:
       if cache["key"] == key:
@@ -137,13 +137,14 @@ def blueprint(
   return bp
 
 
-def _stamp(path: str) -> tuple[int, int, int] | None:
-  """What changes when a file is written (inode, size, mtime in ns), or None if it is absent."""
+def _stamp(path: str) -> tuple[int, int, int, int] | None:
+  """What changes when a file is written (inode, size, mtime and ctime in ns), or None if it
+  is absent."""
   try:
     st = os.stat(path)
   except FileNotFoundError:
     return None
-  return st.st_ino, st.st_size, st.st_mtime_ns
+  return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _checked(make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -156,19 +157,21 @@ def _checked(make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 class _NewestModel:
   """The newest checkpoint's probabilities `[C, P]`, training labels `[C, P]` and which
-  categories have a classifier `[C]`; re-read only when a newer checkpoint appears."""
+  categories have a classifier `[C]`; re-read only when the newest checkpoint changes: a newer
+  step, or the same step written again (a correction rewinds the run and replays it to the
+  same round numbers with other answers)."""
 
   def __init__(self, run):
     self._directory = os.path.join(run.run_dir, "checkpoints")
     self._abstract = runner.abstract_state(run.features, run.seed_ids, int(run.config.seed))
     self._lock = threading.Lock()
-    self._step = None
+    self._key = None
     self._value: tuple[Any, Any, Any] = (None, None, None)
 
   @property
-  def step(self) -> int | None:
-    """The checkpoint step of the last `read`."""
-    return self._step
+  def key(self) -> tuple | None:
+    """The checkpoint of the last `read`: (step, its directory's `_stamp`)."""
+    return self._key
 
   def read(self):
     with self._lock:
@@ -176,7 +179,10 @@ class _NewestModel:
         return self._value
       with CheckpointStore(self._directory) as store:
         step = store.latest_step()
-        if step is None or step == self._step:
+        if step is None:
+          return self._value
+        key = (step, _stamp(os.path.join(self._directory, str(step))))
+        if key == self._key:
           return self._value
         state, _ = store.restore(step, self._abstract)
       scores = np.asarray(state.scores, np.float64)
@@ -184,5 +190,5 @@ class _NewestModel:
       # Logits of the linear models; categories without one keep cosines (not probabilities).
       probabilities = np.where(fitted[:, None], np.exp(-np.logaddexp(0.0, -scores)), 0.0)
       self._value = (probabilities, np.asarray(state.labels).astype(np.int64), fitted)
-      self._step = step
+      self._key = key
       return self._value
