@@ -525,6 +525,14 @@ class EmbeddingCache:
         rows = np.asarray(data["embeddings"], np.float32)
       if meta.get("key") != self.key or len(meta["paths"]) != len(rows):
         raise ValueError("another trunk's cache")
+      width = None if self._pool_rows is None else np.shape(self._pool_rows)[1]
+      if len(rows) and (
+        rows.ndim != 2 or width not in (None, rows.shape[1]) or not np.isfinite(rows).all()
+      ):
+        raise ValueError(
+          f"embeddings of shape {rows.shape} (or not finite); expected finite rows of "
+          f"{f'{width} values' if width else 'one width'}"
+        )
       for path, size, mtime, row in zip(
         meta["paths"], meta["sizes"], meta["mtimes"], rows, strict=True
       ):

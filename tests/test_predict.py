@@ -637,3 +637,39 @@ def test_after_a_deep_update_new_images_use_the_updated_trunk_and_the_cache(
   np.testing.assert_allclose(labeled.scores[:, 0], expected[: len(labeled.names)], atol=1e-4)
   reread = predict.EmbeddingCache(run.workdir, scorer)  # the pool's rows are not copied in
   assert sorted(reread._entries) == sorted(cache._entries) and len(reread._entries) == 4
+
+
+@pytest.mark.parametrize(
+  "rows",
+  [
+    np.zeros((1, 3), np.float32),  # another width than the trunk's (5 here)
+    np.zeros(1, np.float32),  # not a table of rows
+    np.full((1, 5), np.nan, np.float32),
+  ],
+  ids=["width", "ndim", "nan"],
+)
+def test_a_damaged_embedding_cache_is_ignored(tmp_path, rows):
+  """A cache file with the trunk's key but rows that cannot be this trunk's embeddings is
+  ignored like any damaged cache file (before: its rows were served, and scoring failed on
+  the shapes or gave NaN scores)."""
+  import types
+
+  image = tmp_path / "a.png"
+  image.write_bytes(b"x")
+  stat = os.stat(image)
+  pool = np.zeros((2, 5), np.float32)
+  scorer = types.SimpleNamespace(cache_key="k" * 64, pool_store=([], pool, 0))
+  cache = predict.EmbeddingCache(str(tmp_path), scorer, log=lambda _: None)
+  os.makedirs(cache.directory)
+  meta = {
+    "key": "k" * 64,
+    "paths": [str(image)],
+    "sizes": [stat.st_size],
+    "mtimes": [stat.st_mtime_ns],
+  }
+  with open(cache.path, "wb") as f:
+    np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), embeddings=rows)
+  lines = []
+  cache = predict.EmbeddingCache(str(tmp_path), scorer, log=lines.append)
+  assert cache.get(str(image), stat) is None
+  assert lines and "ignoring the embedding cache" in lines[0]
