@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from rare_jax.data import folder
+from rare_jax.infra import cli_help
 from rare_jax.infra.csvfile import printable
 from rare_jax.models import pretrained
 
@@ -140,7 +141,7 @@ def run():
     "init", "imagenet", "'imagenet' (the packaged weights) or a .pth / .safetensors file."
   )
   flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli_help.run(lambda argv: sys.exit(main(argv)))
 
 
 if __name__ == "__main__":

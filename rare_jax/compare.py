@@ -46,7 +46,7 @@ import numpy as np
 from rare_jax import workdirs
 from rare_jax.active import labelers, metrics, runner
 from rare_jax.deep import strategies
-from rare_jax.infra import provenance, sharding
+from rare_jax.infra import cli_help, provenance, sharding
 
 FIGURE_3 = ("ours", "ours_linear", "tropel", "tropel_deep", "kd_semi", "deep_prop", "random")
 FIGURE_5 = ("ours", "no_pseudo_neg", "no_bg_split", "no_linear_updates")
@@ -803,9 +803,8 @@ def _define_flags():
 
 
 def run():
-  from absl import app
 
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import sys
 
 from absl import app, flags
 
-from rare_jax.infra import csvfile
+from rare_jax.infra import cli_help, csvfile
 from rare_jax.infra.checkpoint import quiet_library_logging
 from rare_jax.webapp.exports import (
   FORMATS,
@@ -149,7 +149,7 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ import time
 import jax
 from absl import app, flags
 
-from rare_jax.infra import teardown_noise
+from rare_jax.infra import cli_help, teardown_noise
 from rare_jax.infra.checkpoint import quiet_library_logging
 from rare_jax.infra.csvfile import printable
 from rare_jax.webapp import folder_run, server
@@ -312,7 +312,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run():
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ from rare_jax.active import linear, runner
 from rare_jax.data import folder, pipeline, sources, tasks
 from rare_jax.deep import embed as embed_lib
 from rare_jax.deep import stand_in, train, trunk_features, updates
-from rare_jax.infra import csvfile, distributed_flags, sharding, teardown_noise
+from rare_jax.infra import cli_help, csvfile, distributed_flags, sharding, teardown_noise
 from rare_jax.infra.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.models import pretrained
 from rare_jax.webapp import exports, folder_deep, folder_run
@@ -1008,7 +1008,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

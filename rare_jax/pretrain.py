@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rare_jax import workdirs
-from rare_jax.infra import distributed_flags, sharding
+from rare_jax.infra import cli_help, distributed_flags, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (ml_collections).", lock_config=True
@@ -57,7 +57,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

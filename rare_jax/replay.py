@@ -27,7 +27,7 @@ from absl import app, flags, logging
 
 from rare_jax import workdirs
 from rare_jax.active import runner
-from rare_jax.infra import distributed_flags, sharding
+from rare_jax.infra import cli_help, distributed_flags, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (see rare_jax.run).")
 _STRATEGIES = flags.DEFINE_list(
@@ -87,7 +87,7 @@ def _scratch(workdir: str, strategy: str):
 
 
 def run():
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 from absl import app, flags
 
 from rare_jax.data import tasks
+from rare_jax.infra import cli_help
 
 _DATASET = flags.DEFINE_string("dataset", "rare_fashion_mnist", "TFDS dataset name.")
 _CATEGORIES = flags.DEFINE_list("categories", ["0", "3", "7"], "Rare category ids.")
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`rare-jax-task`)."""
-  app.run(main)
+  cli_help.run(main)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,21 @@ def test_help_requests_exit_0_and_bad_flags_still_fail():
   assert bad.returncode == 1 and "no_such_flag" in bad.stderr
 
 
+@pytest.mark.parametrize(
+  "command, flag",
+  [
+    ("rare_jax.label", "--budget"),
+    ("rare_jax.predict", "--pool"),
+    ("rare_jax.export", "--results"),
+  ],
+)
+def test_every_command_answers_help_with_its_flags_and_status_0(command, flag):
+  # Before, absl's --help / --helpshort exited 1 for every command but run and prepare.
+  result = _command(command, "--helpshort")
+  assert result.returncode == 0, result.stderr
+  assert flag in result.stdout, result.stdout[-1500:]
+
+
 def test_help_request_parsing():
   assert cli_help.help_request(["x", "--helpfull"]) == "full"
   assert cli_help.help_request(["x", "--a=1", "-?"]) == "short"
