@@ -113,7 +113,8 @@ def import_raw_files(
   """Copies the four idx .gz files from folder into the user cache, after checking them.
 
   Each must be a regular gzip file whose uncompressed contents are Debian's (`RAW_SHA256`);
-  the files are copied only when all four pass, and replace the cache's in one rename.
+  the files are copied only when all four pass; then the cache's old folder is removed and the
+  checked copy renamed in (a kill in between leaves no files: run the command again).
 
   Args:
     folder: holds train-images-idx3-ubyte.gz and the other three files (from RAW_SOURCES).
