@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 ANSWERS_ADVICE = (
@@ -43,6 +44,34 @@ def read_records(path: str | os.PathLike | None, *, with_round: bool, advice: st
     ValueError: a line that is not JSON (other than the last) or not a record (see the module
       docstring), naming the file and the line.
   """
+  return read_lines(
+    path,
+    problem=lambda record: record_problem(record, with_round=with_round),
+    expected=_expected(with_round),
+    advice=advice,
+  )
+
+
+def read_lines(
+  path: str | os.PathLike | None,
+  *,
+  problem: Callable[[Any], str | None],
+  expected: str,
+  advice: str,
+) -> list[Any]:
+  """The parsed lines of an append-only JSON-lines journal, in file order ([] if `path` is None
+  or missing); a last line that does not parse (a writer killed mid-line) is dropped.
+
+  Args:
+    path: the file.
+    problem: what is wrong with one parsed line, or None if it is a record.
+    expected: the record format, for the error.
+    advice: what to do about a damaged line, appended to the error.
+
+  Raises:
+    ValueError: a line that is not JSON (other than the last) or that `problem` refuses,
+      naming the file and the line.
+  """
   if path is None or not os.path.exists(path):
     return []
   path = os.fspath(path)
@@ -60,13 +89,11 @@ def read_records(path: str | os.PathLike | None, *, with_round: bool, advice: st
         break  # torn by a writer killed mid-line
       raise ValueError(
         f"{path} line {index + 1} is not JSON ({error.msg}: {_cut(line)!r}); expected "
-        f"{_expected(with_round)}; {advice}"
+        f"{expected}; {advice}"
       ) from None
-    problem = record_problem(record, with_round=with_round)
-    if problem is not None:
-      raise ValueError(
-        f"{path} line {index + 1}: {problem}; expected {_expected(with_round)}; {advice}"
-      )
+    found = problem(record)
+    if found is not None:
+      raise ValueError(f"{path} line {index + 1}: {found}; expected {expected}; {advice}")
     records.append(record)
   return records
 
@@ -80,13 +107,13 @@ def record_problem(record: Any, *, with_round: bool) -> str | None:
   if missing:
     return f"no {', '.join(repr(k) for k in missing)} in the object"
   if with_round and (not _is_int(record["round"]) or record["round"] < 1):
-    return f"round={_excerpt(record['round'])}"
+    return f"round={excerpt(record['round'])}"
   ids, answers = record["query_ids"], record["answers"]
   shape = _shape(ids)
   if shape is None or not all(_is_int(i) and i >= 0 for row in ids for i in row):
-    return f"query_ids={_excerpt(ids)}"
+    return f"query_ids={excerpt(ids)}"
   if _shape(answers) != shape or not all(_is_answer(a) for row in answers for a in row):
-    return f"answers={_excerpt(answers)} for query_ids of shape {list(shape)}"
+    return f"answers={excerpt(answers)} for query_ids of shape {list(shape)}"
   return None
 
 
@@ -116,7 +143,8 @@ def _is_answer(value: Any) -> bool:
   return isinstance(value, bool) or (_is_int(value) and value in (0, 1))
 
 
-def _excerpt(value: Any) -> str:
+def excerpt(value: Any) -> str:
+  """`value` as JSON, cut to 60 characters (for error messages)."""
   return _cut(json.dumps(value))
 
 

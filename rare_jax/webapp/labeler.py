@@ -72,35 +72,25 @@ def read_corrections(path: str | None) -> list[dict]:
     ValueError: a damaged line (not JSON, or not a {round, category, id, answer} record),
       naming the file and the line.
   """
-  if not path or not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().split("\n")
-  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-  records = []
-  for index, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as error:
-      if index == last:
-        break  # torn by a writer killed mid-line
-      raise ValueError(f"{path} line {index + 1} is not JSON ({error.msg}); {_FIX}") from None
-    ints = ("round", "category", "id")
-    if (
-      not isinstance(record, dict)
-      or set(record) != {*ints, "answer"}
-      or not all(isinstance(record[k], int) and not isinstance(record[k], bool) for k in ints)
-      or min(record[k] for k in ints) < 0
-      or not isinstance(record["answer"], bool)
-    ):
-      raise ValueError(
-        f"{path} line {index + 1}: {line[:80]!r} is not a correction; expected "
-        f'{{"round": r, "category": c, "id": i, "answer": true/false}}; {_FIX}'
-      )
-    records.append(record)
-  return records
+  return answer_logs.read_lines(
+    path or None,
+    problem=_correction_problem,
+    expected='{"round": r, "category": c, "id": i, "answer": true/false}',
+    advice=_FIX,
+  )
+
+
+def _correction_problem(record) -> str | None:
+  ints = ("round", "category", "id")
+  if (
+    not isinstance(record, dict)
+    or set(record) != {*ints, "answer"}
+    or not all(isinstance(record[k], int) and not isinstance(record[k], bool) for k in ints)
+    or min(record[k] for k in ints) < 0
+    or not isinstance(record["answer"], bool)
+  ):
+    return f"{answer_logs.excerpt(record)} is not a correction"
+  return None
 
 
 _FIX = (
