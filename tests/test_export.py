@@ -313,3 +313,25 @@ def test_finish_includes_the_audit_estimate_where_the_run_has_an_audit(finished_
   assert "estimate" not in bag
   got = dict(sandal["estimate"])
   assert got == json.loads(json.dumps(expected))  # the estimate as the audit gives it
+
+
+def test_finish_ranks_by_logit_where_probabilities_round_to_one(
+  finished_run, tmp_path, monkeypatch
+):
+  """Logits above ~37 all give probability 1.0 in float64; the ranking keeps their order."""
+  import dataclasses
+
+  import numpy as np
+
+  run, _ = finished_run
+  scores = exports.pool_scores(run.workdir)
+  logits = np.full_like(scores.logits, -5.0)
+  logits[:, :3] = [40.0, 60.0, 50.0]  # pool ids 0, 1, 2: ranked 1, 2, 0
+  assert (1 / (1 + np.exp(-logits[:, :3])) == 1.0).all()
+  saturated = dataclasses.replace(scores, logits=logits)
+  monkeypatch.setattr(exports, "pool_scores", lambda _: saturated)
+  csv_path, _ = exports.write_results(run.workdir, str(tmp_path / "out"))
+  with open(csv_path, newline="") as f:
+    rows = [r for r in csv.DictReader(f) if r["category"] == scores.category_names[0]]
+  assert [r["path"] for r in rows[:3]] == [scores.paths[1], scores.paths[2], scores.paths[0]]
+  assert [r["score"] for r in rows[:3]] == ["1.000000"] * 3

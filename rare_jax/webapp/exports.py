@@ -160,9 +160,9 @@ def pool_feature_shape(workdir: str, config) -> tuple[int, int]:
 class PoolScores:
   """The newest checkpoint of a labeling run: its model's scores of the whole pool.
 
-  probabilities: float64 [C, P], the linear model's probability per category and pool image
-  (the loop's own scores: logits on the features of the checkpoint's feature version, so no
-  image is embedded again). labels: int8 [C, P], 1 yes (seeds included), 0 no, -1 none.
+  logits: float64 [C, P], the linear model's logit per category and pool image (the loop's own
+  scores on the features of the checkpoint's feature version, so no image is embedded again);
+  `probabilities` their sigmoid. labels: int8 [C, P], 1 yes (seeds included), 0 no, -1 none.
   seeds: bool [C, P]. paths: the pool's display paths (relative to the folder, or absolute
   for a seed outside it).
   """
@@ -172,11 +172,16 @@ class PoolScores:
   config: Any
   category_names: list[str]
   paths: list[str]
-  probabilities: np.ndarray
+  logits: np.ndarray
   labels: np.ndarray
   seeds: np.ndarray
   round: int
   feature_version: int
+
+  @property
+  def probabilities(self) -> np.ndarray:
+    """float64 [C, P]: the sigmoid of `logits`."""
+    return 1 / (1 + np.exp(-self.logits))
 
   @property
   def model(self) -> str:
@@ -233,7 +238,7 @@ def pool_scores(workdir: str) -> PoolScores:
     config=config,
     category_names=names,
     paths=list(manifest["paths"]),
-    probabilities=1 / (1 + np.exp(-logits)),
+    logits=logits,
     labels=labels,
     seeds=(np.asarray(state.label_round) == 0) & (labels == 1),
     round=int(state.round),
@@ -263,10 +268,10 @@ def collect_labels_manifest(workdir: str) -> tuple[dict, str]:
   return manifest, path
 
 
-def ranking(probabilities: np.ndarray) -> np.ndarray:
-  """Pool ids from the highest probability to the lowest (ties: lower id first)."""
-  probabilities = np.asarray(probabilities)
-  return np.lexsort((np.arange(len(probabilities)), -probabilities))
+def ranking(scores: np.ndarray) -> np.ndarray:
+  """Pool ids from the highest score to the lowest (ties: lower id first)."""
+  scores = np.asarray(scores)
+  return np.lexsort((np.arange(len(scores)), -scores))
 
 
 def write_results(
@@ -283,7 +288,8 @@ def write_results(
   written atomically (a reader sees the previous results or the new ones). The CSV has one
   row per (category, pool image): `category,rank,path,score,label`, by category (the run's
   order) then rank (1 = highest score); `score` is the model's probability (6 decimals; the
-  rank orders ties by pool id), `label` the answer given: `yes` (seeds included), `no`, or
+  rank follows the logits, so images whose probabilities round to 1.0 keep their order; exact
+  ties by pool id), `label` the answer given: `yes` (seeds included), `no`, or
   `none`. The JSON: `{"format": "rare_jax.Results/1", "workdir", "images" (the folder),
   "round", "feature_version", "model", "date_created", "categories": [{"name",
   "positives_labeled", "negatives_labeled", "estimate" (only where the category has an audit:
@@ -302,14 +308,16 @@ def write_results(
     raise ValueError(f"out_dir={out_dir!r} is a file; expected a folder for the results")
   prepare_out_file(os.path.join(out_dir, f"{RESULTS_NAME}.csv"))
   categories = []
+  probabilities = scores.probabilities
   for c, name in enumerate(scores.category_names):
-    order = ranking(scores.probabilities[c])
+    # By logit: probabilities of logits above ~37 are all 1.0 in float64.
+    order = ranking(scores.logits[c])
     labels = scores.labels[c]
     results = [
       {
         "rank": rank + 1,
         "path": scores.paths[i],
-        "score": round(float(scores.probabilities[c, i]), 6),
+        "score": round(float(probabilities[c, i]), 6),
         "label": {1: "yes", 0: "no"}.get(int(labels[i]), "none"),
         "seed": bool(scores.seeds[c, i]),
       }
@@ -320,7 +328,7 @@ def write_results(
       "positives_labeled": int((labels == 1).sum()),
       "negatives_labeled": int((labels == 0).sum()),
     }
-    found = estimate(workdir, c, scores.probabilities[c], labels)
+    found = estimate(workdir, c, probabilities[c], labels)
     if found is not None:
       entry["estimate"] = found
       log(f"{name}: audit: {found.get('summary') or json.dumps(found)[:300]}")
