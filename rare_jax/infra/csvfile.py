@@ -17,6 +17,8 @@ import csv
 import os
 from collections.abc import Iterable, Sequence
 
+from rare_jax.infra import atomic
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -36,8 +38,8 @@ def safe_cell(value):
 def write_csv_atomic(path: str, header: Sequence[str], rows: Iterable[Sequence]) -> None:
   """Writes a CSV with a header so that a reader sees the old file or the whole new one.
 
-  The rows go to `PATH.PID.tmp`, renamed over `path` at the end; on any failure (a full disk,
-  a bad row) the temporary file is removed and the error raised.
+  The rows go to a temporary file renamed over `path` at the end (`atomic.replacing`); on any
+  failure (a full disk, a bad row) it is removed and the error raised.
 
   Raises:
     ValueError: `path` is a directory.
@@ -45,21 +47,8 @@ def write_csv_atomic(path: str, header: Sequence[str], rows: Iterable[Sequence])
   """
   if os.path.isdir(path):
     raise ValueError(f"out={path!r} is a directory; expected a file name (e.g. scores.csv)")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow([safe_cell(name) for name in header])
-      for row in rows:
-        writer.writerow([safe_cell(value) for value in row])
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass  # never there, or not removable: the original error is the one to report
-    raise
+  with atomic.replacing(path, newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow([safe_cell(name) for name in header])
+    for row in rows:
+      writer.writerow([safe_cell(value) for value in row])

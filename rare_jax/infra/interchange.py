@@ -107,13 +107,12 @@ import math
 import numbers
 import os
 import re
-import secrets
 import shlex
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-from rare_jax.infra import csvfile
+from rare_jax.infra import atomic, csvfile
 
 YES, NO = "yes", "no"
 FIFTYONE_LABELS = "labels.json"
@@ -655,23 +654,6 @@ def _prepare_dir(out_dir) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-  """Writes `text` (UTF-8) so that a reader sees the old file or the whole new one: a new
-  temporary file (O_EXCL: never through a planted link) renamed over `path`; removed on any
-  failure. Permissions follow the umask, as for any new file."""
-  if os.path.isdir(path):
-    raise ValueError(f"{path!r} is a folder; expected a file name")
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with open(fd, "w", encoding="utf-8", newline="\n") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass  # already renamed or never there: the original error is the one to report
-    raise
+  """Writes `text` so that a reader sees the old file or the whole new one (`atomic`)."""
+  with atomic.replacing(path, newline="\n") as f:
+    f.write(text)
