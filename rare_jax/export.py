@@ -61,7 +61,7 @@ def _define_flags():
   """The command's flags, defined when it runs: importing this module for its functions (the
   tests, other tools) must not claim flag names that other commands define too."""
   global _WORKDIR, _OUT, _FORMAT, _RESULTS, _OUT_DIR
-  _WORKDIR = flags.DEFINE_string("workdir", None, "A labeling workdir (python -m rare_jax.label).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A labeling workdir (rare-jax-label).")
   _OUT = flags.DEFINE_string("out", None, "The labels file to write (labels.csv or labels.json).")
   _FORMAT = flags.DEFINE_enum(
     "format", None, list(FORMATS), "csv or json (default: from --out's extension; .json or CSV)."

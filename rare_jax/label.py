@@ -35,7 +35,7 @@ features; labeling waits meanwhile, with the progress on the page. A killed upda
 on restart. The page also offers the labels so far as a CSV / JSON download. Stop the server
 (Ctrl-C, SIGTERM, or kill it) and start the same command again: the run resumes where it was,
 losing at most the answers of a batch not yet submitted. When the budget is used, score
-images with `python -m rare_jax.predict --workdir=DIR --images=DIR --out=scores.csv`.
+images with `rare-jax-predict --workdir=DIR --images=DIR --out=scores.csv`.
 
 `--budget` is per category. To label more, start the same command with a larger `--budget`:
 the run continues where it was (a budget below the labels already used is refused; without
@@ -48,7 +48,7 @@ Other flags: `--eval_subfolder=NAME` (the sub-folder of --images holding the tru
 for metrics only), `--exit_when_done`, `--feature_dim` (pixel_pca), `--seed`. Compiled
 steps are cached in DIR/jax_cache (or $JAX_COMPILATION_CACHE_DIR) so a restart is quick.
 Layout of DIR: see rare_jax/webapp/folder_run.py. The labels given so far:
-`python -m rare_jax.export --workdir=DIR --out=labels.csv`.
+`rare-jax-export --workdir=DIR --out=labels.csv`.
 
 Errors are one line on stderr, never a traceback: a bad --host or --port (checked before any
 work), a disk that fills up or another failed write, exit status 1; a refused setting (e.g. a

@@ -1,8 +1,10 @@
-r"""Score images with a run's newest model, to CSV or COCO-style JSON: `python -m rare_jax.predict`.
+r"""Score images with a run's newest model: `python -m rare_jax.predict`, to CSV, COCO-style JSON,
+FiftyOne or Label Studio.
 
     python -m rare_jax.predict --workdir=RUN --images=DIR --out=scores.csv [--top_k=N]
     python -m rare_jax.predict --workdir=RUN --pool --out=scores.csv
     python -m rare_jax.predict --workdir=RUN --images=DIR --out=scores.json [--head=deep]
+    python -m rare_jax.predict --workdir=RUN --images=DIR --format=label-studio --out=FOLDER
     python -m rare_jax.predict --workdir=RUN --dataset=rare_fashion_mnist --split=test \
         --out=scores.csv [--threshold=0.5] [--strategy=ours_linear --category=Sandal]
 
@@ -11,8 +13,8 @@ running one is at), of any run:
 - runs of `python -m rare_jax.label` (a folder of images): with pretrained features, the same
   trunk embeds the images (squeezed to the run's `image_size`), z-scored with the statistics of
   the run's cached pool embeddings under that trunk. After deep updates from the labeling page
-  (or `--deep_every`) the trunk is the newest update's (`ours_linear/deep/v{i}`) and the
-  statistics those of the pool it re-embedded (`ours_linear/features/v{i}/pool`): the
+  (or `--deep_every`) the trunk is the newest update's (`labeling/deep/v{i}`) and the
+  statistics those of the pool it re-embedded (`labeling/features/v{i}/pool`): the
   embedding of an image is the one the run computed for its pool (to float32 rounding). With
   `--features=pixel_pca`, the pixel-PCA projection the run saved (`features/projection.npz`).
   `--pool` scores the run's own pool instead: the newest checkpoint's scores (the loop's own,
@@ -51,6 +53,11 @@ Outputs, highest score first (`--format`, or `--out`'s suffix):
   and `file_name`, or `label` for a split) and one `annotations` entry per image and category
   with `image_id`, `category_id`, `score` and `label` ("yes" when score >= 0.5); see
   `write_json`.
+- FiftyOne (`--format=fiftyone`) and Label Studio (`--format=label-studio`): `--out` is a
+  folder for the files those tools import, in their documented classification formats
+  (`rare_jax.infra.interchange`): labels.json and human_labels.json, or label_config.xml and
+  tasks.json; every image, "yes" for a category from `--threshold` on (default 0.5); for
+  `--pool` also the answers given. The import code or steps are printed, paths filled in.
 `score` is the model's probability that the image is of the category. `--top_k` keeps the best
 N images of each category, `--threshold` those with score >= it; by default every image is
 written. Progress (images, rate, ETA) goes to stderr.
@@ -96,7 +103,15 @@ from rare_jax.active import linear, runner
 from rare_jax.data import folder, pipeline, sources, tasks
 from rare_jax.deep import embed as embed_lib
 from rare_jax.deep import stand_in, train, trunk_features, updates
-from rare_jax.infra import cli_help, csvfile, distributed_flags, sharding, teardown_noise
+from rare_jax.infra import (
+  atomic,
+  cli_help,
+  csvfile,
+  distributed_flags,
+  interchange,
+  sharding,
+  teardown_noise,
+)
 from rare_jax.infra.checkpoint import CheckpointStore, quiet_library_logging
 from rare_jax.models import pretrained
 from rare_jax.webapp import exports, folder_deep, folder_run
@@ -242,8 +257,8 @@ def load_scorer(
     kind = f"dataset run ({task.dataset}, features {config.features})"
   else:
     raise ValueError(
-      f"{workdir} holds no run: expected {folder_run.MANIFEST} (python -m rare_jax.label) or "
-      f"{tasks.TASK_FILE} (python -m rare_jax.run)"
+      f"{workdir} holds no run: expected {folder_run.MANIFEST} (rare-jax-label) or "
+      f"{tasks.TASK_FILE} (rare-jax-run)"
     )
   strategies = list(config.strategies)
   strategy = strategy or strategies[0]
@@ -254,7 +269,9 @@ def load_scorer(
   like = runner.abstract_state(
     jax.ShapeDtypeStruct(pool_shape, jnp.float32), seed_ids, int(config.seed)
   )
-  directory = os.path.join(workdir, strategy, "checkpoints")
+  folder = os.path.exists(os.path.join(workdir, folder_run.MANIFEST))
+  run_dir = folder_run.run_dir(workdir) if folder else os.path.join(workdir, strategy)
+  directory = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"{workdir}: strategy {strategy!r} has no checkpoints in {directory}")
   with CheckpointStore(directory) as store:
@@ -281,7 +298,7 @@ def load_scorer(
     )
   if head == "deep":
     raise ValueError(
-      f"{workdir}: head='deep' needs a run with deep updates (python -m rare_jax.run with "
+      f"{workdir}: head='deep' needs a run with deep updates (rare-jax-run with "
       f"features='m_pre'); this run has features={config.features!r}: use head='linear'"
     )
   if config.features == "pretrained":
@@ -343,7 +360,7 @@ def _folder_trunk(workdir, config, manifest, version, log):
       trunk_variables=variables,
     )
     identity = {"trunk_sha256": variables_sha256(variables)}
-    store_dir = os.path.join(workdir, folder_run.STRATEGY, "features", f"v{version}", "pool")
+    store_dir = os.path.join(folder_run.run_dir(workdir), "features", f"v{version}", "pool")
     if not embed_lib.FeatureStore.exists(store_dir):
       raise ValueError(
         f"{store_dir} is missing; expected the pool features of deep update v{version}"
@@ -358,7 +375,7 @@ def _folder_trunk(workdir, config, manifest, version, log):
 
 def deep_trunk_variables(workdir: str, config, num_categories: int, version: int) -> dict:
   """`{"params", "batch_stats"}` of a folder run's deep model after update `version` (its
-  newest TrainState checkpoint in `ours_linear/deep/v{version}`), restored without building
+  newest TrainState checkpoint in `labeling/deep/v{version}`), restored without building
   the training pipeline.
 
   Raises:
@@ -377,7 +394,7 @@ def deep_trunk_variables(workdir: str, config, num_categories: int, version: int
     train.create_train_state, model=model, tx=tx, input_shape=(1, size, size, 3)
   )
   like = jax.eval_shape(init, jax.random.key(0, impl="rbg"))
-  directory = os.path.join(workdir, folder_run.STRATEGY, "deep", f"v{version}")
+  directory = os.path.join(folder_run.run_dir(workdir), "deep", f"v{version}")
   if not os.path.isdir(directory):
     raise ValueError(f"{directory} is missing; expected the checkpoints of deep update v{version}")
   with CheckpointStore(directory) as store:
@@ -791,16 +808,59 @@ def write_csv_categories(
   )
 
 
-FORMATS = ("csv", "json")
+FILE_FORMATS = ("csv", "json")
+FOLDER_FORMATS = ("fiftyone", "label-studio")  # --out is a folder (rare_jax.infra.interchange)
+FORMATS = FILE_FORMATS + FOLDER_FORMATS
 
 
 def output_format(path: str, format_: str | None) -> str:
-  """ "csv" or "json": `format_` if given, else from the file's extension (default csv)."""
+  """One of `FORMATS`: `format_` if given, else "json" or "csv" from the file's extension
+  (default csv)."""
   if format_ is not None:
     if format_ not in FORMATS:
       raise ValueError(f"format={format_!r}; expected one of {FORMATS}")
     return format_
   return "json" if path.lower().endswith(".json") else "csv"
+
+
+def check_folder_output(out: str, fmt: str, *, top_k: int | None, dataset: str | None) -> None:
+  """Refuses what --format=fiftyone / label-studio cannot do, before any work."""
+  if top_k is not None:
+    raise ValueError(
+      f"--top_k={top_k} cuts CSV and JSON rows; --format={fmt} writes every image (its "
+      "--threshold says where 'yes' starts)"
+    )
+  if dataset is not None:
+    raise ValueError(
+      f"--format={fmt} names image files; --dataset={dataset!r} has none: use csv or json"
+    )
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out!r} is a file; expected a folder for --format={fmt}")
+
+
+def interchange_table(
+  scored: Scored,
+  categories: Sequence[str],
+  pool: exports.PoolScores | None,
+  base: str,
+  threshold: float | None,
+) -> interchange.Table:
+  """The scores as `rare_jax.infra.interchange` takes them: every image, paths relative to
+  `base`; for `--pool` also the logits and the answers given (seeds as "yes")."""
+  logits = human = None
+  if pool is not None:
+    rows = [pool.category_names.index(name) for name in categories]
+    logits = pool.logits[rows].T
+    human = pool.labels[rows].T
+  return interchange.table(
+    categories,
+    scored.names,
+    scored.scores,
+    base=base,
+    logits=logits,
+    human=human,
+    threshold=0.5 if threshold is None else threshold,
+  )
 
 
 def write_json(
@@ -860,17 +920,8 @@ def write_json(
   }
   if os.path.isdir(path):
     raise ValueError(f"--out={path!r} is a directory; expected a file name")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as write_csv does
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(document, f, ensure_ascii=False, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic.replacing(path) as f:
+    json.dump(document, f, ensure_ascii=False, indent=1)
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (rare_jax.label or rare_jax.run).")
@@ -884,14 +935,25 @@ _DATASET = flags.DEFINE_string("dataset", None, "A prepared TFDS dataset to scor
 _SPLIT = flags.DEFINE_string("split", "test", "The split of --dataset (e.g. test, train[:10%]).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS's default).")
 _OUT = flags.DEFINE_string("out", None, "The file to write (.csv, or .json for COCO-style).")
-_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "csv or json (default: --out's suffix).")
+_FORMAT = flags.DEFINE_enum(
+  "format",
+  None,
+  list(FORMATS),
+  "csv or json (default: --out's suffix); fiftyone or label-studio: --out is a folder for the "
+  "files those tools import.",
+)
 _HEAD = flags.DEFINE_enum(
   "head", "linear", list(HEADS), "linear: the loop's model; deep: the deep model's main head."
 )
 _TOP_K = flags.DEFINE_integer(
   "top_k", None, "Keep only the N highest-scoring images (per category)."
 )
-_THRESHOLD = flags.DEFINE_float("threshold", None, "Keep only images with score >= this.")
+_THRESHOLD = flags.DEFINE_float(
+  "threshold",
+  None,
+  "Keep only images with score >= this; fiftyone and label-studio keep every image and say "
+  "'yes' from this score on (default 0.5).",
+)
 _STRATEGY = flags.DEFINE_string("strategy", None, "Strategy of the run (default: its first).")
 _CATEGORY = flags.DEFINE_string(
   "category", None, "Category name or index (default: every category of the run, one pass)."
@@ -920,15 +982,22 @@ def main(argv):
       print(csvfile.printable(line), file=sys.stderr, flush=True)
 
   given = [_IMAGES.value is not None, _DATASET.value is not None, _POOL.value]
+  pool = None
   if sum(given) != 1:
     raise app.UsageError("pass exactly one of --images=DIR, --dataset=NAME or --pool")
   started = time.perf_counter()
   try:
     select_rows([], top_k=_TOP_K.value, threshold=_THRESHOLD.value)  # fail early on bad cuts
-    if os.path.isdir(_OUT.value):
-      raise ValueError(f"--out={_OUT.value!r} is a directory; expected a file name")
-    if primary:  # the one process that writes: its folder exists before any work
-      prepare_out_file(_OUT.value)
+    fmt = output_format(_OUT.value, _FORMAT.value)
+    if fmt in FOLDER_FORMATS:
+      check_folder_output(_OUT.value, fmt, top_k=_TOP_K.value, dataset=_DATASET.value)
+      if primary:
+        os.makedirs(_OUT.value, exist_ok=True)
+    else:
+      if os.path.isdir(_OUT.value):
+        raise ValueError(f"--out={_OUT.value!r} is a directory; expected a file name")
+      if primary:  # the one process that writes: its folder exists before any work
+        prepare_out_file(_OUT.value)
     if not os.path.isdir(_WORKDIR.value):
       raise ValueError(f"--workdir={_WORKDIR.value!r} is not a directory; expected a run's workdir")
     if _POOL.value:
@@ -973,17 +1042,28 @@ def main(argv):
         )
         source = f"{_DATASET.value}:{_SPLIT.value}"
     header = ("id", scored.key, "score")
-    categories = [
-      (name, select_rows(scored.rows(c), top_k=_TOP_K.value, threshold=_THRESHOLD.value))
-      for c, name in enumerate(scorer.categories)
-    ]
+    if fmt in FOLDER_FORMATS:
+      base = pool.manifest["root"] if pool is not None else os.path.abspath(_IMAGES.value)
+      data = interchange_table(scored, scorer.categories, pool, base, _THRESHOLD.value)
+    else:
+      categories = [
+        (name, select_rows(scored.rows(c), top_k=_TOP_K.value, threshold=_THRESHOLD.value))
+        for c, name in enumerate(scorer.categories)
+      ]
   except ValueError as error:
     log(f"error: {error}")
     sys.exit(2)
   if not primary:
     return
   try:
-    if output_format(_OUT.value, _FORMAT.value) == "json":
+    if fmt in FOLDER_FORMATS:
+      if fmt == "fiftyone":
+        written = interchange.write_fiftyone(_OUT.value, data)
+      else:
+        written = interchange.write_label_studio(
+          _OUT.value, data, model_version=f"rare_jax: {scorer.kind}, round {scorer.round}"
+        )
+    elif fmt == "json":
       write_json(
         _OUT.value,
         header,
@@ -1003,6 +1083,17 @@ def main(argv):
   except OSError as error:
     log(f"error: {describe_os_error(error, error.filename or _OUT.value)}; nothing was written")
     sys.exit(1)
+  if fmt in FOLDER_FORMATS:
+    for path, reason in written.left_out:
+      log(f"left out {path}: {reason}")
+    log(f"to import into {'FiftyOne' if fmt == 'fiftyone' else 'Label Studio'}:")
+    for line in written.how_to_import.splitlines():
+      log(f"  {line}")
+    log(
+      f"wrote {len(data.paths)} images x {len(data.categories)} categories to "
+      f"{', '.join(written.files)} ({time.perf_counter() - started:.1f}s)"
+    )
+    return
   count = sum(len(rows) for _, rows in categories)
   log(f"wrote {count} rows to {_OUT.value} ({time.perf_counter() - started:.1f}s)")
 

@@ -464,7 +464,7 @@ def audit_client(tmp_path):
   )
   run = types.SimpleNamespace(
     workdir=str(tmp_path),
-    run_dir=str(tmp_path / "ours_linear"),
+    run_dir=str(tmp_path / "labeling"),
     features=features,
     seed_ids=seed_ids,
     config=ml_collections.ConfigDict({"seed": 0}),
@@ -555,7 +555,7 @@ def test_routes_read_a_checkpoint_rewritten_under_the_same_step(audit_client, tm
 
   client, labels = audit_client
   assert client.get("/api/audit").get_json()["categories"][1]["has_model"] is False
-  directory = os.path.join(str(tmp_path), "ours_linear", "checkpoints")
+  directory = os.path.join(str(tmp_path), "labeling", "checkpoints")
   features = jnp.zeros((labels.shape[1], 4), jnp.float32)
   state = loop.init(features, np.array([[0, 1, 2], [3, 4, 5]], np.int32), seed=0)
   changed = labels.copy()

@@ -178,7 +178,7 @@ def test_a_corrected_answer_rederives_the_run_and_a_restart_keeps_it(example, tm
   # Killed half-way through the re-derivation: the correction saved, the marker written,
   # checkpoint 2 dropped but not checkpoint 1, answers.jsonl not rewritten yet. The restart
   # finishes it: the same state.
-  copy = tmp_path / "copy" / folder_run.STRATEGY
+  copy = tmp_path / "copy" / folder_run.RUN_DIR
   with open(copy / session_lib.CORRECTIONS, "w") as f:
     f.write(json.dumps(dict(flip, round=1)) + "\n")
   (copy / session_lib.REDERIVE).write_text(json.dumps({"from_round": 1}))

@@ -24,7 +24,7 @@ PATHS = ["a/1.png", "=cmd|' /C calc'!A0.png", UNDECODABLE, "c/3.png", "-4.png", 
 def workdir(tmp_path):
   """Seeds 5 (outside the folder) and 0; round 1 logged; round 2 submitted, not yet logged."""
   workdir = tmp_path / "run"
-  run_dir = workdir / folder_run.STRATEGY
+  run_dir = workdir / folder_run.RUN_DIR
   run_dir.mkdir(parents=True)
   manifest = {
     "format": folder_run.MANIFEST_FORMAT,
@@ -61,6 +61,20 @@ def test_labels_of_a_workdir(workdir):
   got = [(x["path"], x["category"], x["answer"], x["round"]) for x in labels]
   raw = [(UNDECODABLE if p.startswith("b/") else p, c, a, r) for p, c, a, r in EXPECTED]
   assert got == raw
+
+
+def test_a_run_started_by_an_earlier_release_keeps_its_directory(workdir):
+  """Workdirs started before the runner's directory was named `labeling` hold it in
+  `ours_linear/`: the labels are read from there, and a new workdir uses `labeling/`."""
+  os.rename(os.path.join(workdir, "labeling"), os.path.join(workdir, "ours_linear"))
+  assert folder_run.run_dir(workdir) == os.path.join(workdir, "ours_linear")
+  _, labels = exports.collect_labels(workdir)
+  assert len(labels) == len(EXPECTED)
+  os.mkdir(os.path.join(workdir, "labeling"))  # both: the current name wins
+  assert folder_run.run_dir(workdir) == os.path.join(workdir, "labeling")
+  assert folder_run.run_dir(os.path.join(workdir, "new")) == os.path.join(
+    workdir, "new", "labeling"
+  )
 
 
 def test_csv_and_json(workdir, tmp_path):
@@ -115,8 +129,8 @@ def test_padded_seeds_of_several_categories_are_exported_once(workdir):
   manifest = json.loads(open(path).read())
   manifest.update(seed_ids=[[5, 0], [3, 3]], category_names=["Sandal", "Bag"])
   open(path, "w").write(json.dumps(manifest))
-  open(os.path.join(workdir, folder_run.STRATEGY, "answers.jsonl"), "w").close()
-  open(os.path.join(workdir, folder_run.STRATEGY, folder_run.JOURNAL), "w").close()
+  open(os.path.join(workdir, folder_run.RUN_DIR, "answers.jsonl"), "w").close()
+  open(os.path.join(workdir, folder_run.RUN_DIR, folder_run.JOURNAL), "w").close()
   _, labels = exports.collect_labels(workdir)
   assert [(x["path"], x["category"]) for x in labels] == [
     ("/seeds/s.png", "Sandal"),
@@ -259,9 +273,9 @@ def test_finish_command_and_its_errors(finished_run, tmp_path):
   # A run with no batch labeled yet: no model to rank with.
   fresh = tmp_path / "fresh"
   shutil.copytree(run.workdir, fresh, ignore=shutil.ignore_patterns("results"))
-  for step in os.listdir(fresh / "ours_linear" / "checkpoints"):
+  for step in os.listdir(fresh / folder_run.RUN_DIR / "checkpoints"):
     if step != "0":
-      shutil.rmtree(fresh / "ours_linear" / "checkpoints" / step)
+      shutil.rmtree(fresh / folder_run.RUN_DIR / "checkpoints" / step)
   result = export(f"--workdir={fresh}", "--results")
   assert result.returncode == 2 and "no batch labeled yet" in result.stderr, result.stderr
   assert not (fresh / "results").exists()

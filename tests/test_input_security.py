@@ -370,7 +370,7 @@ def test_a_torn_last_line_is_still_dropped(tmp_path):
 
 def test_export_refuses_a_wrong_shape_answers_line_with_one_clear_error(tmp_path):
   workdir = tmp_path / "run"
-  run_dir = workdir / folder_run.STRATEGY
+  run_dir = workdir / folder_run.RUN_DIR
   run_dir.mkdir(parents=True)
   manifest = {
     "format": folder_run.MANIFEST_FORMAT,
@@ -408,7 +408,7 @@ def test_label_refuses_damaged_logs_and_bad_weights_in_one_line_with_status_2(mi
   ):
     copies[name] = tmp_path / name
     shutil.copytree(workdir, copies[name])
-    (copies[name] / folder_run.STRATEGY / file).write_text(text)
+    (copies[name] / folder_run.RUN_DIR / file).write_text(text)
   garbage_weights = tmp_path / "weights.pth"
   garbage_weights.write_bytes(b"garbage")
   weights = ["--features=pretrained", "--model=resnet50", "--image_size=32"]
@@ -446,7 +446,7 @@ def _damaged_copy(workdir, tmp_path):
   restore fails in TensorStore while the reads of the other arrays are still pending."""
   copy = tmp_path / "damaged"
   shutil.copytree(workdir, copy)
-  data = sorted((copy / "ours_linear" / "checkpoints" / "1" / "state" / "d").iterdir())
+  data = sorted((copy / folder_run.RUN_DIR / "checkpoints" / "1" / "state" / "d").iterdir())
   assert data, "expected the OCDBT data files of checkpoint 1"
   for path in data:
     path.write_bytes(b"garbage")

@@ -35,8 +35,11 @@ def _env():
   return env
 
 
-def _save_model(workdir, features, seed_ids, weights, bias, *, seed=0, step=1, meta=None):
-  """Writes checkpoint `step` of `ours_linear` holding this linear model (as a round would)."""
+def _save_model(
+  workdir, features, seed_ids, weights, bias, *, seed=0, step=1, meta=None, run_dir=None
+):
+  """Writes checkpoint `step` holding this linear model (as a round would) in `run_dir`: by
+  default a labeling run's (`folder_run.RUN_DIR`)."""
   state = loop.init(jax.numpy.asarray(features), np.asarray(seed_ids), seed=seed)
   state = state.replace(
     round=jax.numpy.ones((), jax.numpy.int32),
@@ -46,7 +49,8 @@ def _save_model(workdir, features, seed_ids, weights, bias, *, seed=0, step=1, m
       bias=jax.numpy.asarray(bias, jax.numpy.float32),
     ),
   )
-  with CheckpointStore(os.path.join(workdir, "ours_linear", "checkpoints")) as store:
+  run_dir = run_dir or folder_run.RUN_DIR
+  with CheckpointStore(os.path.join(workdir, run_dir, "checkpoints")) as store:
     store.save(step, state, {"round": 1, **(meta or {})})
   return state
 
@@ -134,6 +138,70 @@ def test_top_k_threshold_and_dataset_images(folder_workdir):
   assert abs(scorer.score(scorer.to_model_input(image)[None])[0, 0] - score) < 1e-6
 
 
+def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
+  """--format=fiftyone / label-studio write rare_jax.infra.interchange's folders (checked
+  against the tools' documentation in tests/test_interchange.py) with the CSV's scores; with
+  --pool also the answers given (the seeds). What they cannot do is refused before any work."""
+  images, workdir, run, probabilities = folder_workdir
+
+  def predict_to(*args):
+    result = subprocess.run(
+      [sys.executable, "-m", "rare_jax.predict", f"--workdir={workdir}", *args],
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+  log = predict_to(
+    f"--images={images}", "--format=fiftyone", "--threshold=0.6", f"--out={tmp_path / 'fo'}"
+  )
+  assert "fo.Dataset.from_dir(" in log and "wrote 102 images x 1 categories" in log
+  labels = json.loads((tmp_path / "fo" / "labels.json").read_text())
+  assert labels["classes"] == ["the category"]
+  expected = {os.path.join(images, run.display_path(i)): probabilities[i] for i in range(102)}
+  assert set(labels["labels"]) == set(expected)
+  for path, targets in labels["labels"].items():
+    wanted = [expected[path]] if expected[path] >= 0.6 else []
+    assert [t["confidence"] for t in targets] == pytest.approx(wanted, abs=2e-6)
+  log = predict_to(f"--images={images}", "--format=label-studio", f"--out={tmp_path / 'ls'}")
+  assert "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in log
+  tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+  assert {t["data"]["path"]: t["data"]["score_1"] for t in tasks} == pytest.approx(
+    expected, abs=2e-6
+  )
+  # --pool: the run's logits and the answers given (1 yes, 0 no, -1 none) go in too.
+  pool = exports.PoolScores(
+    workdir=workdir,
+    manifest={"root": "/data/images"},
+    config=None,
+    category_names=["Cat", "Dog"],
+    paths=["a.png", "b/c.png", "/seeds/s.png"],
+    logits=np.array([[2.0, -1.0, 40.0], [0.0, 3.0, -2.0]]),
+    labels=np.array([[-1, 0, 1], [1, -1, -1]], np.int8),
+    seeds=np.array([[False, False, True], [False, False, False]]),
+    round=2,
+    feature_version=1,
+  )
+  scored = predict.score_pool(pool, ["Dog", "Cat"])
+  table = predict.interchange_table(scored, ["Dog", "Cat"], pool, "/data/images", None)
+  assert table.paths == ("/data/images/a.png", "/data/images/b/c.png", "/seeds/s.png")
+  assert table.human == (("yes", None), (None, "no"), (None, "yes"))
+  assert table.logits == ((0.0, 2.0), (3.0, -1.0), (-2.0, 40.0))
+  assert table.thresholds == (0.5, 0.5)
+  with pytest.raises(ValueError, match="--top_k=3 cuts CSV and JSON rows"):
+    predict.check_folder_output(str(tmp_path / "x"), "fiftyone", top_k=3, dataset=None)
+  with pytest.raises(ValueError, match="has none: use csv or json"):
+    predict.check_folder_output(str(tmp_path / "x"), "label-studio", top_k=None, dataset="d")
+  (tmp_path / "file").write_text("keep")
+  with pytest.raises(ValueError, match="is a file; expected a folder"):
+    predict.check_folder_output(str(tmp_path / "file"), "fiftyone", top_k=None, dataset=None)
+  assert (tmp_path / "file").read_text() == "keep"
+
+
 def test_errors_are_clear(folder_workdir, tmp_path):
   _, workdir, _, _ = folder_workdir
   with pytest.raises(ValueError, match="holds no run"):
@@ -196,7 +264,9 @@ def test_dataset_run_refits_the_same_projection(tmp_path):
   os.makedirs(os.path.join(workdir, "features"))
   np.save(os.path.join(workdir, "features", "pool.npy"), pool)
   rng = np.random.default_rng(0)
-  state = _save_model(workdir, pool, task.seed_positives, rng.normal(size=(1, 8)), [0.3])
+  state = _save_model(
+    workdir, pool, task.seed_positives, rng.normal(size=(1, 8)), [0.3], run_dir="ours_linear"
+  )
   # The task records split "train[:1200]": predict opens it like the run did.
   assert (
     json.loads(open(os.path.join(workdir, "task.json")).read())["train_split"] == "train[:1200]"
@@ -266,7 +336,7 @@ def test_a_damaged_config_or_checkpoint_is_named(folder_workdir, tmp_path):
     predict.load_scorer(config_broken, log=lambda _: None)
   checkpoint_broken = str(tmp_path / "checkpoint_broken")
   shutil.copytree(workdir, checkpoint_broken)
-  step = os.path.join(checkpoint_broken, "ours_linear", "checkpoints", "1")
+  step = os.path.join(checkpoint_broken, folder_run.RUN_DIR, "checkpoints", "1")
   for path in glob.glob(os.path.join(step, "**"), recursive=True):
     if os.path.isfile(path):
       with open(path, "wb") as f:

@@ -465,7 +465,7 @@ def test_sigkill_after_a_submitted_batch_then_restart_keeps_it(example, tmp_path
   finally:
     if second.process.poll() is None:
       second.process.kill()
-  run_dir = workdir / folder_run.STRATEGY
+  run_dir = workdir / folder_run.RUN_DIR
   record = runner.read_answers(str(run_dir / "answers.jsonl"))[1]
   assert dict(zip(record["query_ids"][0], record["answers"][0], strict=True)) == answers
   pool = np.load(workdir / "features" / "pool.npy")
@@ -517,7 +517,7 @@ def test_bad_flags_and_files_are_clear_errors_before_any_work(
   # A copy of the live run whose newest checkpoint is damaged.
   damaged = tmp_path / "damaged"
   shutil.copytree(run.workdir, damaged)
-  checkpoints = damaged / folder_run.STRATEGY / "checkpoints"
+  checkpoints = damaged / folder_run.RUN_DIR / "checkpoints"
   newest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
   for path in (checkpoints / str(newest)).rglob("*"):
     if path.is_file():
@@ -721,7 +721,7 @@ def test_sigkill_during_a_deep_update_then_restart_resumes_it(tmp_path, tmp_path
   finally:
     if second.process.poll() is None:
       second.process.kill()
-  run_dir = workdir / folder_run.STRATEGY
+  run_dir = workdir / folder_run.RUN_DIR
   assert (run_dir / "features" / "v1" / "pool" / "meta.json").exists()
   with CheckpointStore(run_dir / "checkpoints") as store:
     assert store.latest_step() == 1

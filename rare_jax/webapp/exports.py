@@ -42,7 +42,7 @@ def collect_labels(workdir: str) -> tuple[dict, list[dict[str, Any]]]:
   """
   manifest, _ = collect_labels_manifest(workdir)
   paths, names = manifest["paths"], manifest["category_names"]
-  run_dir = os.path.join(workdir, folder_run.STRATEGY)
+  run_dir = folder_run.run_dir(workdir)
   logged = runner.read_answers(os.path.join(run_dir, "answers.jsonl"))
   batches = [(r, logged[r]["query_ids"], logged[r]["answers"]) for r in sorted(logged) if r > 0]
   next_round = max(logged, default=0) + 1
@@ -209,7 +209,7 @@ def pool_scores(workdir: str) -> PoolScores:
     seed_ids,
     int(config.seed),
   )
-  directory = os.path.join(workdir, folder_run.STRATEGY, "checkpoints")
+  directory = os.path.join(folder_run.run_dir(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"{workdir}: {directory} is missing; expected a started labeling run")
   with CheckpointStore(directory) as store:
@@ -258,7 +258,7 @@ def collect_labels_manifest(workdir: str) -> tuple[dict, str]:
   if not os.path.exists(path):
     raise ValueError(
       f"{workdir} holds no labeling run: {path} is missing; expected a workdir of "
-      "python -m rare_jax.label"
+      "rare-jax-label"
     )
   manifest = folder_run.read_json_object(path)
   if manifest.get("format") != folder_run.MANIFEST_FORMAT:

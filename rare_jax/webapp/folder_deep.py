@@ -7,8 +7,8 @@ pool (computed from the cached pool embeddings: the head is one Dense layer), an
 set is the union over categories of L_p, L_n and W_n. The images are the pool squeezed to the
 run's `image_size` (the size of its features), cached as uint8 in
 `WORKDIR/features/pixels_{S}.npy`. Update i is saved like a TFDS run's: TrainState checkpoints
-per epoch in `WORKDIR/ours_linear/deep/v{i}`, the re-embedded pool in
-`WORKDIR/ours_linear/features/v{i}/pool`, so a killed update resumes from its last epoch and
+per epoch in `WORKDIR/labeling/deep/v{i}`, the re-embedded pool in
+`WORKDIR/labeling/features/v{i}/pool`, so a killed update resumes from its last epoch and
 embedded chunk (deterministic: seeded epochs, `seed * 1000 + i`).
 
 Without `eval_subfolder` there is no validation set; the updater embeds one pool image as a

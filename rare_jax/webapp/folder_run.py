@@ -6,13 +6,16 @@
                                 resumable `rare_jax.deep.embed.FeatureStore`, with source.json)
     WORKDIR/features/pool.npy   features="pixel_pca_folder": [P, D] pixel-PCA features
     WORKDIR/features/projection.npz   the pixel-PCA projection (mean, components, image size)
-    WORKDIR/ours_linear/        the runner's directory (checkpoints, answers.jsonl, ...) and
+    WORKDIR/labeling/           the runner's directory (checkpoints, answers.jsonl, ...) and
                                 submitted.jsonl, the web labeler's journal; corrections.jsonl,
                                 the answers changed on the page, and rederive.json while a
                                 re-derivation from them is under way (session.py); with deep
                                 updates (folder_deep.py) deep_requests.json, deep/v{i},
                                 features/v{i}
     WORKDIR/features/pixels_S.npy   the pool at S x S, for deep updates (folder_deep.py)
+
+The runner's directory is `run_dir(workdir)`: `labeling/`, or `ours_linear/` in a workdir that
+an earlier release started (it was named after the loop's strategy; kept so those runs go on).
 
 Features (`config.features`):
 - "pretrained" (the command's default): a pretrained trunk (`config.model`, `config.init`:
@@ -61,13 +64,25 @@ GENERIC_FOLDER_NAMES = frozenset(
 DEFAULT_CATEGORY_NAME = "the category"
 MANIFEST = "folder_run.json"
 MANIFEST_FORMAT = "rare_jax.FolderRun/1"
-STRATEGY = "ours_linear"
+STRATEGY = "ours_linear"  # the loop's strategy (the page triggers the deep updates)
+RUN_DIR = "labeling"  # the runner's directory in WORKDIR (`run_dir`)
+LEGACY_RUN_DIR = STRATEGY  # its name in workdirs started before 2026-12-07
 JOURNAL = "submitted.jsonl"
 FEATURES = ("pretrained", "pixel_pca")  # what --features takes
 DEFAULT_MODEL = "efficientnet_lite0"
 # 128 px: EfficientNet-Lite0 embeds about 74 img/s at 128 on the 2-core CPU vs 27 img/s at its
 # native 224 (README, "Find a rare category"); objects in photos stay recognisable.
 DEFAULT_IMAGE_SIZE = {"pretrained": 128, "pixel_pca": 32}
+
+
+def run_dir(workdir: str) -> str:
+  """The runner's directory of the folder run in `workdir`: WORKDIR/labeling, or WORKDIR/ours_linear
+  where an earlier release started the run there (and no labeling/ exists)."""
+  legacy = os.path.join(workdir, LEGACY_RUN_DIR)
+  current = os.path.join(workdir, RUN_DIR)
+  if os.path.isdir(legacy) and not os.path.lexists(current):
+    return legacy
+  return current
 
 
 def make_config(
@@ -221,7 +236,7 @@ class FolderRun:
 
   @property
   def run_dir(self) -> str:
-    return os.path.join(self.workdir, STRATEGY)
+    return run_dir(self.workdir)
 
   @property
   def journal_path(self) -> str:
@@ -547,9 +562,9 @@ def labels_used(workdir: str) -> int:
   """Labels per category a folder run has taken in so far: its rounds in answers.jsonl, or its
   submitted batches, whichever is more, times the batch size (0 for a new workdir)."""
   config = read_json_object(os.path.join(workdir, "config.json"))
-  run_dir = os.path.join(workdir, STRATEGY)
-  rounds = max(runner.read_answers(os.path.join(run_dir, "answers.jsonl")), default=0)
-  batches = len(read_journal(os.path.join(run_dir, JOURNAL)))
+  directory = run_dir(workdir)
+  rounds = max(runner.read_answers(os.path.join(directory, "answers.jsonl")), default=0)
+  batches = len(read_journal(os.path.join(directory, JOURNAL)))
   return max(rounds, batches) * int(config["batch_size"])
 
 

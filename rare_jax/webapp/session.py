@@ -176,7 +176,7 @@ class LabelingSession:
     per_category = self.total_rounds * self.batch_size
     return (
       f"Done: all {per_category} labels per category are used. Write the ranked results of "
-      "every image below (Finish); score other images with python -m rare_jax.predict "
+      "every image below (Finish); score other images with rare-jax-predict "
       f"--workdir={self.run.workdir} --images=OTHER_FOLDER --out=scores.csv; to label more, "
       "start the same command again with a larger --budget."
     )
