@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import paper_settings as paper_config  # noqa: E402
 from rare_jax import compare, workdirs  # noqa: E402
-from rare_jax.infra import provenance  # noqa: E402
+from rare_jax.infra import atomic, provenance  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("rare_fashion_mnist", "i_naturalist2017", "places365")
@@ -483,10 +483,8 @@ def headline_table(config, workdir: str) -> tuple[str, dict]:
 
 def _write_text(path: str, text: str) -> None:
   """Replaces `path` whole (a reader sees the old file or the new one)."""
-  temporary = f"{path}.{os.getpid()}.tmp"
-  with open(temporary, "w", encoding="utf-8") as f:
+  with atomic.replacing(path) as f:
     f.write(text)
-  os.replace(temporary, path)
 
 
 def _write_json(path: str, document: dict) -> None:
