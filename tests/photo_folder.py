@@ -33,10 +33,13 @@ def _crop(photo: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image
   return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_photo_folder(out, *, per_photo: int = 12, num_seeds: int = 3, size: int = 96):
+def write_photo_folder(
+  out, *, per_photo: int = 12, num_seeds: int = 3, size: int = 96, seed: int = 0
+):
   """Writes OUT/images/<photo>/<photo>_<k>.jpg and OUT/seeds/{cat,rocket}/ (crops not in the
-  folder); returns (images dir, {"cat": seed dir, "rocket": seed dir})."""
-  rng = np.random.default_rng(0)
+  folder); returns (images dir, {"cat": seed dir, "rocket": seed dir}). Another `seed` gives
+  other crops (a new folder to score)."""
+  rng = np.random.default_rng(seed)
   images = os.path.join(out, "images")
   seeds = {}
   for name, photo in _photos().items():

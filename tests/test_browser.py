@@ -3,15 +3,18 @@ chromedriver (no browser download). The tests start `python -m rare_jax.label` a
 printed URL: on a folder of Fashion-MNIST PNGs, one labels a round by clicking and by keys (with
 an undo), submits it with Enter and sees the next round's images and the updated counts, sees an
 image large (click, Esc, Z), changes an answer of the submitted batch and writes the results;
-another asks about two categories; the last, on crops of real photographs with pretrained
-features, labels two categories, starts a deep update from the page, follows its progress to
-done, downloads the labels from the page's link and saves a screenshot of the app to
-docs/labeling_app.png (shown in the README).
+another asks about two categories; the last does the whole job on crops of real photographs
+with pretrained features (three batches, a deep update started from the page, a changed answer,
+an audit with its estimate, Finish, then `rare_jax.predict` on new photos in every format) and
+saves the screenshots of the app shown in the README: docs/labeling_app.png (the page with the
+audit's estimate) and docs/labeling_enlarged.png (an image enlarged).
 
 Needs `apt-get install -y chromium chromium-driver` (CI's set-up does it); without them this
 test fails, saying so.
 """
 
+import csv
+import json
 import os
 import re
 import shutil
@@ -28,6 +31,7 @@ from tests import photo_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(REPO, "docs", "labeling_app.png")
+SCREENSHOT_ENLARGED = os.path.join(REPO, "docs", "labeling_enlarged.png")
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL = "run `apt-get install -y chromium chromium-driver` as root (CI's set-up does it)"
@@ -111,6 +115,40 @@ def _stop(process, lines):
   except subprocess.TimeoutExpired:
     process.kill()
   assert process.returncode == 0, "".join(lines)
+
+
+# rare_jax.predict's formats, each written by the whole-job test from the deep-updated run (the
+# last two are folders: rare_jax.infra.interchange, whose tests check them against the docs).
+PREDICT_FORMATS = (
+  ("csv", "scores.csv"),
+  ("json", "scores.json"),
+  ("fiftyone", "fiftyone"),
+  ("label-studio", "label_studio"),
+)
+
+
+def check_predict_formats(outputs, images, cat_scores):
+  """Every format holds the CSV's scores of Cat (`cat_scores`: path under `images` -> score)."""
+  coco = json.loads(outputs["json"].read_text())
+  names = {image["id"]: image["file_name"] for image in coco["images"]}
+  cat_id = next(c["id"] for c in coco["categories"] if c["name"] == "Cat")
+  assert {
+    names[a["image_id"]]: a["score"] for a in coco["annotations"] if a["category_id"] == cat_id
+  } == pytest.approx(cat_scores, abs=1e-6)
+  absolute = {os.path.join(images, p): v for p, v in cat_scores.items()}
+  fiftyone = json.loads((outputs["fiftyone"] / "labels.json").read_text())
+  assert fiftyone["classes"] == ["Cat", "Rocket"] and set(fiftyone["labels"]) == set(absolute)
+  for path, targets in fiftyone["labels"].items():
+    cat = [t for t in targets if t["label"] == 0]  # listed when "yes": score >= 0.5
+    assert [t["confidence"] for t in cat] == (
+      [pytest.approx(absolute[path], abs=1e-6)] * bool(absolute[path] >= 0.5)
+    )
+  tasks = json.loads((outputs["label-studio"] / "tasks.json").read_text())
+  assert {t["data"]["path"]: t["data"]["score_1"] for t in tasks} == pytest.approx(
+    absolute, abs=1e-6
+  )
+  assert all(t["data"]["image"].startswith("/data/local-files/?d=") for t in tasks)
+  assert (outputs["label-studio"] / "label_config.xml").read_text().startswith("<View")
 
 
 def _truth(path):
@@ -367,11 +405,13 @@ def test_two_categories_on_one_page(tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_photos_deep_update_and_export(tmp_path, tmp_path_factory):
-  """Two categories on crops of real photos with pretrained features (EfficientNet-Lite0 at
-  32x32, the tests' tiny size): the page's button queues a deep update, the submitted batch
-  starts it, its progress reaches done and the next round comes; the page's download link
-  gives the labels; the screenshot of this page is the README's."""
+def test_the_whole_job_on_photos(tmp_path, tmp_path_factory):
+  """The whole job as a user does it, on crops of real photos with pretrained features
+  (EfficientNet-Lite0 at 32x32, the tests' tiny size), two categories: the seeds, a deep update
+  queued from the page and run after the first batch, three batches, a changed answer of the
+  second batch, an audit of 20 images with its estimate on the page, Finish and its ranked
+  results file, then `rare_jax.predict` on a new folder with the deep-updated model in every
+  format. The screenshots of this page (the estimate; an image enlarged) are the README's."""
   _require_browser()
   from selenium.webdriver.common.by import By
 
@@ -389,7 +429,7 @@ def test_photos_deep_update_and_export(tmp_path, tmp_path_factory):
       f"--category=Cat={seeds['cat']}",
       f"--category=Rocket={seeds['rocket']}",
       f"--workdir={workdir}",
-      "--budget=8",
+      "--budget=12",
       "--batch_size=4",
       "--features=pretrained",
       "--image_size=32",
@@ -411,55 +451,117 @@ def test_photos_deep_update_and_export(tmp_path, tmp_path_factory):
     def deep_status():
       return driver.find_element(By.ID, "deep-section").get_attribute("data-status")
 
+    def answer_card(category, index):
+      """Answers card `index` of `category` truthfully (fresh elements: the page re-renders)."""
+
+      def read():  # (path, id) of the card; retried while the page re-renders it
+        card = cards(category)[index]
+        return card.find_element(By.TAG_NAME, "img").get_attribute("alt"), int(
+          card.get_attribute("data-id")
+        )
+
+      path, image_id = _wait(read, f"card {index} of category {category}")
+      value = path.startswith(("cat/", "rocket/")[category])
+
+      def click():
+        card = cards(category)[index]
+        assert int(card.get_attribute("data-id")) == image_id
+        card.find_element(By.CLASS_NAME, "yes-button" if value else "no-button").click()
+        return True
+
+      _wait(click, f"a click on card {index} of category {category}")
+      _wait(
+        lambda: ("yes" if value else "no") in cards(category)[index].get_attribute("class").split(),
+        f"card {index} of category {category} answered",
+      )
+      return image_id, path, value
+
+    def answer_batch():
+      answered = {}
+      for category in (0, 1):
+        for index in range(4):
+          image_id, path, value = answer_card(category, index)
+          answered[(category, image_id)] = (path, value)
+      _wait(lambda: text("#answered") == "8 of 8 answered", "all eight answered")
+      driver.find_element(By.TAG_NAME, "body").send_keys("\n")
+      return answered
+
+    # Batch 1, with a deep update queued from the page: it runs once the batch is submitted.
     _wait(lambda: len(cards(0)) == 4 and len(cards(1)) == 4, "the first batch", timeout=240)
     assert deep_status() == "idle"
     driver.find_element(By.ID, "deep-update").click()
     _wait(lambda: deep_status() == "queued", "the deep update to be queued")
     assert "round 1" in text("#deep-status")
-
-    def answer_card(category, index):
-      """Answers card `index` of `category` truthfully (fresh elements: the page re-renders)."""
-      card = cards(category)[index]
-      path = card.find_element(By.TAG_NAME, "img").get_attribute("alt")
-      value = path.startswith(("cat/", "rocket/")[category])
-      card.find_element(By.CLASS_NAME, "yes-button" if value else "no-button").click()
-      _wait(
-        lambda: ("yes" if value else "no") in cards(category)[index].get_attribute("class").split(),
-        f"card {index} of category {category} answered",
-      )
-      return path, value
-
-    first = {}
-    for category in (0, 1):
-      for index in range(4):
-        path, value = answer_card(category, index)
-        first[(category, path)] = value
-    _wait(lambda: text("#answered") == "8 of 8 answered", "all eight answered")
-    driver.find_element(By.TAG_NAME, "body").send_keys("\n")
+    batches = [answer_batch()]
     _wait(lambda: deep_status() == "done", "the deep update to finish", timeout=600)
     assert driver.find_element(By.ID, "deep-progress").get_property("value") == 1
-    _wait(lambda: text("#round") == "2" and len(cards(0)) == 4, "the second round", timeout=120)
     log = "".join(lines)
     assert "deep update 1: epoch 1/1" in log and "re-embedded" in log
-    assert os.path.exists(workdir / "ours_linear" / "features" / "v1" / "pool" / "meta.json")
-    # The page's download link: the labels so far (6 seeds, 8 answers), as export writes them.
-    href = driver.find_element(By.ID, "export-csv").get_attribute("href")
-    csv_text = driver.execute_async_script(
-      "const done = arguments[arguments.length - 1];"
-      "fetch(arguments[0]).then((r) => r.text()).then(done, (e) => done(String(e)));",
-      href,
+    assert os.path.exists(workdir / "labeling" / "features" / "v1" / "pool" / "meta.json")
+    assert not os.path.exists(workdir / "ours_linear")  # the directory says what it holds
+    for round_index in (2, 3):
+      _wait(
+        lambda r=round_index: text("#round") == str(r) and len(cards(0)) == 4,
+        f"batch {round_index}",
+        timeout=180,
+      )
+      batches.append(answer_batch())
+    _wait(lambda: "Done" in text("#status"), "the budget used", timeout=180)
+    assert driver.find_element(By.ID, "deep-update").get_property("disabled")
+
+    # A mistaken answer of batch 2, changed from the list of answers given: the rounds after it
+    # are derived again from the corrected answers (no new deep update: v1 came before it).
+    def given(category):
+      return {
+        int(t.get_attribute("data-id")): t.find_element(By.CLASS_NAME, "badge").text
+        for t in driver.find_elements(By.CSS_SELECTOR, f'#given .thumb[data-category="{category}"]')
+      }
+
+    (category, changed), (changed_path, value) = next(iter(batches[1].items()))
+    assert category == 0
+    flipped = "no" if value else "yes"
+    driver.find_element(
+      By.CSS_SELECTOR, f'#given .thumb[data-category="0"][data-id="{changed}"] .change'
+    ).click()
+    _wait(
+      lambda: given(0)[changed] == flipped and "Done" in text("#status"),
+      "the corrected answer and the run derived again",
+      timeout=300,
     )
-    rows = [line.split(",") for line in csv_text.strip().splitlines()]
-    assert rows[0] == ["path", "category", "answer", "round"]
-    assert sum(r[3] == "0" for r in rows[1:]) == 6
-    answered = {(r[1], r[0]): r[2] for r in rows[1:] if r[3] == "1"}
-    assert answered == {
-      (("Cat", "Rocket")[c], p): "yes" if v else "no" for (c, p), v in first.items()
-    }
-    # Two answers of round 2 for the picture, then the screenshot of the whole page.
-    for category in (0, 1):
-      answer_card(category, 0)
-    _wait(lambda: text("#answered") == "2 of 8 answered", "two answers of round 2")
+    assert not os.path.exists(workdir / "labeling" / "deep" / "v2")
+
+    # An audit of 20 images of Cat drawn by the page, answered truthfully; the estimate shows.
+    size = _wait(lambda: driver.find_element(By.ID, "audit-size"), "the audit panel")
+    size.clear()
+    size.send_keys("20")
+    driver.find_element(By.ID, "audit-start").click()
+    for k in range(20):
+      _wait(lambda k=k: text("#audit-progress").startswith(f"{k} of 20"), f"audit image {k + 1}")
+      card = driver.find_element(By.ID, "audit-card")
+      path = card.find_element(By.TAG_NAME, "img").get_attribute("alt")
+      driver.find_element(By.ID, "audit-yes" if path.startswith("cat/") else "audit-no").click()
+    _wait(lambda: text("#audit-progress").startswith("20 of 20"), "the audit answered")
+    estimate = _wait(lambda: driver.find_element(By.ID, "audit-estimate"), "the estimate")
+    assert "Precision" in estimate.text and "Recall" in estimate.text
+    assert "95% interval" in estimate.text
+
+    # Finish: the ranked results of the whole pool for both categories, with the estimate.
+    driver.find_element(By.ID, "finish").click()
+    _wait(lambda: "ranked_results.csv" in text("#finish-status"), "the results' place")
+    with open(workdir / "results" / "ranked_results.csv", newline="") as f:
+      rows = list(csv.DictReader(f))
+    pool_size = 6 * 12 + 2 * 3
+    assert len(rows) == 2 * pool_size
+    cat = [r for r in rows if r["category"] == "Cat"]
+    assert [int(r["rank"]) for r in cat] == list(range(1, pool_size + 1))
+    assert all(r["label"] in ("yes", "no", "none") for r in cat)
+    labels = {r["path"]: r["label"] for r in cat}
+    truthful = {p: "yes" if v else "no" for b in batches for (c, _), (p, v) in b.items() if c == 0}
+    assert {p: labels[p] for p in truthful} == {**truthful, changed_path: flipped}
+    results = json.loads((workdir / "results" / "ranked_results.json").read_text())
+    assert "estimate" in results["categories"][0] and "estimate" not in results["categories"][1]
+
+    # The screenshots: the page with the audit's estimate, then an image enlarged.
     _wait(
       lambda: all(
         img.get_property("naturalWidth") > 0
@@ -469,11 +571,55 @@ def test_photos_deep_update_and_export(tmp_path, tmp_path_factory):
     )
     height = driver.execute_script("return document.documentElement.scrollHeight")
     inner = driver.execute_script("return window.innerHeight")
-    driver.set_window_size(1280, 1000 - int(inner) + min(int(height), 2400))
+    driver.set_window_size(1280, 1000 - int(inner) + min(int(height), 3200))
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
     assert driver.save_screenshot(SCREENSHOT)
     assert os.path.getsize(SCREENSHOT) > 10_000
+    driver.set_window_size(1280, 1000)
+    driver.find_element(By.CSS_SELECTOR, "#top .thumb img").click()
+    _wait(
+      lambda: (
+        driver.find_element(By.ID, "viewer").is_displayed()
+        and driver.find_element(By.ID, "viewer-image").get_property("naturalWidth") > 0
+      ),
+      "the enlarged image",
+    )
+    assert driver.save_screenshot(SCREENSHOT_ENLARGED)
+    assert os.path.getsize(SCREENSHOT_ENLARGED) > 10_000
   finally:
     if driver is not None:
       driver.quit()
     _stop(process, lines)
+
+  # New photos scored by the deep-updated model (its trunk embeds them), in every format.
+  new_images, _ = photo_folder.write_photo_folder(tmp_path / "new", per_photo=4, seed=1)
+  outputs = {}
+  for fmt, name in PREDICT_FORMATS:
+    out = tmp_path / "scores" / name
+    result = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "rare_jax.predict",
+        f"--workdir={workdir}",
+        f"--images={new_images}",
+        f"--out={out}",
+        f"--format={fmt}",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "after deep update v1" in result.stderr, result.stderr
+    outputs[fmt] = out
+  with open(outputs["csv"], newline="") as f:
+    scored = list(csv.DictReader(f))
+  assert len(scored) == 2 * 6 * 4 and {r["category"] for r in scored} == {"Cat", "Rocket"}
+  cat_scores = {r["path"]: float(r["score"]) for r in scored if r["category"] == "Cat"}
+  cats = [v for p, v in cat_scores.items() if p.startswith("cat/")]
+  others = [v for p, v in cat_scores.items() if not p.startswith("cat/")]
+  assert min(cats) > sorted(others)[len(others) // 2], (cats, others)  # cats above the median
+  check_predict_formats(outputs, new_images, cat_scores)

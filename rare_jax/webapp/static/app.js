@@ -43,6 +43,8 @@
     return data;
   }
 
+  window.rareJaxApi = api; // audit.js's requests go through it too
+
   function imageUrl(id) {
     return `image/${id}?token=${encodeURIComponent(token)}`;
   }
@@ -52,7 +54,8 @@
   }
 
   // The enlarged image: at its full resolution (served up to the server's limit), shrunk to
-  // fit the window by the style sheet. Click it or press Esc (or Z) to close it.
+  // fit the window by the style sheet, a small one scaled up (`fitViewer`). Click it or press
+  // Esc (or Z) to close it.
   function openViewer(id, path) {
     $("viewer-image").src = largeImageUrl(id);
     $("viewer-image").alt = path;
@@ -64,6 +67,28 @@
   function closeViewer() {
     $("viewer").hidden = true;
     $("viewer-image").removeAttribute("src");
+    $("viewer-image").style.width = "";
+    $("viewer-image").style.height = "";
+  }
+
+  // A small original (a few dozen pixels) is scaled up to VIEWER_MIN pixels on its longer
+  // side, within the window, so that there is something to judge; larger ones keep their size.
+  const VIEWER_MIN = 512;
+  function fitViewer() {
+    const image = $("viewer-image");
+    const width = image.naturalWidth;
+    const height = image.naturalHeight;
+    image.style.width = "";
+    image.style.height = "";
+    if (!width || !height || Math.max(width, height) >= VIEWER_MIN) return;
+    const scale = Math.min(
+      VIEWER_MIN / Math.max(width, height),
+      (0.96 * window.innerWidth) / width,
+      (0.9 * window.innerHeight) / height,
+    );
+    if (scale <= 1) return;
+    image.style.width = `${Math.round(width * scale)}px`;
+    image.style.height = `${Math.round(height * scale)}px`;
   }
 
   function enlargeable(image, id, path) {
@@ -374,6 +399,7 @@
     $("submit").addEventListener("click", submit);
     $("deep-update").addEventListener("click", deepUpdate);
     $("viewer").addEventListener("click", closeViewer);
+    $("viewer-image").addEventListener("load", fitViewer);
     $("finish").addEventListener("click", finish);
     refresh(true);
     window.setInterval(() => refresh(false), 700);

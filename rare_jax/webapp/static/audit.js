@@ -18,23 +18,8 @@
     return node;
   }
 
-  async function api(path, body) {
-    const options = { method: "GET", headers: { "X-Token": token } };
-    if (body !== undefined) {
-      options.method = "POST";
-      options.headers["Content-Type"] = "application/json";
-      options.body = JSON.stringify(body);
-    }
-    const response = await fetch(path, options);
-    let reply;
-    try {
-      reply = await response.json();
-    } catch (error) {
-      reply = { error: `HTTP ${response.status}` };
-    }
-    if (!response.ok) throw new Error(reply.error || `HTTP ${response.status}`);
-    return reply;
-  }
+  // app.js (loaded first: both scripts are deferred) shares its request helper.
+  const api = window.rareJaxApi;
 
   async function act(path, body) {
     if (busy) return;
