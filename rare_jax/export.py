@@ -8,8 +8,9 @@ r"""The labels a person gave in a labeling workdir, or its ranked results, as CS
 results of the whole pool for every category, from the run's newest model (deep updates
 included; no image is embedded again: the loop's own scores), written to
 `RUN/results/ranked_results.csv` and `.json` (or `--out_dir`), and their paths printed. CSV
-columns `category,rank,path,score,label` (rank 1 = highest score; `score` the model's
-probability; `label` the answer given: `yes` (seeds included), `no` or `none`); the JSON holds
+columns `category,rank,path,score,label,images` (rank 1 = highest score; `score` the model's
+probability; `label` the answer given: `yes` (seeds included), `no` or `none`; `images` the
+base folder, below); the JSON holds
 the same per category, plus the audit's estimate of precision and recall where the run has an
 audit. See `rare_jax.webapp.exports.write_results`. It reads a running run's newest checkpoint
 as well (the server need not be stopped).
@@ -17,19 +18,27 @@ as well (the server need not be stopped).
 The labels (`--out`):
 
 RUN is a workdir of `python -m rare_jax.label` (running or stopped: the files are only read).
-One row per label: `path` (relative to the labeled folder, or absolute for a seed outside
-it), `category`, `answer` (`yes` or `no`) and `round`: 0 for the seed examples given with
---seeds (all `yes`), then the round whose batch the person submitted, oldest first. A batch
-submitted but not yet in the run's own log (`answers.jsonl`; the server was killed in
-between) is included with the next round number, as the restarted run will count it.
+One row per label: `path`, `category`, `answer` (`yes` or `no`), `round`: 0 for the seed
+examples given with --seeds (all `yes`), then the round whose batch the person submitted,
+oldest first; and `images`, the base folder. A batch submitted but not yet in the run's own
+log (`answers.jsonl`; the server was killed in between) is included with the next round
+number, as the restarted run will count it.
+
+Paths, the seeds' and the pool's alike: relative to the base folder for a file inside it,
+absolute for any other (a seed from elsewhere; an image of a list outside its base). The base
+folder is the labeled folder (`rare-jax-label --images=DIR`), or a list's base
+(`--images=@LIST --base=DIR`, by default the list file's folder). Every export records it: the
+CSVs in their last column `images` (the same on every row), the JSONs as `images`, plus
+`images_list` (the list file) for a run on a list. See `rare_jax.webapp.exports`.
 
 The format is `--format`, else the out file's extension (`.json` -> JSON, anything else CSV).
-The CSV has the header `path,category,answer,round` and is safe to open in a spreadsheet (cells
-starting with `=`, `+`, `-`, `@`, a tab or CR get a leading `'`; file names that are not valid
-UTF-8 get backslash escapes such as `\xff`: see `rare_jax/infra/csvfile.py`). The JSON is an object
-`{"format", "images", "labels": [{path, category, answer, round}, ...]}` with `images` the
-labeled folder; its names are escaped the same way, not quoted. Both are written atomically;
-the directories of --out are created if missing (checked before anything is read).
+The CSV has the header `path,category,answer,round,images` and is safe to open in a
+spreadsheet (cells starting with `=`, `+`, `-`, `@`, a tab or CR get a leading `'`; file names
+that are not valid UTF-8 get backslash escapes such as `\xff`: see
+`rare_jax/infra/csvfile.py`). The JSON is an object `{"format", "images", ["images_list",]
+"labels": [{path, category, answer, round}, ...]}`; its names are escaped the same way, not
+quoted. Both are written atomically; the directories of --out are created if missing (checked
+before anything is read).
 Errors are one line on stderr: exit status 2 for a bad workdir, an `--out` that is a directory
 or in a directory that cannot be created, an `--out_dir` that is a file, a run with no model
 yet (`--results`) or a damaged run file (naming the file and line); 1 for a failed write.

@@ -84,8 +84,8 @@ def test_csv_and_json(workdir, tmp_path):
   exports.write_labels(out, manifest, labels, exports.format_of(out, None))
   with open(out, newline="", encoding="utf-8") as f:  # valid UTF-8
     rows = list(csv.reader(f))
-  assert rows[0] == ["path", "category", "answer", "round"]
-  safe = [("'" + p if p[0] in "=-" else p, c, a, str(r)) for p, c, a, r in EXPECTED]
+  assert rows[0] == ["path", "category", "answer", "round", "images"]  # the base folder last
+  safe = [("'" + p if p[0] in "=-" else p, c, a, str(r), "/data/images") for p, c, a, r in EXPECTED]
   assert [tuple(r) for r in rows[1:]] == safe  # formulas neutralised
   out = str(tmp_path / "labels.json")
   assert exports.format_of(out, None) == "json" and exports.format_of(out, "csv") == "csv"
@@ -201,7 +201,8 @@ def test_finish_writes_the_ranked_pool_of_every_category(finished_run, tmp_path)
   labels = np.asarray(state.labels)
   with open(written[0], newline="", encoding="utf-8") as f:
     rows = list(csv.reader(f))
-  assert rows[0] == ["category", "rank", "path", "score", "label"]
+  assert rows[0] == ["category", "rank", "path", "score", "label", "images"]
+  assert {r[5] for r in rows[1:]} == {run.manifest["root"]}  # the base folder, on every row
   rows = rows[1:]
   pool = run.pool_size
   assert len(rows) == 2 * pool

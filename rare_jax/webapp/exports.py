@@ -6,6 +6,15 @@ formats are described in `rare_jax/export.py`).
 scores of the whole pool (what `rare_jax.predict --pool` writes). `write_results`: the ranked
 results of the whole pool for every category (the finish action), with the audit's estimate
 of precision and recall when the run has an audit (`rare_jax.webapp.audit`).
+
+Paths, one convention for the seeds and the pool (the run's own, `rare_jax.data.folder.
+stored_path`): relative to the base folder (POSIX `/`) for a file inside it, absolute for any
+other file (a seed from elsewhere, an image of a list outside its base). The base folder is the
+labeled folder (`--images=DIR`), or the base of a list (`--images=@LIST --base=DIR`: the list
+file's folder by default). Every export records it: the JSONs as `images` (with `images_list`,
+the list file, for a run on a list), the CSVs in their last column `images`, the same on every
+row, so a path of any row is found as `os.path.join(images, path)` (an absolute path stays
+itself).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from rare_jax.webapp import audit, folder_run
 from rare_jax.webapp.labeler import read_journal
 
 FORMAT = "rare_jax.Labels/1"
-COLUMNS = ("path", "category", "answer", "round")
+COLUMNS = ("path", "category", "answer", "round")  # of each label
+CSV_COLUMNS = (*COLUMNS, "images")  # the labels CSV: the base folder last, on every row
 FORMATS = ("csv", "json")
 
 
@@ -117,21 +127,33 @@ def write_labels(out: str, manifest: dict, labels: list[dict[str, Any]], fmt: st
   """
   if os.path.isdir(out):
     raise ValueError(f"--out={out!r} is a directory; expected a file name (e.g. labels.csv)")
+  root = manifest["root"]
   if fmt == "csv":
-    csvfile.write_csv_atomic(out, COLUMNS, ([label[k] for k in COLUMNS] for label in labels))
+    csvfile.write_csv_atomic(
+      out, CSV_COLUMNS, ([*(label[k] for k in COLUMNS), root] for label in labels)
+    )
   elif fmt == "json":
     printable = [
       {k: csvfile.printable(v) if isinstance(v, str) else v for k, v in label.items()}
       for label in labels
     ]
-    images = csvfile.printable(manifest["root"])
-    write_json_atomic(out, {"format": FORMAT, "images": images, "labels": printable})
+    document = {"format": FORMAT, **base_fields(manifest), "labels": printable}
+    write_json_atomic(out, document)
   else:
     raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
 
 
+def base_fields(manifest: dict) -> dict[str, str]:
+  """What an export's JSON says of where its paths are: `images`, the base folder, and for a
+  run on a list `images_list`, the list file (printable: see `rare_jax.infra.csvfile`)."""
+  fields = {"images": csvfile.printable(manifest["root"])}
+  if manifest.get("images_list") is not None:
+    fields["images_list"] = csvfile.printable(manifest["images_list"])
+  return fields
+
+
 RESULTS_FORMAT = "rare_jax.Results/1"
-RESULTS_COLUMNS = ("category", "rank", "path", "score", "label")
+RESULTS_COLUMNS = ("category", "rank", "path", "score", "label", "images")
 RESULTS_DIR = "results"  # under the workdir, unless another folder is given
 RESULTS_NAME = "ranked_results"  # .csv and .json
 
@@ -163,8 +185,8 @@ class PoolScores:
   logits: float64 [C, P], the linear model's logit per category and pool image (the loop's own
   scores on the features of the checkpoint's feature version, so no image is embedded again);
   `probabilities` their sigmoid. labels: int8 [C, P], 1 yes (seeds included), 0 no, -1 none.
-  seeds: bool [C, P]. paths: the pool's display paths (relative to the folder, or absolute
-  for a seed outside it).
+  seeds: bool [C, P]. paths: the pool's paths (relative to the base folder for files inside
+  it, else absolute: the module docstring).
   """
 
   workdir: str
@@ -257,8 +279,7 @@ def collect_labels_manifest(workdir: str) -> tuple[dict, str]:
   path = os.path.join(workdir, folder_run.MANIFEST)
   if not os.path.exists(path):
     raise ValueError(
-      f"{workdir} holds no labeling run: {path} is missing; expected a workdir of "
-      "rare-jax-label"
+      f"{workdir} holds no labeling run: {path} is missing; expected a workdir of rare-jax-label"
     )
   manifest = folder_run.read_json_object(path)
   if manifest.get("format") != folder_run.MANIFEST_FORMAT:
@@ -286,11 +307,12 @@ def write_results(
 
   Files: `OUT_DIR/ranked_results.csv` and `.json` (OUT_DIR: `WORKDIR/results` by default),
   written atomically (a reader sees the previous results or the new ones). The CSV has one
-  row per (category, pool image): `category,rank,path,score,label`, by category (the run's
-  order) then rank (1 = highest score); `score` is the model's probability (6 decimals; the
+  row per (category, pool image): `category,rank,path,score,label,images`, by category (the
+  run's order) then rank (1 = highest score); `score` is the model's probability (6 decimals; the
   rank follows the logits, so images whose probabilities round to 1.0 keep their order; exact
   ties by pool id), `label` the answer given: `yes` (seeds included), `no`, or
-  `none`. The JSON: `{"format": "rare_jax.Results/1", "workdir", "images" (the folder),
+  `none`, `images` the base folder (the module docstring). The JSON: `{"format":
+  "rare_jax.Results/1", "workdir", "images" (the base folder), "images_list" (a list's file),
   "round", "feature_version", "model", "date_created", "categories": [{"name",
   "positives_labeled", "negatives_labeled", "estimate" (only where the category has an audit:
   `rare_jax.webapp.audit.estimate` of the current model's probabilities and labels, with its
@@ -336,11 +358,12 @@ def write_results(
     categories.append(entry)
   csv_path = os.path.join(out_dir, f"{RESULTS_NAME}.csv")
   json_path = os.path.join(out_dir, f"{RESULTS_NAME}.json")
+  root = scores.manifest["root"]
   csvfile.write_csv_atomic(
     csv_path,
     RESULTS_COLUMNS,
     (
-      (entry["name"], r["rank"], r["path"], f"{r['score']:.6f}", r["label"])
+      (entry["name"], r["rank"], r["path"], f"{r['score']:.6f}", r["label"], root)
       for entry in categories
       for r in entry["results"]
     ),
@@ -351,7 +374,7 @@ def write_results(
   document = {
     "format": RESULTS_FORMAT,
     "workdir": os.path.abspath(workdir),
-    "images": csvfile.printable(scores.manifest["root"]),
+    **base_fields(scores.manifest),
     "round": scores.round,
     "feature_version": scores.feature_version,
     "model": scores.model,
