@@ -4,10 +4,16 @@ r"""Find a rare category in a folder of your own images, answering yes/no in a b
         [--category=NAME --host=127.0.0.1 --port=0 --budget=100 --batch_size=10]
     python -m rare_jax.label --images=DIR --workdir=DIR \
         --category=Cat=seeds/cat --category=Dog=seeds/dog
+    python -m rare_jax.label --images=@photos.csv [--base=DIR] --seeds=... --workdir=DIR
 
 `--images` is a folder of JPEG/PNG files (searched recursively; only regular files are read:
 unreadable files, FIFOs, sockets, devices, broken symlinks, symlinks out of the folder and
-images over `rare_jax.data.folder.MAX_IMAGE_PIXELS` pixels are skipped and listed);
+images over `rare_jax.data.folder.MAX_IMAGE_PIXELS` pixels are skipped and listed), or
+`@LIST`, a file listing the images: a `.csv` file with a `path` column, else one path per line;
+paths absolute or relative to `--base` (default: the list file's folder). Entries that are
+missing, not regular JPEG/PNG files, listed twice or unreadable are skipped and listed, like a
+folder's. Paths inside the base folder are kept relative to it, others absolute, and the same
+for the seeds, in the run and in its exports (`rare_jax.data.folder.stored_path`).
 `--seeds` a few example images of the category (inside the folder or not), read by the first
 rule that applies: an existing folder (its images), an existing file (taken whole, even with
 commas in its name), `@LIST` (a file of image paths, one per line: for names with commas),
@@ -33,7 +39,8 @@ labels so far (`--deep_epochs` epochs at the features' image size; M_pre is the 
 trunk, its ImageNet argmax the auxiliary labels), re-embeds the pool and continues on the new
 features; labeling waits meanwhile, with the progress on the page. A killed update resumes
 on restart. The page also offers the labels so far as a CSV / JSON download. Stop the server
-(Ctrl-C, SIGTERM, or kill it) and start the same command again: the run resumes where it was,
+(Ctrl-C, SIGTERM, or kill it) and start the same command again (the same folder, or a list of
+the same files with the same base): the run resumes where it was,
 losing at most the answers of a batch not yet submitted. When the budget is used, score
 images with `rare-jax-predict --workdir=DIR --images=DIR --out=scores.csv`.
 
@@ -80,7 +87,18 @@ from rare_jax.webapp import folder_run, server
 from rare_jax.webapp.labeler import DONE, FAILED, describe_os_error
 from rare_jax.webapp.session import LabelingSession
 
-_IMAGES = flags.DEFINE_string("images", None, "Folder of JPEG/PNG images to label (recursive).")
+_IMAGES = flags.DEFINE_string(
+  "images",
+  None,
+  "Folder of JPEG/PNG images to label (recursive), or @LIST: a file of image paths (one per "
+  "line, or a .csv file with a path column).",
+)
+_BASE = flags.DEFINE_string(
+  "base",
+  None,
+  "With --images=@LIST: the folder its relative paths are relative to (default: the list "
+  "file's folder).",
+)
 _SEEDS = flags.DEFINE_string(
   "seeds",
   None,
@@ -205,6 +223,7 @@ def main(argv):
     run = folder_run.prepare_folder_run(
       _WORKDIR.value,
       images=_IMAGES.value,
+      base=_BASE.value,
       config=config,
       categories=categories,
       eval_subfolder=_EVAL_SUBFOLDER.value,

@@ -627,12 +627,14 @@ def iter_folder(
 @dataclasses.dataclass
 class Scored:
   """Scores of images: ids [n], names [n] (relative paths, or class names for a dataset
-  split: `key`), probabilities float32 [n, C] (one column per `Scorer.categories`)."""
+  split: `key`), probabilities float32 [n, C] (one column per `Scorer.categories`); `base`:
+  the folder relative paths are relative to (`score_folder`), else None."""
 
   ids: list[int]
   names: list[str]
   scores: np.ndarray
   key: str  # "path" or "label"
+  base: str | None = None
 
   def rows(self, category: int = 0) -> list[tuple]:
     """[(id, name, score)] of one category, in id order."""
@@ -646,19 +648,37 @@ def score_folder(
   *,
   log: Callable[[str], None],
   cache: EmbeddingCache | None = None,
+  base: str | None = None,
 ) -> Scored:
   """Scores of the readable images under `root` (ids: positions among them, sorted by relative
-  path). With `cache`, images whose embedding it holds are neither read nor embedded again, and
-  the new ones are added to it (saved at the end)."""
-  if not os.path.isdir(root):
-    raise ValueError(f"--images={root!r} is not a directory; expected a folder of JPEG/PNG")
-  candidates, refused = folder.list_image_files(root)
-  base = os.path.abspath(root)
+  path), or of the files `root="@LIST"` lists (`folder.read_image_list`, relative paths from
+  `base`, by default the list file's folder; ids: positions among the readable ones, relative
+  paths sorted then absolute ones sorted, so a list of a folder's images with the folder as
+  base scores as the folder). With `cache`, images whose embedding it holds are neither read
+  nor embedded again, and the new ones are added to it (saved at the end).
+
+  Raises:
+    ValueError: not a folder nor @LIST, a list that cannot be read, `base` with a folder, or no
+      readable image.
+  """
+  if folder.is_image_list(root):
+    listed = folder.read_image_list(root, base=base)
+    candidates, refused, base = list(listed.candidates), list(listed.refused), listed.base
+  else:
+    if not os.path.isdir(root):
+      raise ValueError(
+        f"--images={root!r} is not a directory; expected a folder of JPEG/PNG or @LIST, a file "
+        "listing them"
+      )
+    if base is not None:
+      raise ValueError(f"--base={base!r} with the folder --images={root!r}; it goes with @LIST")
+    candidates, refused = folder.list_image_files(root)
+    base = os.path.abspath(root)
   found: dict[str, np.ndarray] = {}  # relative path -> cached features
   stats: dict[str, os.stat_result] = {}
   if cache is not None:
     for relative in candidates:
-      full = os.path.join(base, *relative.split("/"))
+      full = folder.join_path(base, relative)
       try:
         stats[relative] = os.stat(full)
       except OSError:
@@ -680,7 +700,7 @@ def score_folder(
     for relative, row in zip(paths, rows, strict=True):
       features[relative] = np.asarray(row, np.float32)
       if cache is not None and relative in stats:
-        full = os.path.join(base, *relative.split("/"))
+        full = folder.join_path(base, relative)
         try:
           after = os.stat(full)
         except OSError:
@@ -705,17 +725,18 @@ def score_folder(
     cache.save()
   if found and not missing:
     log(f"scored {len(names)}/{len(candidates)} images (all from the cache)")
-  return Scored(ids=list(range(len(names))), names=names, scores=scores, key="path")
+  return Scored(ids=list(range(len(names))), names=names, scores=scores, key="path", base=base)
 
 
 def _read_images(base, relatives, to_model_input, refused, *, log):
-  """`iter_folder` over given relative paths of `base` (refused files logged first)."""
+  """`iter_folder` over given paths relative to `base` or absolute (refused files logged
+  first)."""
   for path, reason in refused:
     log(f"skipped {path}: {reason}")
 
   def read(relative):
     try:
-      image = folder.decode_image(os.path.join(base, *relative.split("/")))
+      image = folder.decode_image(folder.join_path(base, relative))
       return to_model_input(image), None
     except Exception as error:
       return None, f"{type(error).__name__}: {error}"
@@ -925,7 +946,18 @@ def write_json(
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (rare_jax.label or rare_jax.run).")
-_IMAGES = flags.DEFINE_string("images", None, "A folder of JPEG/PNG images to score.")
+_IMAGES = flags.DEFINE_string(
+  "images",
+  None,
+  "A folder of JPEG/PNG images to score, or @LIST: a file of image paths (one per line, or a "
+  ".csv file with a path column; rare_jax/data/folder.py).",
+)
+_BASE = flags.DEFINE_string(
+  "base",
+  None,
+  "With --images=@LIST: the folder its relative paths are relative to (default: the list "
+  "file's folder).",
+)
 _POOL = flags.DEFINE_bool(
   "pool",
   False,
@@ -985,6 +1017,8 @@ def main(argv):
   pool = None
   if sum(given) != 1:
     raise app.UsageError("pass exactly one of --images=DIR, --dataset=NAME or --pool")
+  if _BASE.value is not None and not folder.is_image_list(_IMAGES.value or ""):
+    raise app.UsageError("--base goes with --images=@LIST (the folder its paths are relative to)")
   started = time.perf_counter()
   try:
     select_rows([], top_k=_TOP_K.value, threshold=_THRESHOLD.value)  # fail early on bad cuts
@@ -1034,8 +1068,10 @@ def main(argv):
         cache = None
         if _CACHE.value and scorer.cache_key is not None:
           cache = EmbeddingCache(_WORKDIR.value, scorer, log=log, writable=primary)
-        scored = score_folder(scorer, _IMAGES.value, log=log, cache=cache)
+        scored = score_folder(scorer, _IMAGES.value, log=log, cache=cache, base=_BASE.value)
         source = _IMAGES.value
+        if folder.is_image_list(_IMAGES.value):
+          source = f"{_IMAGES.value} (paths relative to {scored.base})"
       else:
         scored = score_dataset(
           scorer, _DATASET.value, _SPLIT.value, data_dir=_DATA_DIR.value, log=log
@@ -1043,7 +1079,7 @@ def main(argv):
         source = f"{_DATASET.value}:{_SPLIT.value}"
     header = ("id", scored.key, "score")
     if fmt in FOLDER_FORMATS:
-      base = pool.manifest["root"] if pool is not None else os.path.abspath(_IMAGES.value)
+      base = pool.manifest["root"] if pool is not None else scored.base
       data = interchange_table(scored, scorer.categories, pool, base, _THRESHOLD.value)
     else:
       categories = [

@@ -28,12 +28,36 @@ for evaluation; files directly in `root` get -1.
 `open_folder(..., image_size=S)` also keeps every image resized to `S x S` RGB
 (`source.resized`, read in the same decoding pass that checks the files), which is what the
 pixel-PCA stand-in features of a folder run are computed from (`resize_image`).
+
+A list of image files instead of a folder (`--images=@LIST`: `open_images`, `read_image_list`).
+LIST is read by the `.csv` rule: a file whose name ends in `.csv` (any case) is a CSV file whose
+header row names a `path` column (other columns are ignored; a UTF-8 byte order mark is
+allowed); any other file holds one path per line (blank lines ignored, a line's spaces kept, a
+final CR dropped). Paths are absolute or relative to the base folder (`base`: `--base=DIR`,
+default the list file's folder); `..` is resolved on the text of the path. The list file is read
+as `--seeds=@LIST` is (a regular file only, at most `MAX_IMAGE_LIST_BYTES` bytes and
+`MAX_IMAGE_LIST_LINES` lines, else an error; `read_list_file`), bytes that are not UTF-8 kept as
+they are in the names. Every entry must be a regular `.jpg`/`.jpeg`/`.png` file that decodes: an
+entry that is missing, not a regular file (a FIFO, a directory, a device, a symlink loop), of
+another extension, listed twice (the same path, or another path to the same file) or that does
+not decode is skipped and listed in `source.skipped` like a folder's skipped files, never an
+error. The source's root is the base folder.
+
+One path convention for a run's images, the pool and the seeds alike (`stored_path`): relative
+to the root (POSIX `/`) for a file that lies in it, both as written and once symlinks are
+resolved; absolute (normalised, symlinks kept) for any other file. Ids follow that text: the
+relative paths sorted, then the absolute ones sorted, so a list of every image of a folder, with
+the folder as base, gives the folder's ids.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
 import itertools
 import os
 import pathlib
@@ -59,6 +83,9 @@ DECODE_BUDGET_PIXELS = 2 * MAX_IMAGE_PIXELS
 # An @LIST file of seed paths is refused over this size or this many lines.
 MAX_SEED_LIST_BYTES = 1 << 20
 MAX_SEED_LIST_LINES = 100_000
+# An @LIST file of images (--images=@LIST) is refused over this size or this many lines.
+MAX_IMAGE_LIST_BYTES = 64 << 20
+MAX_IMAGE_LIST_LINES = 1_000_000
 # Files decoded per progress step.
 _CHUNK = 256
 # A FIFO opened for reading without O_NONBLOCK waits for a writer forever (and a thread
@@ -286,14 +313,16 @@ def image_to_pil(image: np.ndarray) -> Image.Image:
 
 
 class FolderSource:
-  """The readable images of a folder, by id (see the module docstring).
+  """The readable images of a folder or an image list, by id (see the module docstring).
 
   Attributes:
-    root: the folder (absolute).
-    paths: relative POSIX paths of the readable images, sorted; `paths[id]`.
-    skipped: (relative path, reason) of each image file that did not decode.
+    root: the folder (absolute); for an image list, its base folder.
+    paths: the readable images' paths, `paths[id]`: for a folder, relative POSIX paths, sorted;
+      for a list, `stored_path`s (relative ones sorted, then absolute ones sorted).
+    skipped: (path, reason) of each image file (or list entry) refused or that did not decode.
     class_names: sorted top-level sub-folder names when labels come from sub-folders, else ().
     resized: uint8 [N, S, S, 3] when opened with `image_size`, else None.
+    image_list: the `ImageList` read for a list, else None.
   """
 
   def __init__(
@@ -305,6 +334,7 @@ class FolderSource:
     class_names: Sequence[str] = (),
     labels: np.ndarray | None = None,
     resized: np.ndarray | None = None,
+    image_list: ImageList | None = None,
   ):
     self.root = os.path.abspath(root)
     self.paths = tuple(paths)
@@ -315,7 +345,9 @@ class FolderSource:
     if self._labels.shape != (len(self.paths),):
       raise ValueError(f"labels of shape {self._labels.shape}; expected ({len(self.paths)},)")
     self.resized = resized
-    self.name = f"folder:{self.root}"
+    self.image_list = image_list
+    self.name = f"folder:{self.root}" if image_list is None else f"list:{image_list.file}"
+    self._real_positions: dict[str, int] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -331,7 +363,15 @@ class FolderSource:
     """The absolute path of image `index` (ids only: no path from outside reaches here)."""
     if not 0 <= int(index) < len(self):
       raise IndexError(f"image id {index} out of range; expected 0 <= id < {len(self)}")
-    return os.path.join(self.root, *self.paths[int(index)].split("/"))
+    return join_path(self.root, self.paths[int(index)])
+
+  def real_positions(self) -> dict[str, int]:
+    """{where image i resolves to (`os.path.realpath`): i}, computed once."""
+    if self._real_positions is None:
+      self._real_positions = {
+        os.path.realpath(self.file_path(i)): i for i in reversed(range(len(self)))
+      }
+    return self._real_positions
 
   def labels(self) -> np.ndarray:
     """int64 [N]: class ids from sub-folders (-1 for files directly in root / no labels)."""
@@ -344,8 +384,9 @@ class FolderSource:
     out = []
     for index in np.asarray(indices, np.int64).reshape(-1).tolist():
       path = self.file_path(index)
+      root = None if os.path.isabs(self.paths[index]) else self.root  # outside: as listed
       try:
-        image = np.asarray(decode_image(path, root=self.root), dtype=np.uint8)
+        image = np.asarray(decode_image(path, root=root), dtype=np.uint8)
       except Exception as error:  # The file changed since the folder was opened.
         raise ValueError(f"image {index} ({path}) no longer decodes: {error}") from error
       out.append({"image": image, "label": int(self._labels[index])})
@@ -353,7 +394,10 @@ class FolderSource:
 
   def report(self) -> str:
     """A human-readable summary: readable images, skipped files with the reason for each."""
-    lines = [f"{self.root}: {len(self)} images, {len(self.skipped)} skipped"]
+    where = self.root
+    if self.image_list is not None:
+      where = f"{self.image_list.file} (paths relative to {self.root})"
+    lines = [f"{where}: {len(self)} images, {len(self.skipped)} skipped"]
     lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
     return "\n".join(lines)
 
@@ -405,12 +449,242 @@ def _not_regular(path: str) -> str | None:
   return f"{file_kind(mode)}, not a regular file"
 
 
-def _check_one(root: str, relative: str, image_size: int | None):
-  path = os.path.join(root, *relative.split("/"))
+def join_path(root: str, path: str) -> str:
+  """The file of a stored path (`stored_path`): `path` itself when absolute, else under `root`."""
+  if os.path.isabs(path):
+    return path
+  return os.path.join(root, *path.split("/"))
+
+
+def stored_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+  """`path` in the one convention of a run's paths (the module docstring): relative to `root`
+  (POSIX) when the file lies in it, as written and once resolved; else absolute.
+
+  `path` may be relative to `root` (an image list's entry) or absolute; `..` is resolved on its
+  text (`os.path.normpath`).
+  """
+  base = os.path.abspath(os.fspath(root))
+  full = os.path.normpath(os.path.join(base, os.fspath(path)))
+  return _stored(full, base, os.path.realpath(base))[0]
+
+
+def _stored(
+  full: str, base: str, real_base: str, folders: dict[str, str] | None = None
+) -> tuple[str, str]:
+  """(`stored_path` of the normalised absolute `full` under the normalised absolute `base`,
+  where `full` resolves to).
+
+  `folders` caches where folders resolve to, for many files in few folders (a list): then
+  `full`'s folder is resolved once and `full` costs one `lstat`.
+  """
+  real = os.path.realpath(full) if folders is None else _realpath(full, folders)
+  prefix = base if base.endswith(os.sep) else base + os.sep  # "/" stays "/"
+  real_prefix = real_base if real_base.endswith(os.sep) else real_base + os.sep
+  if full.startswith(prefix) and (real == real_base or real.startswith(real_prefix)):
+    return pathlib.PurePath(full[len(prefix) :]).as_posix(), real
+  return full, real
+
+
+def _realpath(full: str, folders: dict[str, str]) -> str:
+  """`os.path.realpath(full)` of a normalised absolute path, its folder's from `folders`."""
+  parent, name = os.path.split(full)
+  real_parent = folders.get(parent)
+  if real_parent is None:
+    real_parent = folders[parent] = os.path.realpath(parent)
+  candidate = os.path.join(real_parent, name)
+  try:
+    if not stat.S_ISLNK(os.lstat(candidate).st_mode):
+      return candidate
+  except OSError:  # missing (or unreadable): realpath keeps the name as it is
+    return candidate
+  return os.path.realpath(candidate)
+
+
+def read_list_file(
+  list_file: str, *, flag: str, max_bytes: int, max_lines: int, expected: str
+) -> str:
+  """The text of an `@LIST` file: a regular file only (a FIFO is refused, not waited on), of at
+  most `max_bytes` bytes and `max_lines` lines (`str.splitlines`), decoded as UTF-8 with bytes
+  that are not UTF-8 kept (surrogateescape: such a name opens the file it names).
+
+  Args:
+    list_file: the file (the value after `@`).
+    flag: how errors name the value, e.g. "seeds='@x.txt'".
+    expected: what errors say was expected of the file.
+
+  Raises:
+    ValueError: the file cannot be read (missing, a FIFO, a directory, ...), or is over a limit.
+  """
+  try:  # a regular file only (a FIFO is refused, not waited on), and only so many bytes
+    with open_regular_file(list_file) as f:
+      data = f.read(max_bytes + 1)
+  except (OSError, ValueError) as error:
+    raise ValueError(
+      f"{flag}: the list file cannot be read ({error}); expected {expected}"
+    ) from None
+  if len(data) > max_bytes:
+    raise ValueError(
+      f"{flag}: the list file {list_file!r} is over {max_bytes} bytes; expected at most "
+      f"{max_bytes} bytes and {max_lines} lines"
+    )
+  text = data.decode("utf-8", "surrogateescape")
+  count = len(text.splitlines())
+  if count > max_lines:
+    raise ValueError(
+      f"{flag}: the list file {list_file!r} has {count} lines; expected at most {max_lines} lines"
+    )
+  return text
+
+
+def is_image_list(images: str | os.PathLike) -> bool:
+  """Whether an `--images` value names a list (`@LIST`) rather than a folder: it starts with
+  `@` and is not an existing folder."""
+  images = os.fspath(images)
+  return isinstance(images, str) and images.startswith("@") and not os.path.isdir(images)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageList:
+  """An image list as read (`read_image_list`), before any image is decoded.
+
+  Attributes:
+    file: the list file (absolute).
+    base: the folder relative entries are relative to (absolute).
+    candidates: `stored_path`s of the regular image files listed, relative ones sorted then
+      absolute ones sorted (not yet decoded).
+    refused: (stored path, or `<line N>` for an empty CSV cell; reason) of the entries skipped.
+    digest: sha256 of the base and of the set of files listed (every entry, refused or not):
+      what makes a restart "the same list".
+    kind: "csv" or "text", the rule the file was read by.
+  """
+
+  file: str
+  base: str
+  candidates: tuple[str, ...]
+  refused: tuple[tuple[str, str], ...]
+  digest: str
+  kind: str
+
+
+def _list_entries(text: str, kind: str, flag: str) -> list[tuple[int, str | None]]:
+  """(line number, entry) of a list's text; None for an empty CSV cell."""
+  if kind == "text":
+    entries = []
+    for number, line in enumerate(text.split("\n"), start=1):
+      line = line[:-1] if line.endswith("\r") else line
+      if line.strip():
+        entries.append((number, line))
+    return entries
+  reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
+  try:
+    header = next(reader, None)
+    columns = [cell.strip().lower() for cell in header or []]
+    if "path" not in columns:
+      raise ValueError(
+        f"{flag}: the CSV list's header {header!r} has no 'path' column; expected a header row "
+        "naming a path column (a file not ending in .csv is read as one path per line)"
+      )
+    column = columns.index("path")
+    entries = []
+    for row in reader:
+      if not any(cell.strip() for cell in row):
+        continue  # a blank line
+      cell = row[column] if column < len(row) else ""
+      entries.append((reader.line_num, cell or None))
+    return entries
+  except csv.Error as error:
+    raise ValueError(
+      f"{flag}: the CSV list is not valid CSV at line {reader.line_num} ({error}); expected a "
+      "header row with a path column and one row per image"
+    ) from None
+
+
+def read_image_list(images: str, *, base: str | os.PathLike | None = None) -> ImageList:
+  """The image files an `--images=@LIST` value lists (see the module docstring).
+
+  Args:
+    images: "@" and the list file.
+    base: the folder relative entries are relative to (default: the list file's folder).
+
+  Raises:
+    ValueError: not `@LIST`, a list file that cannot be read or is over the limits, a CSV list
+      without a `path` column, or a base that is not a folder. Bad entries are not errors:
+      they are `refused`.
+  """
+  if not is_image_list(images):
+    raise ValueError(f"images={images!r}; expected @LIST, a file of image paths")
+  list_file = os.path.abspath(images[1:])
+  flag = f"images={images!r}"
+  text = read_list_file(
+    images[1:],
+    flag=flag,
+    max_bytes=MAX_IMAGE_LIST_BYTES,
+    max_lines=MAX_IMAGE_LIST_LINES,
+    expected="@FILE naming a file of image paths (one per line, or a CSV with a path column)",
+  )
+  base = os.path.dirname(list_file) if base is None else os.path.abspath(os.fspath(base))
+  if not os.path.isdir(base):
+    raise ValueError(
+      f"base={base!r} is not a directory; expected the folder the paths of {images!r} are "
+      "relative to"
+    )
+  kind = "csv" if list_file.lower().endswith(".csv") else "text"
+  real_base = os.path.realpath(base)
+  folders: dict[str, str] = {}  # where the folders of the entries resolve to
+  first_line: dict[str, int] = {}  # stored path -> the line it was first listed on
+  first_file: dict[str, tuple[str, int]] = {}  # where a file resolves -> (stored path, line)
+  candidates, refused, listed = [], [], set()
+  for number, entry in _list_entries(text, kind, flag):
+    if entry is None:
+      refused.append((f"<line {number}>", "an empty path cell"))
+      continue
+    full = os.path.normpath(os.path.join(base, entry))
+    listed.add(full)
+    if "\0" in entry:  # no file has it (and os functions refuse it): listed by its text
+      prefix = base if base.endswith(os.sep) else base + os.sep
+      text = full[len(prefix) :] if full.startswith(prefix) else full
+      refused.append((text, "a NUL character in the path"))
+      continue
+    stored, real = _stored(full, base, real_base, folders)
+    if stored in first_line:
+      refused.append(
+        (stored, f"listed again on line {number} (first on line {first_line[stored]})")
+      )
+      continue
+    first_line[stored] = number
+    if not stored.lower().endswith(IMAGE_EXTENSIONS):
+      refused.append((stored, f"not a {'/'.join(IMAGE_EXTENSIONS)} file name"))
+      continue
+    reason = _not_regular(full)
+    if reason is not None:
+      refused.append((stored, reason))
+      continue
+    if real in first_file:
+      same, line = first_file[real]
+      refused.append((stored, f"the same file as {same} (line {line}), listed again"))
+      continue
+    first_file[real] = (stored, number)
+    candidates.append(stored)
+  digest = hashlib.sha256(os.fsencode(base) + b"\0\0")
+  for full in sorted(listed):
+    digest.update(full.encode("utf-8", "surrogatepass") + b"\0")
+  return ImageList(
+    file=list_file,
+    base=base,
+    candidates=tuple(sorted(candidates, key=lambda p: (os.path.isabs(p), p))),
+    refused=tuple(sorted(refused)),
+    digest=digest.hexdigest(),
+    kind=kind,
+  )
+
+
+def _check_one(root: str, path: str, image_size: int | None):
+  file = join_path(root, path)
+  root = None if os.path.isabs(path) else root  # a listed file outside the base: as listed
   try:
     if image_size:  # decoded in full, as every other features path (and resume) reads it
-      return resize_image(decode_image(path, root=root), image_size), None
-    decode_image(path, root=root)
+      return resize_image(decode_image(file, root=root), image_size), None
+    decode_image(file, root=root)
     return None, None
   except Exception as error:  # Anything a broken file raises is a reason to skip it.
     return None, f"{type(error).__name__}: {error}"
@@ -439,10 +713,82 @@ def open_folder(
   Raises:
     ValueError: `root` is not a folder, holds no readable image, or a bad `image_size`.
   """
-  if image_size is not None and (int(image_size) != image_size or image_size < 1):
-    raise ValueError(f"image_size={image_size!r}; expected a positive int or None")
+  _check_image_size(image_size)
   root = os.path.abspath(os.fspath(root))
   candidates, skipped = list_image_files(root)
+  return _open(
+    root,
+    candidates,
+    skipped,
+    labels_from_subfolders=labels_from_subfolders,
+    image_size=image_size,
+    num_threads=num_threads,
+    log=log,
+    where=f"under {root}",
+    empty=f"images folder {root!r}",
+  )
+
+
+def open_images(
+  images: str | os.PathLike,
+  *,
+  base: str | os.PathLike | None = None,
+  labels_from_subfolders: bool = False,
+  image_size: int | None = None,
+  num_threads: int | None = None,
+  log: Callable[[str], None] | None = None,
+) -> FolderSource:
+  """`open_folder` of a folder, or of the files an `@LIST` lists (`read_image_list`; `base`
+  goes with a list only). Same arguments, result and errors as `open_folder`; sub-folder labels
+  of a list come from its paths relative to the base."""
+  if not is_image_list(images):
+    if base is not None:
+      raise ValueError(
+        f"base={os.fspath(base)!r} with the folder {os.fspath(images)!r}; a base folder goes "
+        "with a list of images (@LIST)"
+      )
+    return open_folder(
+      images,
+      labels_from_subfolders=labels_from_subfolders,
+      image_size=image_size,
+      num_threads=num_threads,
+      log=log,
+    )
+  _check_image_size(image_size)
+  listed = read_image_list(os.fspath(images), base=base)
+  return _open(
+    listed.base,
+    list(listed.candidates),
+    list(listed.refused),
+    labels_from_subfolders=labels_from_subfolders,
+    image_size=image_size,
+    num_threads=num_threads,
+    log=log,
+    where=f"listed in {listed.file}",
+    empty=f"image list {listed.file!r}",
+    image_list=listed,
+  )
+
+
+def _check_image_size(image_size) -> None:
+  if image_size is not None and (int(image_size) != image_size or image_size < 1):
+    raise ValueError(f"image_size={image_size!r}; expected a positive int or None")
+
+
+def _open(
+  root,
+  candidates,
+  skipped,
+  *,
+  labels_from_subfolders,
+  image_size,
+  num_threads,
+  log,
+  where,
+  empty,
+  image_list=None,
+) -> FolderSource:
+  """Decodes `candidates` (stored paths under `root`) once: the source of the readable ones."""
   kept, resized = [], []
   workers = num_threads or os.cpu_count() or 1
   with futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -458,19 +804,21 @@ def open_folder(
           resized.append(small)
       done = start + len(chunk)
       if log and (done % (16 * _CHUNK) == 0 or done == len(candidates)):
-        log(f"read {done}/{len(candidates)} image files under {root}")
+        log(f"read {done}/{len(candidates)} image files {where}")
   if not kept:
     raise ValueError(
-      f"images folder {root!r} holds no readable image ({len(skipped)} skipped); expected "
+      f"{empty} holds no readable image ({len(skipped)} skipped); expected "
       f"{'/'.join(IMAGE_EXTENSIONS)} files"
     )
   class_names, labels = (), None
   if labels_from_subfolders:
-    class_names = tuple(sorted({p.split("/")[0] for p in kept if "/" in p}))
+
+    def top(path: str) -> str | None:  # absolute paths (outside the root) have no sub-folder
+      return path.split("/")[0] if "/" in path and not os.path.isabs(path) else None
+
+    class_names = tuple(sorted({top(p) for p in kept} - {None}))
     index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array(
-      [index[p.split("/")[0]] if "/" in p else UNLABELED for p in kept], dtype=np.int64
-    )
+    labels = np.array([index.get(top(p), UNLABELED) for p in kept], dtype=np.int64)
   return FolderSource(
     root,
     kept,
@@ -478,6 +826,7 @@ def open_folder(
     class_names=class_names,
     labels=labels,
     resized=np.stack(resized) if image_size else None,
+    image_list=image_list,
   )
 
 
@@ -506,26 +855,14 @@ def seed_paths(seeds: str | Sequence[str]) -> list[str]:
   if os.path.lexists(seeds):
     return [seeds]
   if seeds.startswith("@"):
-    try:  # a regular file only (a FIFO is refused, not waited on), and only so many bytes
-      with open_regular_file(seeds[1:]) as f:
-        data = f.read(MAX_SEED_LIST_BYTES + 1)
-    except (OSError, ValueError) as error:
-      raise ValueError(
-        f"seeds={seeds!r}: the list file cannot be read ({error}); expected @FILE naming a "
-        "file with one seed image path per line"
-      ) from None
-    if len(data) > MAX_SEED_LIST_BYTES:
-      raise ValueError(
-        f"seeds={seeds!r}: the list file {seeds[1:]!r} is over {MAX_SEED_LIST_BYTES} bytes; "
-        f"expected at most {MAX_SEED_LIST_BYTES} bytes and {MAX_SEED_LIST_LINES} lines"
-      )
-    lines = data.decode("utf-8", "surrogateescape").splitlines()
-    if len(lines) > MAX_SEED_LIST_LINES:
-      raise ValueError(
-        f"seeds={seeds!r}: the list file {seeds[1:]!r} has {len(lines)} lines; expected at "
-        f"most {MAX_SEED_LIST_LINES} lines"
-      )
-    return [line for line in lines if line.strip()]
+    text = read_list_file(
+      seeds[1:],
+      flag=f"seeds={seeds!r}",
+      max_bytes=MAX_SEED_LIST_BYTES,
+      max_lines=MAX_SEED_LIST_LINES,
+      expected="@FILE naming a file with one seed image path per line",
+    )
+    return [line for line in text.splitlines() if line.strip()]
   return [s.strip() for s in seeds.split(",") if s.strip()]
 
 
@@ -533,24 +870,28 @@ def resolve_seeds(source: FolderSource, seeds: str | Sequence[str]) -> tuple[lis
   """Seed positives given as a folder or file paths: (ids in `source`, files outside it).
 
   Args:
-    source: the folder the run labels.
+    source: the folder (or image list) the run labels.
     seeds: a folder (its images, recursively), an image file, `@LIST` (a file of paths, one
-      per line), comma-separated image files, or a list of files (see `seed_paths`). Files
-      inside `source.root` must be readable images of the source.
+      per line), comma-separated image files, or a list of files (see `seed_paths`). For a
+      folder, files inside `source.root` must be readable images of the source; for an image
+      list, a seed that is one of its images (the same file, by whatever path) counts as that
+      image, and any other seed is added, wherever it is.
 
   Returns:
-    (ids of seeds that are images of `source`, sorted absolute paths of seed files outside
-    `source.root`; a run adds those to its pool).
+    (ids of seeds that are images of `source`, the `stored_path`s of the other seed files,
+    relative ones sorted then absolute ones sorted (a folder's are all absolute: they lie
+    outside it); a run adds those to its pool).
 
   Raises:
     ValueError: no seeds, a missing file or one that is not a regular file, a seed in the
-      folder that was skipped as unreadable, or a seed outside the folder that does not decode.
+      folder that was skipped as unreadable, or a seed not in the source that does not decode.
   """
   files = seed_paths(seeds)
   if not files:
     raise ValueError(f"seeds={seeds!r}: no image found; expected a folder or image file paths")
   position = {p: i for i, p in enumerate(source.paths)}
   real_root = os.path.realpath(source.root)
+  listed = source.real_positions() if source.image_list is not None else None
   ids, outside = set(), set()
   for file in files:
     if not os.path.lexists(file):
@@ -565,7 +906,9 @@ def resolve_seeds(source: FolderSource, seeds: str | Sequence[str]) -> tuple[lis
     if reason is not None:
       raise ValueError(f"seed image {file!r}: {reason}; expected an image file")
     real = os.path.realpath(file)
-    if os.path.commonpath([real, real_root]) == real_root:
+    if listed is not None and real in listed:
+      ids.add(listed[real])
+    elif listed is None and os.path.commonpath([real, real_root]) == real_root:
       relative = pathlib.PurePath(os.path.relpath(real, real_root)).as_posix()
       if relative not in position:
         raise ValueError(
@@ -580,8 +923,8 @@ def resolve_seeds(source: FolderSource, seeds: str | Sequence[str]) -> tuple[lis
         raise ValueError(
           f"seed image {file!r} does not decode ({error}); expected a JPEG/PNG"
         ) from None
-      outside.add(os.path.abspath(file))
-  return sorted(ids), sorted(outside)
+      outside.add(stored_path(os.path.abspath(file), source.root))
+  return sorted(ids), sorted(outside, key=lambda p: (os.path.isabs(p), p))
 
 
 def write_example_folder(
@@ -642,20 +985,29 @@ __all__ = [
   "IMAGE_FORMATS",
   "DECODE_BUDGET_PIXELS",
   "MAX_IMAGE_PIXELS",
+  "MAX_IMAGE_LIST_BYTES",
+  "MAX_IMAGE_LIST_LINES",
   "MAX_SEED_LIST_BYTES",
   "MAX_SEED_LIST_LINES",
   "UNLABELED",
   "FolderSource",
+  "ImageList",
   "NotRegularFileError",
   "OutsideFolderError",
   "decode_image",
   "file_kind",
   "image_to_pil",
+  "is_image_list",
+  "join_path",
   "list_image_files",
   "open_folder",
+  "open_images",
   "open_regular_file",
+  "read_image_list",
+  "read_list_file",
   "resize_image",
   "resolve_seeds",
   "seed_paths",
+  "stored_path",
   "write_example_folder",
 ]

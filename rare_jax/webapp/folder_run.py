@@ -1,4 +1,5 @@
-"""The workdir of a run on a folder of one's own images (`python -m rare_jax.label`).
+"""The workdir of a run on a folder of one's own images, or on a list of image files
+(`python -m rare_jax.label`).
 
     WORKDIR/config.json         the run's config (`make_config`; a restart must match it)
     WORKDIR/folder_run.json     the pool: folder, image paths (ids), seeds, skipped files
@@ -30,10 +31,21 @@ Features (`config.features`):
   The projection is saved so `rare_jax.predict` can score new images exactly like the pool.
 
 The pool is the folder's readable images (ids = sorted relative paths) followed by the seed
-images that lie outside the folder. One category, or several (`categories`): each is asked
-`batch_size` images per round, with its own budget and counts. A restart may change the budget
-(per category) only: config.json is rewritten with it, and one below the labels already used
-is refused.
+images that lie outside the folder. Paths in folder_run.json follow one convention
+(`rare_jax.data.folder.stored_path`): relative to `root` for a file inside it, absolute for any
+other; `num_folder_images` counts the first ids, those inside the folder (checked to be there
+whenever an image is served), and the ids after them name the files they named then.
+
+A run on a list of images (`images="@LIST"`, `base=`: `rare_jax.data.folder.read_image_list`)
+has the same layout: `root` is the list's base folder, the pool is the listed files that decode
+(inside the base first: `num_folder_images` of them, then those outside it;
+`num_list_images` in all), then the seeds that are not listed; `images_list` is the list file
+and `images_list_digest` what makes a restart the same list (the same base and the same files
+listed, `ImageList.digest`). A restart with another list, base or folder is refused.
+
+One category, or several (`categories`): each is asked `batch_size` images per round, with its
+own budget and counts. A restart may change the budget (per category) only: config.json is
+rewritten with it, and one below the labels already used is refused.
 """
 
 from __future__ import annotations
@@ -263,10 +275,7 @@ class FolderRun:
     image_id = int(image_id)
     if not 0 <= image_id < self.pool_size:
       raise IndexError(f"image id {image_id} out of range; expected 0 <= id < {self.pool_size}")
-    path = self.manifest["paths"][image_id]
-    if image_id >= self.manifest["num_folder_images"]:
-      return path  # a seed outside the folder: stored absolute
-    return os.path.join(self.manifest["root"], *path.split("/"))
+    return folder.join_path(self.manifest["root"], self.manifest["paths"][image_id])
 
 
 def default_category_name(seeds: str) -> str:
@@ -303,6 +312,7 @@ def prepare_folder_run(
   workdir: str,
   *,
   images: str,
+  base: str | None = None,
   seeds: str | None = None,
   config: ml_collections.ConfigDict,
   category_name: str | None = None,
@@ -314,7 +324,10 @@ def prepare_folder_run(
 
   Args:
     workdir: the run's directory (created).
-    images: the folder of images to label.
+    images: the folder of images to label, or "@LIST": a file listing them
+      (`rare_jax.data.folder.read_image_list`).
+    base: with "@LIST", the folder its relative paths are relative to (default: the list
+      file's folder).
     seeds: seed positives: a folder or comma-separated image paths (in `images` or not).
     config: from `make_config`.
     category_name: shown in the app (default: `default_category_name(seeds)`).
@@ -329,11 +342,16 @@ def prepare_folder_run(
     log: progress lines.
 
   Raises:
-    ValueError: another run's workdir (or a workdir that is a file), a bad folder or seeds, or
-      a budget the pool cannot take.
+    ValueError: another run's workdir (or a workdir that is a file), a bad folder, list or
+      seeds, `base` without a list, or a budget the pool cannot take.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir={workdir!r} is a file; expected a directory (new or of this run)")
+  if base is not None and not folder.is_image_list(images):
+    raise ValueError(
+      f"--base={base!r} with --images={images!r}, a folder; --base goes with --images=@LIST "
+      "(a file listing the images)"
+    )
   os.makedirs(workdir, exist_ok=True)
   runner.loop_config(config, STRATEGY)  # fail on bad settings before any work
   # A larger budget is written to config.json only once every other check has passed, so a
@@ -365,11 +383,7 @@ def prepare_folder_run(
   resized = None  # the pool resized for features, when read in this call
   if os.path.exists(path):
     manifest = _read_manifest(path)
-    if manifest["root"] != os.path.abspath(images):
-      raise ValueError(
-        f"workdir {workdir} is a run on {manifest['root']!r}, not --images={images!r}; use the "
-        "same folder or a new --workdir"
-      )
+    _check_same_images(workdir, manifest, images, base)
     if manifest["seed_files"] != seed_files:
       raise ValueError(
         f"workdir {workdir} was started with other seeds or categories "
@@ -388,15 +402,18 @@ def prepare_folder_run(
         f"workdir {workdir} was started with eval_subfolder={manifest['eval_subfolder']!r}, "
         f"got {eval_subfolder!r}"
       )
-    current, _ = folder.list_image_files(images)
-    known = set(manifest["paths"][: manifest["num_folder_images"]])
-    new = len(set(current) - known - {p for p, _ in manifest["skipped"]})
-    if new:
-      log(f"{new} image files were added to {images} since the run started: not in this run")
+    if manifest.get("images_list") is None:
+      current, _ = folder.list_image_files(images)
+      known = set(manifest["paths"][: manifest["num_folder_images"]])
+      new = len(set(current) - known - {p for p, _ in manifest["skipped"]})
+      if new:
+        log(f"{new} image files were added to {images} since the run started: not in this run")
     if budget_change is not None:
       _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
   else:
-    manifest, resized = _new_manifest(images, categories, seed_files, config, eval_subfolder, log)
+    manifest, resized = _new_manifest(
+      images, base, categories, seed_files, config, eval_subfolder, log
+    )
     _check_budget(config, len(manifest["paths"]), len(manifest["seed_ids"][0]))
     write_json_atomic(path, manifest)
   if budget_change is not None:
@@ -468,6 +485,41 @@ def read_json_object(path: str) -> dict:
   return value
 
 
+def _check_same_images(workdir: str, manifest: dict, images: str, base: str | None) -> None:
+  """Refuses a restart on other images than the run's: another folder, or another list (other
+  files listed, or another base folder), or a list for a folder run and the other way round."""
+  listed = manifest.get("images_list")
+  if listed is None:
+    if folder.is_image_list(images):
+      raise ValueError(
+        f"workdir {workdir} is a run on the folder {manifest['root']!r}, not on the image list "
+        f"--images={images!r}; use --images={manifest['root']} or a new --workdir"
+      )
+    if manifest["root"] != os.path.abspath(images):
+      raise ValueError(
+        f"workdir {workdir} is a run on {manifest['root']!r}, not --images={images!r}; use the "
+        "same folder or a new --workdir"
+      )
+    return
+  again = f"--images=@{listed}" + (
+    "" if manifest["root"] == os.path.dirname(listed) else f" --base={manifest['root']}"
+  )
+  if not folder.is_image_list(images):
+    raise ValueError(
+      f"workdir {workdir} is a run on the image list {listed!r} (paths relative to "
+      f"{manifest['root']!r}), not on the folder --images={images!r}; use {again} or a new "
+      "--workdir"
+    )
+  now = folder.read_image_list(images, base=base)
+  if now.base != manifest["root"] or now.digest != manifest.get("images_list_digest"):
+    what = "another base folder" if now.base != manifest["root"] else "other files"
+    raise ValueError(
+      f"workdir {workdir} is a run on the image list {listed!r} (paths relative to "
+      f"{manifest['root']!r}); --images={images!r} with base {now.base!r} lists {what}; use "
+      f"{again} (the same files listed) or a new --workdir"
+    )
+
+
 def _read_manifest(path: str) -> dict:
   manifest = read_json_object(path)
   if manifest.get("format") != MANIFEST_FORMAT:
@@ -475,10 +527,14 @@ def _read_manifest(path: str) -> dict:
   return manifest
 
 
-def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
-  log(f"reading the images under {images}")
-  source = folder.open_folder(
+def _new_manifest(images, base, categories, seed_files, config, eval_subfolder, log):
+  if folder.is_image_list(images):
+    log(f"reading the images listed in {images[1:]}")
+  else:
+    log(f"reading the images under {images}")
+  source = folder.open_images(
     images,
+    base=base,
     labels_from_subfolders=eval_subfolder is not None,
     # The pixel-PCA features are computed from images resized in this same decoding pass.
     image_size=int(config.image_size) if config.features == "pixel_pca_folder" else None,
@@ -496,6 +552,9 @@ def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
     names.append(default_category_name(seed_spec) if name is None else name)
   outside = list(outside_position)
   paths = list(source.paths) + outside
+  # Ids below it lie inside root (served only from there); a list's files outside its base
+  # come after them, stored absolute.
+  num_folder_images = sum(not os.path.isabs(p) for p in source.paths)
   counts = [len(ids) for ids in per_category]
   width = max(counts)
   # [C, K]: shorter lists repeat their own seeds (see prepare_folder_run).
@@ -504,7 +563,7 @@ def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
     "format": MANIFEST_FORMAT,
     "root": source.root,
     "paths": paths,
-    "num_folder_images": len(source),
+    "num_folder_images": num_folder_images,
     "seed_files": seed_files,
     "seed_ids": seed_ids,
     "seed_counts": counts,
@@ -513,6 +572,10 @@ def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
     "eval_subfolder": eval_subfolder,
     "image_size": int(config.image_size),
   }
+  if source.image_list is not None:
+    manifest["images_list"] = source.image_list.file
+    manifest["images_list_digest"] = source.image_list.digest
+    manifest["num_list_images"] = len(source)
   if eval_subfolder is not None:
     if eval_subfolder not in source.class_names:
       raise ValueError(
@@ -522,14 +585,16 @@ def _new_manifest(images, categories, seed_files, config, eval_subfolder, log):
     truth = source.labels() == source.class_names.index(eval_subfolder)
     truth = np.concatenate([truth, np.ones(len(outside), bool)])  # outside seeds are positives
     manifest["ground_truth"] = truth.tolist()
+  where = "not in the list" if source.image_list is not None else "from outside the folder"
   log(
-    f"pool: {len(paths)} images ({len(outside)} seeds from outside the folder), "
+    f"pool: {len(paths)} images ({len(outside)} seeds {where}), "
     f"{', '.join(f'{n}: {k} seed positives' for n, k in zip(names, counts, strict=True))}, "
     f"{len(source.skipped)} files skipped"
   )
   if source.resized is None:
     return manifest, None
-  resized = np.concatenate([source.resized, read_resized(outside, int(config.image_size))])
+  outside_files = [folder.join_path(source.root, p) for p in outside]
+  resized = np.concatenate([source.resized, read_resized(outside_files, int(config.image_size))])
   return manifest, resized
 
 
@@ -618,10 +683,8 @@ def _check_budget(config, pool_size: int, num_seeds: int) -> None:
 
 
 def pool_files(manifest: dict) -> list[str]:
-  """The files of the pool, in id order (folder images, then seeds from outside it)."""
-  num_folder = manifest["num_folder_images"]
-  files = [os.path.join(manifest["root"], *p.split("/")) for p in manifest["paths"][:num_folder]]
-  return files + list(manifest["paths"][num_folder:])
+  """The files of the pool (absolute paths), in id order."""
+  return [folder.join_path(manifest["root"], p) for p in manifest["paths"]]
 
 
 def embedder(config: ml_collections.ConfigDict) -> trunk_features.TrunkEmbedder:
