@@ -45,7 +45,9 @@ Outputs, highest score first (`--format`, or `--out`'s suffix):
   the path relative to the folder or absolute for a seed outside it) or `id,label,score` for a
   dataset split (id = index in the split, label = its class name). Several categories:
   `id,path,category,score`, one row per image and category, by category (the run's order),
-  each highest score first. Paths are safe to open in a spreadsheet:
+  each highest score first. For `--images=@LIST` (a file of paths, see `rare_jax.label`):
+  paths relative to `--base` (absolute for files outside it), ids the relative paths sorted
+  then the absolute ones. Paths are safe to open in a spreadsheet:
   a path starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`
   (formula injection), and a file name that is not valid UTF-8 is written with backslash
   escapes (`\xff`); see `rare_jax/infra/csvfile.py`.
