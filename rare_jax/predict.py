@@ -630,18 +630,26 @@ def iter_folder(
 class Scored:
   """Scores of images: ids [n], names [n] (relative paths, or class names for a dataset
   split: `key`), probabilities float32 [n, C] (one column per `Scorer.categories`); `base`:
-  the folder relative paths are relative to (`score_folder`), else None."""
+  the folder relative paths are relative to (`score_folder`), else None; `logits` [n, C]
+  where known (`score_pool`): they order the rows, since float32 probabilities of logits
+  above ~17 are all 1.0."""
 
   ids: list[int]
   names: list[str]
   scores: np.ndarray
   key: str  # "path" or "label"
   base: str | None = None
+  logits: np.ndarray | None = None
 
   def rows(self, category: int = 0) -> list[tuple]:
-    """[(id, name, score)] of one category, in id order."""
+    """[(id, name, score)] of one category: in id order, or with `logits` from the highest
+    logit to the lowest (ties by id)."""
     column = self.scores[:, category]
-    return [(i, n, float(s)) for i, n, s in zip(self.ids, self.names, column, strict=True)]
+    rows = [(i, n, float(s)) for i, n, s in zip(self.ids, self.names, column, strict=True)]
+    if self.logits is None:
+      return rows
+    order = np.lexsort((np.asarray(self.ids), -np.asarray(self.logits)[:, category]))
+    return [rows[k] for k in order]
 
 
 def score_folder(
@@ -767,6 +775,7 @@ def score_pool(pool: exports.PoolScores, categories: Sequence[str]) -> Scored:
     names=list(pool.paths),
     scores=np.asarray(pool.probabilities[indices].T, np.float32),
     key="path",
+    logits=np.asarray(pool.logits[indices].T),
   )
 
 
@@ -795,14 +804,15 @@ def _progress(log, done: int, total: int, started: float, cached: int = 0) -> No
 
 
 def select_rows(rows: list[tuple], *, top_k: int | None, threshold: float | None) -> list[tuple]:
-  """Rows sorted by score (highest first, ties by id), cut by `top_k` or `threshold`."""
+  """Rows sorted by score, highest first (a stable sort: ties keep the order of `rows`, which
+  `Scored.rows` gives by id, or by logit where it has them), cut by `top_k` or `threshold`."""
   if top_k is not None and threshold is not None:
     raise ValueError("pass --top_k or --threshold, not both")
   if top_k is not None and top_k < 1:
     raise ValueError(f"top_k={top_k}; expected a positive int")
   if threshold is not None and not 0 <= threshold <= 1:
     raise ValueError(f"threshold={threshold}; expected a probability in [0, 1]")
-  ordered = sorted(rows, key=lambda row: (-row[2], row[0]))
+  ordered = sorted(rows, key=lambda row: -row[2])
   if top_k is not None:
     return ordered[:top_k]
   if threshold is not None:

@@ -7,6 +7,7 @@ features the run itself computed for its pool and validation images.
 """
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -187,6 +188,10 @@ def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
     feature_version=1,
   )
   scored = predict.score_pool(pool, ["Dog", "Cat"])
+  # Ranked by logit: float32 probabilities of logits 30 and 40 are both 1.0.
+  tied = dataclasses.replace(pool, logits=np.array([[30.0, 40.0, 20.0], [0.0, 0.0, 0.0]]))
+  ranked = predict.select_rows(predict.score_pool(tied, ["Cat"]).rows(), top_k=2, threshold=None)
+  assert [row[0] for row in ranked] == [1, 0] and ranked[0][2] == ranked[1][2] == 1.0
   table = predict.interchange_table(scored, ["Dog", "Cat"], pool, "/data/images", None)
   assert table.paths == ("/data/images/a.png", "/data/images/b/c.png", "/seeds/s.png")
   assert table.human == (("yes", None), (None, "no"), (None, "yes"))
