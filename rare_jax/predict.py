@@ -88,6 +88,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -122,6 +123,7 @@ from rare_jax.webapp.labeler import describe_os_error
 
 CHUNK = 1024
 CACHE_DIR = "predict_cache"  # under a labeling run's workdir: see EmbeddingCache
+_CACHE_FILE = re.compile(r"embeddings_[0-9a-f]+\.npz")  # a finished cache file's name
 
 
 class Scorer:
@@ -606,7 +608,9 @@ class EmbeddingCache:
         os.fsync(f.fileno())
       os.replace(tmp, self.path)
       for name in os.listdir(self.directory):
-        if name.startswith("embeddings_") and name != os.path.basename(self.path):
+        # Other trunks' finished files only: a temporary file may be another predict
+        # process's save under way.
+        if _CACHE_FILE.fullmatch(name) and name != os.path.basename(self.path):
           os.remove(os.path.join(self.directory, name))
     except OSError as error:
       self.log(f"the embedding cache was not saved: {describe_os_error(error, self.path)}")

@@ -714,6 +714,26 @@ def test_after_a_deep_update_new_images_use_the_updated_trunk_and_the_cache(
   assert sorted(reread._entries) == sorted(cache._entries) and len(reread._entries) == 4
 
 
+def test_saving_the_cache_keeps_another_process_save_under_way(tmp_path):
+  """Saving removes other trunks' cache files, never a temporary file: it may be another
+  predict process's save under way (before: any name starting with embeddings_ went)."""
+  import types
+
+  image = tmp_path / "a.png"
+  image.write_bytes(b"x")
+  scorer = types.SimpleNamespace(cache_key="a" * 64, pool_store=([], np.zeros((2, 5)), 0))
+  cache = predict.EmbeddingCache(str(tmp_path), scorer, log=lambda _: None)
+  os.makedirs(cache.directory)
+  other_trunk = os.path.join(cache.directory, "embeddings_" + "b" * 32 + ".npz")
+  under_way = cache.path + ".999.tmp.npz"
+  for path in (other_trunk, under_way):
+    open(path, "wb").close()
+  cache.put(str(image), os.stat(image), np.ones(5, np.float32))
+  cache.save()
+  assert os.path.exists(cache.path) and os.path.exists(under_way)
+  assert not os.path.exists(other_trunk)
+
+
 @pytest.mark.parametrize(
   "rows",
   [
