@@ -83,6 +83,7 @@ writes the CSV and logs (the embedding cache too).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -273,8 +274,8 @@ def load_scorer(
   like = runner.abstract_state(
     jax.ShapeDtypeStruct(pool_shape, jnp.float32), seed_ids, int(config.seed)
   )
-  folder = os.path.exists(os.path.join(workdir, folder_run.MANIFEST))
-  run_dir = folder_run.run_dir(workdir) if folder else os.path.join(workdir, strategy)
+  is_folder_run = os.path.exists(os.path.join(workdir, folder_run.MANIFEST))
+  run_dir = folder_run.run_dir(workdir) if is_folder_run else os.path.join(workdir, strategy)
   directory = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"{workdir}: strategy {strategy!r} has no checkpoints in {directory}")
@@ -611,7 +612,8 @@ class EmbeddingCache:
         # Other trunks' finished files only: a temporary file may be another predict
         # process's save under way.
         if _CACHE_FILE.fullmatch(name) and name != os.path.basename(self.path):
-          os.remove(os.path.join(self.directory, name))
+          with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            os.remove(os.path.join(self.directory, name))
     except OSError as error:
       self.log(f"the embedding cache was not saved: {describe_os_error(error, self.path)}")
     finally:
@@ -862,6 +864,8 @@ def output_format(path: str, format_: str | None) -> str:
 
 def check_folder_output(out: str, fmt: str, *, top_k: int | None, dataset: str | None) -> None:
   """Refuses what --format=fiftyone / label-studio cannot do, before any work."""
+  if not out:
+    raise ValueError(f"--out is empty; expected a folder for --format={fmt}")
   if top_k is not None:
     raise ValueError(
       f"--top_k={top_k} cuts CSV and JSON rows; --format={fmt} writes every image (its "
@@ -1041,8 +1045,15 @@ def main(argv):
     fmt = output_format(_OUT.value, _FORMAT.value)
     if fmt in FOLDER_FORMATS:
       check_folder_output(_OUT.value, fmt, top_k=_TOP_K.value, dataset=_DATASET.value)
-      if primary:
-        os.makedirs(_OUT.value, exist_ok=True)
+      if primary:  # the folder exists and is writable before any work
+        try:
+          os.makedirs(_OUT.value, exist_ok=True)
+        except OSError as error:
+          raise ValueError(
+            f"--out={_OUT.value!r}: the folder cannot be created ({describe_os_error(error)})"
+          ) from None
+        if not os.access(_OUT.value, os.W_OK | os.X_OK):
+          raise ValueError(f"--out={_OUT.value!r}: the folder is not writable")
     else:
       if os.path.isdir(_OUT.value):
         raise ValueError(f"--out={_OUT.value!r} is a directory; expected a file name")
@@ -1112,8 +1123,14 @@ def main(argv):
       if fmt == "fiftyone":
         written = interchange.write_fiftyone(_OUT.value, data)
       else:
+        # Label Studio serves the files under one folder: the images' own (the folder or the
+        # list's base), never a parent found from the paths (it could be / or a home folder);
+        # seeds outside it are left out and listed.
         written = interchange.write_label_studio(
-          _OUT.value, data, model_version=f"rare_jax: {scorer.kind}, round {scorer.round}"
+          _OUT.value,
+          data,
+          model_version=f"rare_jax: {scorer.kind}, round {scorer.round}",
+          document_root=base,
         )
     elif fmt == "json":
       write_json(
@@ -1133,7 +1150,12 @@ def main(argv):
     log(f"error: {error}")
     sys.exit(2)
   except OSError as error:
-    log(f"error: {describe_os_error(error, error.filename or _OUT.value)}; nothing was written")
+    done = (
+      f"the files in {_OUT.value} may be partly updated: run again"
+      if fmt in FOLDER_FORMATS
+      else "nothing was written"
+    )
+    log(f"error: {describe_os_error(error, error.filename or _OUT.value)}; {done}")
     sys.exit(1)
   if fmt in FOLDER_FORMATS:
     for path, reason in written.left_out:

@@ -169,7 +169,7 @@ def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
     wanted = [expected[path]] if expected[path] >= 0.6 else []
     assert [t["confidence"] for t in targets] == pytest.approx(wanted, abs=2e-6)
   log = predict_to(f"--images={images}", "--format=label-studio", f"--out={tmp_path / 'ls'}")
-  assert "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in log
+  assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={images}" in log  # the folder, no parent
   tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
   assert {t["data"]["path"]: t["data"]["score_1"] for t in tasks} == pytest.approx(
     expected, abs=2e-6
@@ -201,6 +201,26 @@ def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
     predict.check_folder_output(str(tmp_path / "x"), "fiftyone", top_k=3, dataset=None)
   with pytest.raises(ValueError, match="has none: use csv or json"):
     predict.check_folder_output(str(tmp_path / "x"), "label-studio", top_k=None, dataset="d")
+  blocked = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rare_jax.predict",
+      f"--workdir={workdir}",
+      f"--images={images}",
+      "--format=fiftyone",
+      f"--out={tmp_path / 'fo' / 'labels.json' / 'sub'}",  # under a file
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert blocked.returncode == 2 and "the folder cannot be created" in blocked.stderr
+  assert "Traceback" not in blocked.stderr and "scored" not in blocked.stderr  # before any work
+  with pytest.raises(ValueError, match="--out is empty"):
+    predict.check_folder_output("", "fiftyone", top_k=None, dataset=None)
   (tmp_path / "file").write_text("keep")
   with pytest.raises(ValueError, match="is a file; expected a folder"):
     predict.check_folder_output(str(tmp_path / "file"), "fiftyone", top_k=None, dataset=None)
@@ -679,7 +699,7 @@ def test_after_a_deep_update_new_images_use_the_updated_trunk_and_the_cache(
   counter.count = 0
   cache_dir = os.path.join(run.workdir, predict.CACHE_DIR)
   os.makedirs(cache_dir, exist_ok=True)
-  stale = os.path.join(cache_dir, "embeddings_of_another_trunk.npz")
+  stale = os.path.join(cache_dir, "embeddings_00000000000000000000000000000000.npz")
   open(stale, "wb").close()
   scored = predict.score_folder(
     scorer, str(new), log=lambda _: None, cache=predict.EmbeddingCache(run.workdir, scorer)
