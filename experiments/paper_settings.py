@@ -43,7 +43,6 @@ Single process (one host and all its accelerators).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -57,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import paper_settings as paper_config  # noqa: E402
 from rare_jax import compare, workdirs  # noqa: E402
+from rare_jax.deep import trunk_features  # noqa: E402
 from rare_jax.infra import atomic, provenance  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -389,14 +389,6 @@ def estimate_text(config, amount: dict, *, what: str) -> str:
 # Running and reporting.
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def code_version() -> dict:
   """The repository's commit and whether the working tree differs from it (None: not a git
   checkout)."""
@@ -572,7 +564,9 @@ def main(argv):
     "work": amount,
     "tiny": bool(values.tiny),
     "dataset": config.dataset,
-    "init": {"path": weights, "sha256": _sha256(weights)} if weights else config.deep.init,
+    "init": {"path": weights, "sha256": trunk_features.sha256(weights)}
+    if weights
+    else config.deep.init,
     "config": workdirs.config_to_dict(config),
     "devices": found,
     "device_kind": kind,
