@@ -56,6 +56,18 @@ def _save_model(
   return state
 
 
+def _run_predict(*args):
+  """`python -m rare_jax.predict ARGS` in a child process; its CompletedProcess."""
+  return subprocess.run(
+    [sys.executable, "-m", "rare_jax.predict", *args],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
 def _read_csv(path):
   with open(path, newline="") as f:
     rows = list(csv.reader(f))
@@ -146,14 +158,7 @@ def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
   images, workdir, run, probabilities = folder_workdir
 
   def predict_to(*args):
-    result = subprocess.run(
-      [sys.executable, "-m", "rare_jax.predict", f"--workdir={workdir}", *args],
-      cwd=REPO,
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
+    result = _run_predict(f"--workdir={workdir}", *args)
     assert result.returncode == 0, result.stderr
     return result.stderr
 
@@ -201,21 +206,11 @@ def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
     predict.check_folder_output(str(tmp_path / "x"), "fiftyone", top_k=3, dataset=None)
   with pytest.raises(ValueError, match="has none: use csv or json"):
     predict.check_folder_output(str(tmp_path / "x"), "label-studio", top_k=None, dataset="d")
-  blocked = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "rare_jax.predict",
-      f"--workdir={workdir}",
-      f"--images={images}",
-      "--format=fiftyone",
-      f"--out={tmp_path / 'fo' / 'labels.json' / 'sub'}",  # under a file
-    ],
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  blocked = _run_predict(
+    f"--workdir={workdir}",
+    f"--images={images}",
+    "--format=fiftyone",
+    f"--out={tmp_path / 'fo' / 'labels.json' / 'sub'}",  # under a file
   )
   assert blocked.returncode == 2 and "the folder cannot be created" in blocked.stderr
   assert "Traceback" not in blocked.stderr and "scored" not in blocked.stderr  # before any work
