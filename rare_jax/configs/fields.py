@@ -76,6 +76,9 @@ MEANINGS = {
   "group_selection.min_count": "fewest training images a drawn category may have",
   "group_selection.max_count": "most training images a drawn category may have",
   "group_selection.seed": "seed of the group draw",
+  # The pool size x budget sweep (experiments/sweep_pool_budget.py).
+  "pool_sizes": "images per pool, one sweep cell per size (exact)",
+  "report_budgets": "labels per category shown in the sweep's table",
   # The self-supervised start (rare_jax.deep.selfsup.SelfSupSettings).
   "self_supervised.epochs": "SimCLR epochs",
   "self_supervised.learning_rate": "SimCLR learning rate",
