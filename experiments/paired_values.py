@@ -33,11 +33,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 from scipy import stats
+
+# Run as a script: the repository root on the path, for the configs' `experiments.configs`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIDENCE = 0.95
 
@@ -188,7 +192,14 @@ def main(argv):
   if FLAGS.workdir:
     if _CONFIG.value is None:
       raise app.UsageError("--workdir needs the comparison's --config")
+    if not os.path.isdir(FLAGS.workdir):
+      raise app.UsageError(f"--workdir={FLAGS.workdir!r} is not a directory")
     pairs = per_pair_values(_CONFIG.value, FLAGS.workdir)
+    if not pairs:
+      raise app.UsageError(
+        f"--workdir={FLAGS.workdir!r} holds no finished point of a strategy and its baseline "
+        f"{_CONFIG.value.get('baseline', 'tropel')!r} under this --config; nothing was written"
+      )
   document = enrich(document, pairs)
   with open(path + ".tmp", "w") as f:
     json.dump(document, f, indent=1, sort_keys=True)
