@@ -37,7 +37,10 @@ def test_published_intervals_recompute_from_the_stored_pairs():
         (low, high), abs=1e-9
       ), (strategy, budget)
       seeds = sorted({p["seed"] for p in pairs})
-      per_seed = [np.mean([d for p, d in zip(pairs, differences) if p["seed"] == s]) for s in seeds]
+      by_seed = {
+        s: [d for p, d in zip(pairs, differences, strict=True) if p["seed"] == s] for s in seeds
+      }
+      per_seed = [np.mean(by_seed[s]) for s in seeds]
       low, high = _t95(per_seed)
       assert (entry["seed_level"]["low"], entry["seed_level"]["high"]) == pytest.approx(
         (low, high), abs=1e-9
