@@ -14,7 +14,11 @@ Differences from the paper, by necessity of this code base: M_pre is pretrained 
 non-rare classes of the related-domain half of `train` (the paper starts from ImageNet); and
 every rare category is subsampled to one pool fraction (`rare_jax.data.tasks`), 0.00008 of the
 pool (about 23 pool images each, what the rarest categories allow), rather than keeping each
-category's natural frequency. Expected run time: days on one accelerator (3 seeds x 5 groups x
+category's natural frequency. Inherited from experiments/configs/compare_fmnist.py and not the
+paper's: the headline F1 is the linear models' (`evaluate_model="linear"`), features are
+z-scored (`feature_normalization="standardize"`), deep updates warm-start; experiments/configs/
+paper_settings.py:i_naturalist2017 is this dataset with the deep head evaluated and raw
+features. Expected run time: days on one accelerator (3 seeds x 5 groups x
 13 strategies x 10 updates of ResNet-50); start with --config.seeds='(0,)'.
 """
 

@@ -8,7 +8,9 @@ Runnable where the dataset is prepared (the driver never downloads). 20 rare cat
 once (seeded, kept in WORKDIR/groups.json) in 2 groups of 10, each subsampled to 0.0002 of the
 pool (about 180 images each); evaluation on the labeled `validation` split (100 images per
 class, subsampled alike). B=20, otherwise as experiments/configs/inat2017.py: N=10, Q=5,
-f_a=100, E=15, ResNet-50 at 224x224. Expected run time: days on one accelerator.
+f_a=100, E=15, ResNet-50 at 224x224, and inat2017.py's inherited non-paper choices (linear
+models evaluated, z-scored features; paper_settings.py:places365 evaluates the deep head on raw
+features). Expected run time: days on one accelerator.
 """
 
 from experiments.configs import inat2017
