@@ -23,7 +23,6 @@ and refuses to reopen with other weights, since its cached features would no lon
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 
 from rare_jax.data import tasks
-from rare_jax.deep import selfsup, train, updates
+from rare_jax.deep import selfsup, train, trunk_features, updates
 from rare_jax.infra import sharding
 from rare_jax.infra.checkpoint import record_or_check
 from rare_jax.models import pretrained
@@ -58,14 +57,6 @@ def source(settings: updates.DeepSettings) -> str:
   return "pretrained" if settings.init else "related_split"
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def load_pretrained(settings: updates.DeepSettings, input_shape: tuple[int, ...], directory: str):
   """M_pre from pretrained weights, as a TrainState on the settings' mesh."""
   weights = (
@@ -76,7 +67,7 @@ def load_pretrained(settings: updates.DeepSettings, input_shape: tuple[int, ...]
   sharding.primary_first(  # process 0 records, the others check
     lambda: record_or_check(
       source_json,
-      {"model": settings.model, "init": settings.init, "sha256": _sha256(weights)},
+      {"model": settings.model, "init": settings.init, "sha256": trunk_features.sha256(weights)},
       what="M_pre (pretrained weights)",
     ),
     f"m_pre:source:{os.path.abspath(source_json)}",
