@@ -299,24 +299,18 @@ def cached_features(config, workdir: str, *, log: Callable[[str], None] = print)
       settings, updates.input_shape(settings, data.train), os.path.join(directory, "m_pre")
     )
     log(f"embedding the train and test splits with {settings.model} ({settings.init})")
-    train = updates.embed(
-      model,
-      state,
-      data.train,
-      np.arange(len(train_labels)),
-      os.path.join(directory, "train"),
-      settings,
-      log=log,
-    ).features
-    test = updates.embed(
-      model,
-      state,
-      data.eval,
-      np.arange(len(test_labels)),
-      os.path.join(directory, "test"),
-      settings,
-      log=log,
-    ).features
+    train, test = (
+      updates.embed(
+        model,
+        state,
+        split,
+        np.arange(len(split[1])),
+        os.path.join(directory, name),
+        settings,
+        log=log,
+      ).features
+      for name, split in (("train", data.train), ("test", data.eval))
+    )
   workdirs.check_features(np.asarray(train), len(train_labels), "train split")
   workdirs.check_features(np.asarray(test), len(test_labels), "test split")
   return Features(
