@@ -56,7 +56,7 @@ def _save_model(
   return state
 
 
-def _run_predict(*args):
+def _run_predict(*args, timeout=300):
   """`python -m rare_jax.predict ARGS` in a child process; its CompletedProcess."""
   return subprocess.run(
     [sys.executable, "-m", "rare_jax.predict", *args],
@@ -64,7 +64,7 @@ def _run_predict(*args):
     env=_env(),
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=timeout,
   )
 
 
@@ -102,20 +102,10 @@ def folder_workdir(tmp_path_factory):
 def test_folder_csv_equals_the_runs_scores(folder_workdir, tmp_path):
   images, workdir, run, probabilities = folder_workdir
   out = tmp_path / "scores.csv"
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "rare_jax.predict",
-      f"--workdir={workdir}",
-      f"--images={images}",
-      f"--out={out}",
-    ],
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = _run_predict(
+    f"--workdir={workdir}",
+    f"--images={images}",
+    f"--out={out}",
   )
   assert result.returncode == 0, result.stderr
   assert "scored 102/102 images" in result.stderr and "round 1" in result.stderr
@@ -230,20 +220,10 @@ def test_errors_are_clear(folder_workdir, tmp_path):
     predict.load_scorer(workdir, category="dog", log=lambda _: None)
   with pytest.raises(ValueError, match="strategy='tropel'"):
     predict.load_scorer(workdir, strategy="tropel", log=lambda _: None)
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "rare_jax.predict",
-      f"--workdir={tmp_path}",
-      f"--images={tmp_path}",
-      f"--out={tmp_path / 'x.csv'}",
-    ],
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = _run_predict(
+    f"--workdir={tmp_path}",
+    f"--images={tmp_path}",
+    f"--out={tmp_path / 'x.csv'}",
   )
   assert result.returncode == 2 and "error:" in result.stderr and "holds no run" in result.stderr
   assert not (tmp_path / "x.csv").exists()
@@ -367,20 +347,10 @@ def test_a_damaged_config_or_checkpoint_is_named(folder_workdir, tmp_path):
 
 def test_out_a_directory_is_a_clear_error(folder_workdir, tmp_path):
   images, workdir, _, _ = folder_workdir
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "rare_jax.predict",
-      f"--workdir={workdir}",
-      f"--images={images}",
-      f"--out={tmp_path}",
-    ],
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = _run_predict(
+    f"--workdir={workdir}",
+    f"--images={images}",
+    f"--out={tmp_path}",
   )
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr and "is a directory" in result.stderr
@@ -409,20 +379,11 @@ def deep_workdir(tmp_path_factory):
 def test_deep_run_scores_a_folder_in_both_formats(deep_workdir, folder_workdir, tmp_path):
   images = folder_workdir[0]
   for head, out in (("linear", tmp_path / "scores.csv"), ("deep", tmp_path / "scores.json")):
-    result = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "rare_jax.predict",
-        f"--workdir={deep_workdir}",
-        f"--images={images}",
-        f"--out={out}",
-        f"--head={head}",
-      ],
-      cwd=REPO,
-      env=_env(),
-      capture_output=True,
-      text=True,
+    result = _run_predict(
+      f"--workdir={deep_workdir}",
+      f"--images={images}",
+      f"--out={out}",
+      f"--head={head}",
       timeout=600,
     )
     assert result.returncode == 0, result.stderr
@@ -541,14 +502,7 @@ def test_every_category_in_one_pass(folder_workdir, tmp_path):
   np.testing.assert_allclose(scored.scores, expected[:102], atol=2e-6)
 
   def cli(*args):
-    return subprocess.run(
-      [sys.executable, "-m", "rare_jax.predict", f"--workdir={workdir}", *args],
-      cwd=REPO,
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
+    return _run_predict(f"--workdir={workdir}", *args)
 
   result = cli(f"--images={images}", f"--out={tmp_path / 'both.csv'}", "--top_k=4")
   assert result.returncode == 0, result.stderr
@@ -639,20 +593,10 @@ def test_the_pool_after_a_deep_update_is_scored_without_embedding(deep_labeling_
   embeddings: no image passes through the trunk."""
   images, run, expected = deep_labeling_run
   out = tmp_path / "pool.csv"
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "rare_jax.predict",
-      f"--workdir={run.workdir}",
-      "--pool",
-      f"--out={out}",
-    ],
-    cwd=REPO,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = _run_predict(
+    f"--workdir={run.workdir}",
+    "--pool",
+    f"--out={out}",
   )
   assert result.returncode == 0, result.stderr
   assert "after deep update v1" in result.stderr and "no embedding" in result.stderr
@@ -783,3 +727,28 @@ def test_a_damaged_embedding_cache_is_ignored(tmp_path, rows):
   cache = predict.EmbeddingCache(str(tmp_path), scorer, log=lines.append)
   assert cache.get(str(image), stat) is None
   assert lines and "ignoring the embedding cache" in lines[0]
+
+
+def test_confident_images_of_a_new_folder_rank_by_logit(tmp_path):
+  """Logits above ~17 all have float32 probability 1.0: a folder's rows must still be ranked
+  by the model's logits (they were in path order among the 1.0s)."""
+  from PIL import Image
+
+  images = tmp_path / "images"
+  images.mkdir()
+  brightness = [40, 200, 120, 250, 90, 160]  # the logit grows with brightness
+  for k, value in enumerate(brightness):
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(images / f"img{k}.png")
+  scorer = predict.Scorer(
+    features=lambda batch: np.asarray(batch, np.float32).reshape(len(batch), -1)[:, :1],
+    from_features=lambda features: 20.0 + features,  # every logit >= 60: probability 1.0
+    to_model_input=lambda image: np.asarray(image.convert("RGB")),
+    categories=["bright"],
+    round_index=1,
+    kind="test",
+    head="linear",
+  )
+  scored = predict.score_folder(scorer, str(images), log=lambda _: None)
+  assert np.all(scored.scores == 1.0)
+  ranked = predict.select_rows(scored.rows(0), top_k=3, threshold=None)
+  assert [name for _, name, _ in ranked] == ["img3.png", "img1.png", "img5.png"]
