@@ -60,9 +60,10 @@ Outputs, highest score first (`--format`, or `--out`'s suffix):
   (`rare_jax.infra.interchange`): labels.json and human_labels.json, or label_config.xml and
   tasks.json; every image, "yes" for a category from `--threshold` on (default 0.5); for
   `--pool` also the answers given. The import code or steps are printed, paths filled in.
-`score` is the model's probability that the image is of the category. `--top_k` keeps the best
-N images of each category, `--threshold` those with score >= it; by default every image is
-written. Progress (images, rate, ETA) goes to stderr.
+`score` is the model's probability that the image is of the category. Rows are ranked by the
+model's logit, highest first (images whose probabilities print alike, 1.0 among them, keep the
+model's order). `--top_k` keeps the best N images of each category, `--threshold` those with
+score >= it; by default every image is written. Progress (images, rate, ETA) goes to stderr.
 
 The directories of `--out` are created if missing, for every format, before any image is read
 (`rare_jax.webapp.exports.prepare_out_file`). Image files are read as `rare_jax.data.folder` reads
@@ -133,7 +134,8 @@ class Scorer:
   Attributes:
     features: prepared images [n, H, W, C] (as `to_model_input` gives) -> float32 [n, D]: the
       features the model reads (a trunk's raw embeddings for pretrained folder runs).
-    from_features: float32 [n, D] -> float32 [n, C] probabilities, one column per category.
+    from_features: float32 [n, D] -> [n, C] logits, one column per category (the rows are
+      ranked by them: float32 probabilities of logits above ~17 are all 1.0).
     to_model_input: uint8 [H, W, C] image (C = 1 or 3) or decoded RGB PIL image -> the uint8
       array the model takes.
     categories: the names of the scored categories (the columns); category: the first one.
@@ -172,32 +174,44 @@ class Scorer:
     self.pool_store = pool_store
     self.images_embedded = 0  # images passed through `features` (not taken from a cache)
 
-  def score(self, images: np.ndarray) -> np.ndarray:
-    """float32 [n, C] probabilities of prepared images [n, H, W, C] (as `to_model_input`
-    gives), one column per category of `categories`."""
+  def logits(self, images: np.ndarray) -> np.ndarray:
+    """float64 [n, C] logits of prepared images [n, H, W, C] (as `to_model_input` gives), one
+    column per category of `categories`."""
     images = np.asarray(images)
     self.images_embedded += len(images)
-    return self.score_features(self.features(images))
+    return self.logits_of_features(self.features(images))
 
-  def score_features(self, features: np.ndarray) -> np.ndarray:
-    return np.asarray(self.from_features(np.asarray(features, np.float32)), np.float32)
+  def logits_of_features(self, features: np.ndarray) -> np.ndarray:
+    return np.asarray(self.from_features(np.asarray(features, np.float32)), np.float64)
+
+  def score(self, images: np.ndarray) -> np.ndarray:
+    """float32 [n, C] probabilities of prepared images (see `logits`)."""
+    return probabilities(self.logits(images))
 
 
-def _linear_probabilities(weights, bias, mean=None, std=None) -> Callable:
-  """features [n, D] -> [n, C] probabilities of linear models `weights` [C, D], `bias` [C],
-  on `(features - mean) / std` when given."""
+def probabilities(logits: np.ndarray) -> np.ndarray:
+  """float32 sigmoid of logits, computed in float64 from exp(-|x|) (no overflow, and tiny
+  probabilities of very negative logits kept)."""
+  logits = np.asarray(logits, np.float64)
+  small = np.exp(-np.abs(logits))
+  return np.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small)).astype(np.float32)
+
+
+def _linear_logits(weights, bias, mean=None, std=None) -> Callable:
+  """features [n, D] -> [n, C] logits of linear models `weights` [C, D], `bias` [C], on
+  `(features - mean) / std` when given."""
   model = linear.LinearModel(
     weights=jnp.asarray(np.asarray(weights, np.float32)),
     bias=jnp.asarray(np.asarray(bias, np.float32)),
   )
 
-  def probabilities(features):
+  def logits(features):
     features = np.asarray(features, np.float32)
     if mean is not None:
       features = (features - mean) / std
-    return np.asarray(jax.device_get(linear.predict_proba(jnp.asarray(features), model)))
+    return np.asarray(jax.device_get(linear.decision_function(jnp.asarray(features), model)))
 
-  return probabilities
+  return logits
 
 
 def _resizer(shape: tuple[int, int, int]) -> Callable:
@@ -318,7 +332,7 @@ def load_scorer(
     size = int(config.image_size)
     return Scorer(
       features=embedder.embed,
-      from_features=_linear_probabilities(weights, bias, mean, std),
+      from_features=_linear_logits(weights, bias, mean, std),
       to_model_input=_resizer((size, size, 3)),
       kind=kind if version == 0 else f"{kind}, after deep update v{version}",
       cache_key=key,
@@ -338,7 +352,7 @@ def load_scorer(
     )
   return Scorer(
     features=projection.project,
-    from_features=_linear_probabilities(weights, bias),
+    from_features=_linear_logits(weights, bias),
     to_model_input=_resizer(projection.image_shape),
     kind=kind,
     **common,
@@ -473,10 +487,10 @@ def _deep_run(workdir, config, strategy, round_index, indices, head, weights, bi
   if head == "deep":
 
     def from_features(logits):
-      return 1 / (1 + np.exp(-np.asarray(logits, np.float64)[:, indices]))
+      return np.asarray(logits, np.float64)[:, indices]
 
   else:
-    from_features = _linear_probabilities(weights, bias, mean, std)
+    from_features = _linear_logits(weights, bias, mean, std)
   sample = context.deep_parts["data"].train
   shape = sample[0].shape[1:] if isinstance(sample, tuple) else sample[0]["image"].shape
   return features, from_features, _resizer(tuple(shape)), version
@@ -636,9 +650,9 @@ def iter_folder(
 class Scored:
   """Scores of images: ids [n], names [n] (relative paths, or class names for a dataset
   split: `key`), probabilities float32 [n, C] (one column per `Scorer.categories`); `base`:
-  the folder relative paths are relative to (`score_folder`), else None; `logits` [n, C]
-  where known (`score_pool`): they order the rows, since float32 probabilities of logits
-  above ~17 are all 1.0."""
+  the folder relative paths are relative to (`score_folder`), else None; `logits` [n, C]:
+  they order the rows, since float32 probabilities of logits above ~17 are all 1.0 (None
+  only where a caller has probabilities alone)."""
 
   ids: list[int]
   names: list[str]
@@ -731,9 +745,9 @@ def score_folder(
   names = [p for p in candidates if p in features]
   if not names:
     raise ValueError(f"--images={root!r} holds no readable JPEG/PNG image")
-  scores = np.concatenate(
+  logits = np.concatenate(
     [
-      scorer.score_features(np.stack([features[p] for p in names[start : start + CHUNK]]))
+      scorer.logits_of_features(np.stack([features[p] for p in names[start : start + CHUNK]]))
       for start in range(0, len(names), CHUNK)
     ]
   )
@@ -741,7 +755,14 @@ def score_folder(
     cache.save()
   if found and not missing:
     log(f"scored {len(names)}/{len(candidates)} images (all from the cache)")
-  return Scored(ids=list(range(len(names))), names=names, scores=scores, key="path", base=base)
+  return Scored(
+    ids=list(range(len(names))),
+    names=names,
+    scores=probabilities(logits),
+    key="path",
+    base=base,
+    logits=logits,
+  )
 
 
 def _read_images(base, relatives, to_model_input, refused, *, log):
@@ -790,17 +811,18 @@ def score_dataset(
 ) -> Scored:
   """Scores of every example of a prepared TFDS split (names: their class names)."""
   source = sources.open_source(name, split, data_dir)
-  ids, labels, scores, started = [], [], [], time.perf_counter()
+  ids, labels, logits, started = [], [], [], time.perf_counter()
   for start in range(0, len(source), CHUNK):
     examples = source.__getitems__(range(start, min(start + CHUNK, len(source))))
     images = np.stack([scorer.to_model_input(e["image"]) for e in examples])
-    scores.append(scorer.score(images))
+    logits.append(scorer.logits(images))
     for k, example in enumerate(examples):
       label = example["label"]
       labels.append(source.class_names[label] if 0 <= label < source.num_classes else str(label))
       ids.append(start + k)
     _progress(log, len(ids), len(source), started)
-  return Scored(ids=ids, names=labels, scores=np.concatenate(scores), key="label")
+  logits = np.concatenate(logits)
+  return Scored(ids=ids, names=labels, scores=probabilities(logits), key="label", logits=logits)
 
 
 def _progress(log, done: int, total: int, started: float, cached: int = 0) -> None:

@@ -272,9 +272,11 @@ def test_dataset_run_refits_the_same_projection(tmp_path):
     json.loads(open(os.path.join(workdir, "task.json")).read())["train_split"] == "train[:1200]"
   )
   scorer = predict.load_scorer(workdir, log=lambda _: None)
-  rows = predict.score_dataset(
-    scorer, "rare_fashion_mnist", "test[:300]", data_dir=None, log=lambda _: None
-  ).rows()
+  rows = sorted(  # by id (rows() ranks them by logit)
+    predict.score_dataset(
+      scorer, "rare_fashion_mnist", "test[:300]", data_dir=None, log=lambda _: None
+    ).rows()
+  )
   expected = np.asarray(linear.predict_proba(jax.numpy.asarray(val), state.linear))[:, 0]
   got = np.array([rows[i][2] for i in task.val_ids])
   np.testing.assert_allclose(got, expected, atol=1e-6)
@@ -415,16 +417,20 @@ def test_deep_run_reproduces_the_runs_own_scores(deep_workdir, folder_workdir):
     state, _ = store.restore(store.latest_step(), like)
   scorer = predict.load_scorer(deep_workdir, log=lambda _: None)
   assert scorer.head == "linear" and scorer.round == 2
-  rows = predict.score_dataset(
-    scorer, "rare_fashion_mnist", "train[:3000]", data_dir=None, log=lambda _: None
-  ).rows()
+  rows = sorted(  # by id (rows() ranks them by logit)
+    predict.score_dataset(
+      scorer, "rare_fashion_mnist", "train[:3000]", data_dir=None, log=lambda _: None
+    ).rows()
+  )
   got = np.array([rows[i][2] for i in task.pool_ids])
   expected = 1 / (1 + np.exp(-np.asarray(state.scores[0], np.float64)))
   np.testing.assert_allclose(got, expected, atol=2e-4)
   deep = predict.load_scorer(deep_workdir, head="deep", log=lambda _: None)
-  rows = predict.score_dataset(
-    deep, "rare_fashion_mnist", "test[:600]", data_dir=None, log=lambda _: None
-  ).rows()
+  rows = sorted(
+    predict.score_dataset(
+      deep, "rare_fashion_mnist", "test[:600]", data_dir=None, log=lambda _: None
+    ).rows()
+  )
   val = embed.FeatureStore.open(os.path.join(deep_workdir, "ours", "features", "v1", "val"))
   got = np.array([rows[i][2] for i in task.val_ids])
   np.testing.assert_allclose(got, np.asarray(val["main_probs"])[:, 0], atol=2e-5)
