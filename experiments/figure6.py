@@ -6,7 +6,8 @@ r"""Figure 6: F1 vs labels of Ours / Tropel from the self-supervised and the Ima
 Reads two finished (or partly finished) `rare_jax.compare` workdirs, keeps the groups of the
 self-supervised comparison and the seeds both have, and plots the mean F1 over categories
 per seed, averaged over seeds, with a 95% Student-t interval over seeds. Prints the numbers
-as a Markdown table.
+as a Markdown table and writes them beside the figure (OUT.json: each curve's mean, interval
+half-width and per-seed values at each budget).
 """
 
 import json
@@ -133,8 +134,20 @@ def main(argv):
   for label, name, strategy in CURVES:
     found = [positives_found(configs[name], dirs[name], strategy, seed) for seed in sorted(seeds)]
     print(f"- {label}: {np.mean(found):.1f} (per seed {found})")
+  document = {
+    label: {
+      str(budget): {
+        "mean": mean,
+        "half_width": half,
+        # Each seed's mean F1 over the categories: the interval recomputes from these.
+        "per_seed": {str(seed): sources[name][strategy][budget][seed] for seed in sorted(seeds)},
+      }
+      for budget, (mean, half) in rows[label].items()
+    }
+    for label, name, strategy in CURVES
+  }
   with open(os.path.splitext(out)[0] + ".json", "w") as f:
-    json.dump({k: {str(b): v for b, v in r.items()} for k, r in rows.items()}, f, indent=1)
+    json.dump(document, f, indent=1)
   print(f"wrote {out}")
 
 
