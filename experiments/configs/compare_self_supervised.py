@@ -10,7 +10,7 @@ k-means auxiliary labels with k = 50, the auxiliary head started from the centro
 here is Ours-Self, `tropel` Tropel-Self) on group 0 of experiments/configs/compare_imagenet.py
 (T-shirt, Trouser, Coat, Sandal, Bag rare), seeds 0-2, N=2 Q=5 B=10, E=2.
 The validation set is the demo's weighted one, as in compare_imagenet.py (figure6.py sets the
-two side by side); docs/results/self_supervised was measured on subsampled ones.
+two side by side).
 
 Reduced against the paper to fit about an hour on a shared 2-core CPU:
 - M_pre is trained ONCE, like the paper's Self-ImageNet / Self-iNat, on 10,000 images of the
@@ -22,8 +22,8 @@ Reduced against the paper to fit about an hour on a shared 2-core CPU:
   epochs on millions of images. Each workdir still clusters its own pool (k-means, its seed).
 - One group of five rare categories and three seeds (the fewest that give an interval);
   figure6.py compares it with the same group and seeds of the ImageNet comparison.
-Measured: 45 minutes on the shared 2-core CPU (2026-12-02), 28 of them preparing the first
-workdir (the SimCLR training).
+Measured: 52 minutes of driver time on the shared 2-core CPU (2026-12-07), 28 of them
+preparing the first workdir (mostly the SimCLR training); docs/results/self_supervised.
 """
 
 from experiments.configs import compare_imagenet, self_supervised
