@@ -126,6 +126,10 @@ from rare_jax.webapp.labeler import describe_os_error
 CHUNK = 1024
 CACHE_DIR = "predict_cache"  # under a labeling run's workdir: see EmbeddingCache
 _CACHE_FILE = re.compile(r"embeddings_[0-9a-f]+\.npz")  # a finished cache file's name
+# A save under way (`EmbeddingCache.save`): the finished name, the writer's pid, .tmp.npz.
+_CACHE_TEMPORARY = re.compile(r"embeddings_[0-9a-f]+\.npz\.(\d+)\.tmp\.npz")
+# A temporary file left this long by a process that no longer runs is a killed save's.
+STALE_TEMPORARY_SECONDS = 3600
 
 
 class Scorer:
@@ -515,7 +519,8 @@ class EmbeddingCache:
   modification time changed is embedded again. Bounded: on `save`, entries of files that no
   longer exist or changed are dropped, and the cache files of other trunks are deleted (a run
   only moves forward: predict always uses its newest trunk), so the cache holds at most one
-  row per image file scored that still exists.
+  row per image file scored that still exists; a killed save's temporary file is deleted by
+  the next save (`_stale_temporary`).
 
   A labeling run's own pool embeddings under this trunk (`Scorer.pool_store`) count as cached
   for the pool files last modified before the run started (its `folder_run.json`): the run
@@ -628,11 +633,36 @@ class EmbeddingCache:
         if _CACHE_FILE.fullmatch(name) and name != os.path.basename(self.path):
           with contextlib.suppress(FileNotFoundError):  # another process removed it first
             os.remove(os.path.join(self.directory, name))
+        elif _stale_temporary(self.directory, name):
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.directory, name))
     except OSError as error:
       self.log(f"the embedding cache was not saved: {describe_os_error(error, self.path)}")
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)
+
+
+def _stale_temporary(directory: str, name: str) -> bool:
+  """Whether `name` is a cache save's temporary file left by a killed process: its writer's
+  pid runs no process here and it is older than `STALE_TEMPORARY_SECONDS` (both, so that a
+  save under way, even by a process on another host sharing the folder, is kept)."""
+  match = _CACHE_TEMPORARY.fullmatch(name)
+  if match is None:
+    return False
+  try:
+    age = time.time() - os.stat(os.path.join(directory, name)).st_mtime
+  except FileNotFoundError:
+    return False
+  if age < STALE_TEMPORARY_SECONDS:
+    return False
+  try:
+    os.kill(int(match.group(1)), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, OverflowError, ValueError):
+    return False  # a live process of another user, or not a pid: keep it
+  return False
 
 
 def iter_folder(

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -697,6 +698,34 @@ def test_saving_the_cache_keeps_another_process_save_under_way(tmp_path):
   cache.save()
   assert os.path.exists(cache.path) and os.path.exists(under_way)
   assert not os.path.exists(other_trunk)
+
+
+def test_a_killed_saves_temporary_file_is_removed_by_the_next_save(tmp_path):
+  """A predict killed while saving leaves embeddings_<key>.npz.<pid>.tmp.npz: the next save
+  deletes it once its process is gone and it is old; a recent one or a live writer's stays."""
+  import types
+
+  image = tmp_path / "a.png"
+  image.write_bytes(b"x")
+  scorer = types.SimpleNamespace(cache_key="a" * 64, pool_store=([], np.zeros((2, 5)), 0))
+  cache = predict.EmbeddingCache(str(tmp_path), scorer, log=lambda _: None)
+  os.makedirs(cache.directory)
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  )
+  dead_pid = int(dead.stdout)  # a process that has exited
+  old = time.time() - predict.STALE_TEMPORARY_SECONDS - 60
+  killed = cache.path + f".{dead_pid}.tmp.npz"
+  recent = os.path.join(cache.directory, "embeddings_" + "b" * 32 + f".npz.{dead_pid}.tmp.npz")
+  alive = cache.path + f".{os.getppid()}.tmp.npz"  # the parent process runs
+  for path in (killed, recent, alive):
+    open(path, "wb").close()
+  os.utime(killed, (old, old))
+  os.utime(alive, (old, old))
+  cache.put(str(image), os.stat(image), np.ones(5, np.float32))
+  cache.save()
+  assert not os.path.exists(killed)
+  assert os.path.exists(recent) and os.path.exists(alive)
 
 
 @pytest.mark.parametrize(
