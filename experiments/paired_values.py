@@ -200,6 +200,18 @@ def main(argv):
         f"--workdir={FLAGS.workdir!r} holds no finished point of a strategy and its baseline "
         f"{_CONFIG.value.get('baseline', 'tropel')!r} under this --config; nothing was written"
       )
+    incomplete = [
+      f"{strategy} at {budget} labels: {len(pairs.get(strategy, {}).get(budget, []))} pairs, "
+      f"the results hold n = {entry['n']}"
+      for strategy, budgets in document["differences"].items()
+      for budget, entry in budgets.items()
+      if len(pairs.get(strategy, {}).get(budget, [])) != entry["n"]
+    ]
+    if incomplete:
+      raise app.UsageError(
+        f"--workdir={FLAGS.workdir!r} is not the run behind --results={FLAGS.results!r} (or "
+        "is not finished): " + "; ".join(incomplete) + "; nothing was written"
+      )
   document = enrich(document, pairs)
   with open(path + ".tmp", "w") as f:
     json.dump(document, f, indent=1, sort_keys=True)

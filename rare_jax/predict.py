@@ -599,7 +599,8 @@ class EmbeddingCache:
 
   def save(self) -> None:
     """Writes the cache (atomically), dropping entries of files gone or changed, and deletes
-    other trunks' cache files. A failure to write is logged, not raised."""
+    other trunks' cache files and killed saves' temporary files. A failure to write is
+    logged, not raised."""
     if not self.writable:
       return
     kept = {}
@@ -614,6 +615,7 @@ class EmbeddingCache:
     tmp = f"{self.path}.{os.getpid()}.tmp.npz"
     try:
       os.makedirs(self.directory, exist_ok=True)
+      self._remove_leftovers(other_trunks=False)  # killed saves' files first: they take disk
       paths = list(kept)
       meta = {
         "key": self.key,
@@ -627,26 +629,37 @@ class EmbeddingCache:
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, self.path)
-      for name in os.listdir(self.directory):
-        # Other trunks' finished files only: a temporary file may be another predict
-        # process's save under way.
-        if _CACHE_FILE.fullmatch(name) and name != os.path.basename(self.path):
-          with contextlib.suppress(FileNotFoundError):  # another process removed it first
-            os.remove(os.path.join(self.directory, name))
-        elif _stale_temporary(self.directory, name):
-          with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.directory, name))
     except OSError as error:
       self.log(f"the embedding cache was not saved: {describe_os_error(error, self.path)}")
+      return
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)
+    self._remove_leftovers(other_trunks=True)
+
+  def _remove_leftovers(self, *, other_trunks: bool) -> None:
+    """Deletes killed saves' temporary files (`_stale_temporary`) and, with `other_trunks`
+    (once this trunk's file is written), other trunks' finished cache files; never a save
+    under way. A file that cannot be removed (another user's, a read-only folder) is left as
+    it is: it costs disk, not correctness."""
+    try:
+      names = os.listdir(self.directory)
+    except OSError:
+      return
+    for name in names:
+      other_trunk = (
+        other_trunks and _CACHE_FILE.fullmatch(name) and name != os.path.basename(self.path)
+      )
+      if other_trunk or _stale_temporary(self.directory, name):
+        with contextlib.suppress(OSError):  # FileNotFoundError: another process removed it
+          os.remove(os.path.join(self.directory, name))
 
 
 def _stale_temporary(directory: str, name: str) -> bool:
   """Whether `name` is a cache save's temporary file left by a killed process: its writer's
   pid runs no process here and it is older than `STALE_TEMPORARY_SECONDS` (both, so that a
-  save under way, even by a process on another host sharing the folder, is kept)."""
+  save under way, even by a process on another host sharing the folder, is kept as long as
+  the hosts' clocks agree within that time)."""
   match = _CACHE_TEMPORARY.fullmatch(name)
   if match is None:
     return False

@@ -71,3 +71,21 @@ def test_feature_normalization_settings():
     assert mode[name] == "none", name
   for name in ("compare_fmnist", "self_supervised", "compare_self_supervised", "tiny", "tiny_deep"):
     assert mode[name] == "standardize", name
+
+
+def test_all_strategies_config_picks_strategies_and_keeps_the_baseline():
+  from experiments.configs import compare_imagenet, compare_imagenet_all
+
+  full = compare_imagenet_all.get_config()
+  assert tuple(full.strategies) == tuple(runner.STRATEGIES)
+  assert [tuple(g) for g in full.groups] == [tuple(compare_imagenet.get_config().groups[0])]
+  assert tuple(compare_imagenet_all.get_config("kd_semi, deep_prop").strategies) == (
+    "kd_semi",
+    "deep_prop",
+    "tropel",
+  )
+  assert tuple(compare_imagenet_all.get_config("tropel,ours").strategies) == ("tropel", "ours")
+  with pytest.raises(ValueError, match=r"unknown strategies \['kd'\]"):
+    compare_imagenet_all.get_config("kd")
+  with pytest.raises(ValueError, match="no strategy named"):
+    compare_imagenet_all.get_config(",")

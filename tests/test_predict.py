@@ -726,6 +726,15 @@ def test_a_killed_saves_temporary_file_is_removed_by_the_next_save(tmp_path):
   cache.save()
   assert not os.path.exists(killed)
   assert os.path.exists(recent) and os.path.exists(alive)
+  # A save that fails still removes a killed save's file first (it may be what filled a disk).
+  os.remove(cache.path)
+  os.makedirs(os.path.join(cache.path, "x"))  # the cache's name taken: the write fails
+  open(killed, "wb").close()
+  os.utime(killed, (old, old))
+  said = []
+  cache.log = said.append
+  cache.save()
+  assert not os.path.exists(killed) and "not saved" in said[0]
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
 r"""Every strategy of the paper from the ImageNet start (issue 29, item 1): Figures 3-5.
 
-    # All strategies (finished ones are skipped):
+    # All strategies (finished ones are skipped), seeds outermost:
     python -m rare_jax.compare --config=experiments/configs/compare_imagenet_all.py \
         --workdir=runs/compare_imagenet_all
-    # Only some, in this order, and the baseline tropel (e.g. one strategy over every seed
-    # before the next):
+    # Only some (and the baseline tropel), seeds outermost; one invocation per strategy runs
+    # one strategy over every seed before the next:
     python -m rare_jax.compare --config=experiments/configs/compare_imagenet_all.py:tropel_deep \
         --workdir=runs/compare_imagenet_all
+    # The report of every finished strategy (a run with an argument reports only its own):
+    python -m rare_jax.compare --config=experiments/configs/compare_imagenet_all.py \
+        --workdir=runs/compare_imagenet_all --report_only
 
 `compare_imagenet.py`'s settings (the demo's loop and trunk: EfficientNet-Lite0 from ImageNet
 at 48x48, N=2, Q=5, B=10, f_a=100, E=4) on its group 0 (T-shirt/top, Trouser, Coat, Sandal,
@@ -35,9 +38,10 @@ def get_config(arg=None):
     chosen = tuple(s.strip() for s in arg.split(",") if s.strip())
     unknown = [s for s in chosen if s not in runner.STRATEGIES]
     if unknown or not chosen:
+      what = f"unknown strategies {unknown}" if unknown else "no strategy named"
       raise ValueError(
-        f"config argument {arg!r}: unknown strategies {unknown}; expected a comma-separated "
-        f"subset of {sorted(runner.STRATEGIES)}"
+        f"config argument {arg!r}: {what}; expected a comma-separated subset of "
+        f"{sorted(runner.STRATEGIES)}"
       )
     # The baseline of the paired differences must be among them (finished: skipped).
     config.strategies = chosen + tuple(s for s in ("tropel",) if s not in chosen)

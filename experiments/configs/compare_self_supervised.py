@@ -1,8 +1,8 @@
 r"""Figure 6 (paper Sec. 4.4): Ours-Self and Tropel-Self on the embedded default.
 
     python -m rare_jax.compare --config=experiments/configs/compare_self_supervised.py \
-        --workdir=runs/compare_self_supervised_e12
-    python experiments/figure6.py --self_supervised=runs/compare_self_supervised_e12 \
+        --workdir=runs/compare_self_supervised
+    python experiments/figure6.py --self_supervised=runs/compare_self_supervised \
         --imagenet=runs/compare_imagenet --out=docs/results/self_supervised/fig6_self_supervised.png
 
 The settings of experiments/configs/self_supervised.py (resnet_tiny on 28x28, SimCLR M_pre,
