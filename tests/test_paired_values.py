@@ -12,7 +12,9 @@ import pytest
 from scipy import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED = os.path.join(REPO, "docs", "results", "imagenet", "paired_differences.json")
+RESULTS = os.path.join(REPO, "docs", "results")
+PUBLISHED = os.path.join(RESULTS, "imagenet", "paired_differences.json")
+EVERY_PUBLISHED = ("imagenet", "imagenet/all_strategies", "self_supervised")
 
 
 def _t95(values):
@@ -21,10 +23,11 @@ def _t95(values):
   return values.mean() - half, values.mean() + half
 
 
-def test_published_intervals_recompute_from_the_stored_pairs():
-  """Every pair-level and seed-level interval of docs/results/imagenet follows from its
+@pytest.mark.parametrize("folder", EVERY_PUBLISHED)
+def test_published_intervals_recompute_from_the_stored_pairs(folder):
+  """Every pair-level and seed-level interval of a published comparison follows from its
   per-(seed, category) values, recomputed here with scipy, not with the script's code."""
-  with open(PUBLISHED) as f:
+  with open(os.path.join(RESULTS, folder, "paired_differences.json")) as f:
     document = json.load(f)
   checked = 0
   for strategy, budgets in document["differences"].items():
@@ -41,12 +44,13 @@ def test_published_intervals_recompute_from_the_stored_pairs():
         s: [d for p, d in zip(pairs, differences, strict=True) if p["seed"] == s] for s in seeds
       }
       per_seed = [np.mean(by_seed[s]) for s in seeds]
-      low, high = _t95(per_seed)
-      assert (entry["seed_level"]["low"], entry["seed_level"]["high"]) == pytest.approx(
-        (low, high), abs=1e-9
-      ), (strategy, budget)
+      if len(seeds) > 1:
+        low, high = _t95(per_seed)
+        assert (entry["seed_level"]["low"], entry["seed_level"]["high"]) == pytest.approx(
+          (low, high), abs=1e-9
+        ), (strategy, budget)
       checked += 1
-  assert checked >= 6  # 3 strategies x 2 budgets against tropel
+  assert checked >= 2  # every strategy against the baseline at 50 and 100 labels
 
 
 @pytest.mark.parametrize("workdir", ["missing", "empty"])
