@@ -188,10 +188,6 @@ class Scorer:
   def logits_of_features(self, features: np.ndarray) -> np.ndarray:
     return np.asarray(self.from_features(np.asarray(features, np.float32)), np.float64)
 
-  def score(self, images: np.ndarray) -> np.ndarray:
-    """float32 [n, C] probabilities of prepared images (see `logits`)."""
-    return probabilities(self.logits(images))
-
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
   """float32 sigmoid of logits, computed in float64 from exp(-|x|) (no overflow, and tiny

@@ -139,7 +139,10 @@ def test_top_k_threshold_and_dataset_images(folder_workdir):
   train = sources.open_source("rare_fashion_mnist", "train")
   id_, path, score = rows[5]
   image = train[int(path.split("/")[1].split(".")[0])]["image"]
-  assert abs(scorer.score(scorer.to_model_input(image)[None])[0, 0] - score) < 1e-6
+  assert (
+    abs(predict.probabilities(scorer.logits(scorer.to_model_input(image)[None]))[0, 0] - score)
+    < 1e-6
+  )
 
 
 def test_fiftyone_and_label_studio_outputs(folder_workdir, tmp_path):
