@@ -190,11 +190,8 @@ class Scorer:
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
-  """float32 sigmoid of logits, computed in float64 from exp(-|x|) (no overflow, and tiny
-  probabilities of very negative logits kept)."""
-  logits = np.asarray(logits, np.float64)
-  small = np.exp(-np.abs(logits))
-  return np.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small)).astype(np.float32)
+  """float32 sigmoid of logits (`linear.sigmoid`, computed in float64)."""
+  return linear.sigmoid(logits).astype(np.float32)
 
 
 def _linear_logits(weights, bias, mean=None, std=None) -> Callable:

@@ -570,3 +570,27 @@ def test_decision_function_bad_shapes():
     linear.decision_function(features, linear.init_model(DIM + 1, batch_shape=(2,)))
   with pytest.raises(ValueError, match="model.bias"):
     linear.decision_function(features, linear.LinearModel(jnp.ones((2, DIM)), jnp.ones(3)))
+
+
+def test_host_sigmoid_is_stable_and_every_report_uses_it():
+  """`linear.sigmoid` matches scipy's expit from -740 to 740 without an overflow warning and
+  keeps the tiny probabilities of very negative logits (1 / (1 + exp(-x)) rounds them to 0 with
+  a warning); the export's pool probabilities and predict's scores are computed by it."""
+  from scipy.special import expit
+
+  from rare_jax import predict
+  from rare_jax.webapp import exports
+
+  logits = np.array([[-740.0, -720.0, -30.0, -1e-9, 0.0, 1e-9, 2.5, 30.0, 740.0]])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    host = linear.sigmoid(logits)
+    pool = exports.PoolScores(*[None] * 5, logits, *[None] * 4).probabilities
+  assert host.dtype == np.float64 and host.shape == logits.shape
+  normal = np.abs(logits) < 700  # scipy's expit rounds exp(-720) to 0 as well
+  np.testing.assert_allclose(host[normal], expit(logits[normal]), rtol=1e-15, atol=0)
+  # exp(-720) ~ 1.9e-313 and exp(-740) ~ 4.2e-322: subnormal float64, ~10 and ~3 digits.
+  np.testing.assert_allclose(host[~normal], np.exp(-np.logaddexp(0, -logits[~normal])), rtol=0.01)
+  assert (host[0, :2] > 0).all()
+  np.testing.assert_array_equal(pool, host)
+  np.testing.assert_array_equal(predict.probabilities(logits), host.astype(np.float32))

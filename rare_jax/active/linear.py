@@ -309,6 +309,15 @@ def decision_function(features: jax.Array, model: LinearModel) -> jax.Array:
   return logits if weights.ndim == 2 else logits[:, 0]
 
 
+def sigmoid(logits) -> np.ndarray:
+  """float64 numpy sigmoid of logits on the host (the one every report, page and export uses),
+  from exp(-|x|): no overflow warning for very negative logits and their tiny probabilities kept
+  (1 / (1 + exp(-x)) overflows below about -709 and rounds them to 0)."""
+  logits = np.asarray(logits, np.float64)
+  small = np.exp(-np.abs(logits))
+  return np.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
+
+
 def predict_proba(features: jax.Array, model: LinearModel) -> jax.Array:
   """`sigmoid(decision_function(features, model))`: `[P, C]` positive-class probabilities."""
   return jax.nn.sigmoid(decision_function(features, model))

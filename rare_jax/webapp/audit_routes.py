@@ -40,7 +40,7 @@ from typing import Any
 import flask
 import numpy as np
 
-from rare_jax.active import loop, runner
+from rare_jax.active import linear, loop, runner
 from rare_jax.infra.checkpoint import CheckpointStore
 from rare_jax.webapp import audit
 from rare_jax.webapp.labeler import AnswerRejected
@@ -188,7 +188,7 @@ class _NewestModel:
       scores = np.asarray(state.scores, np.float64)
       fitted = np.asarray(loop.fitted(state))
       # Logits of the linear models; categories without one keep cosines (not probabilities).
-      probabilities = np.where(fitted[:, None], np.exp(-np.logaddexp(0.0, -scores)), 0.0)
+      probabilities = np.where(fitted[:, None], linear.sigmoid(scores), 0.0)
       self._value = (probabilities, np.asarray(state.labels).astype(np.int64), fitted)
       self._key = key
       return self._value

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rare_jax.active import loop, runner
+from rare_jax.active import linear, loop, runner
 from rare_jax.deep import embed as embed_lib
 from rare_jax.infra import csvfile
 from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
@@ -203,7 +203,7 @@ class PoolScores:
   @property
   def probabilities(self) -> np.ndarray:
     """float64 [C, P]: the sigmoid of `logits`."""
-    return 1 / (1 + np.exp(-self.logits))
+    return linear.sigmoid(self.logits)
 
   @property
   def model(self) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from rare_jax.active import runner
+from rare_jax.active import linear, runner
 from rare_jax.infra.checkpoint import CheckpointStore, write_json_atomic
 from rare_jax.webapp import folder_run, pool_images
 from rare_jax.webapp.labeler import (
@@ -389,7 +389,7 @@ class LabelingSession:
               "id": int(i),
               "path": self.run.display_path(i),
               # Probability under the linear model; cosine to the seeds before the first fit.
-              "score": float(1 / (1 + np.exp(-scores[c, i])) if has_model else scores[c, i]),
+              "score": float(linear.sigmoid(scores[c, i]) if has_model else scores[c, i]),
               "label": "seed" if seeds[c, i] else {1: "yes", 0: "no"}.get(int(labels[c, i])),
             }
             for i in top
