@@ -23,8 +23,10 @@ strategy and budget:
 - `per_pair` (only with --workdir): `[{seed, group, category, value, baseline, difference}]`,
   from which every interval can be recomputed.
 A comparison between two non-baseline strategies whose differences against the baseline are
-both stored is added under `derived` ("A - B"): per seed, (A - base) - (B - base) = A - B exactly,
-as both are means over the same pairs. Their pair-level interval needs the pairs themselves.
+both stored is added under `derived` ("A - B"): with per-pair values, over the (seed, group,
+category) pairs both have (`seeds` names the seeds), so a strategy run on fewer seeds is compared
+on those; without, per seed, (A - base) - (B - base) = A - B exactly, as both are means over the
+same pairs, and only when both have the same seeds.
 It also writes `RESULTS/paired_values.md`, a table of both intervals.
 """
 
@@ -95,6 +97,34 @@ def seed_means(pairs: list[dict]) -> list[float]:
   return [float(np.mean([p["difference"] for p in pairs if p["seed"] == s])) for s in seeds]
 
 
+def _pair_key(pair: dict) -> tuple[int, int, int]:
+  return pair["seed"], pair["group"], pair["category"]
+
+
+def _derived(one: dict, other: dict) -> dict | None:
+  """A - B from A's and B's entries against the same baseline: with per-pair values, over the
+  (seed, group, category) pairs both have (matched by key, so strategies run on different seeds
+  compare on the seeds they share); without, per seed by position when both have the same
+  seeds. None when nothing is shared."""
+  if "per_pair" in one and "per_pair" in other:
+    theirs = {_pair_key(q): q for q in other["per_pair"]}
+    shared = [(p, theirs[_pair_key(p)]) for p in one["per_pair"] if _pair_key(p) in theirs]
+    if not shared:
+      return None
+    pairs = [{**p, "difference": p["value"] - q["value"]} for p, q in shared]
+    per_seed = seed_means(pairs)
+    return {
+      "per_seed": per_seed,
+      "seeds": sorted({p["seed"] for p in pairs}),
+      "seed_level": t_interval(per_seed),
+      "pair_level": t_interval([p["difference"] for p in pairs]),
+    }
+  if len(one["per_seed"]) != len(other["per_seed"]):
+    return None
+  per_seed = [x - y for x, y in zip(one["per_seed"], other["per_seed"], strict=True)]
+  return {"per_seed": per_seed, "seed_level": t_interval(per_seed)}
+
+
 def enrich(document: dict, pairs: dict | None) -> dict:
   """`paired_differences.json`'s content with per-pair values and both intervals added."""
   differences = document["differences"]
@@ -114,19 +144,9 @@ def enrich(document: dict, pairs: dict | None) -> dict:
       for budget in differences[a]:
         if budget not in differences[b]:
           continue
-        one, other = differences[a][budget], differences[b][budget]
-        if len(one["per_seed"]) != len(other["per_seed"]):
-          continue
-        per_seed = [x - y for x, y in zip(one["per_seed"], other["per_seed"], strict=True)]
-        entry = {"per_seed": per_seed, "seed_level": t_interval(per_seed)}
-        if "per_pair" in one and "per_pair" in other:
-          entry["pair_level"] = t_interval(
-            [
-              p["value"] - q["value"]
-              for p, q in zip(one["per_pair"], other["per_pair"], strict=True)
-            ]
-          )
-        derived.setdefault(f"{a} - {b}", {})[budget] = entry
+        entry = _derived(differences[a][budget], differences[b][budget])
+        if entry is not None:
+          derived.setdefault(f"{a} - {b}", {})[budget] = entry
   document["derived"] = derived
   if pairs is None and not any(
     "per_pair" in entry for budgets in differences.values() for entry in budgets.values()

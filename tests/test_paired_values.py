@@ -51,6 +51,53 @@ def test_published_intervals_recompute_from_the_stored_pairs(folder):
         ), (strategy, budget)
       checked += 1
   assert checked >= 2  # every strategy against the baseline at 50 and 100 labels
+  for name, budgets in document.get("derived", {}).items():
+    a, b = name.split(" - ")
+    for budget, entry in budgets.items():
+      if "pair_level" not in entry:
+        continue
+      theirs = {_key(p): p["value"] for p in document["differences"][b][budget]["per_pair"]}
+      differences = [
+        p["value"] - theirs[_key(p)]
+        for p in document["differences"][a][budget]["per_pair"]
+        if _key(p) in theirs
+      ]
+      assert (entry["pair_level"]["low"], entry["pair_level"]["high"]) == pytest.approx(
+        _t95(differences), abs=1e-9
+      ), (name, budget)
+
+
+def _key(pair):
+  return pair["seed"], pair["group"], pair["category"]
+
+
+def _pairs(seeds, values):
+  return [
+    {"seed": s, "group": 0, "category": c, "value": v, "baseline": 0.0, "difference": v}
+    for s, (c, v) in zip(seeds, values, strict=True)
+  ]
+
+
+def test_derived_differences_match_pairs_by_seed_and_category():
+  """A - B pairs A's and B's values of the same (seed, group, category), whatever the order
+  the pairs are stored in, over the seeds both have (B run on seeds 0-1 only)."""
+  from experiments import paired_values
+
+  a_pairs = _pairs([0, 0, 1, 1, 2, 2], [(3, 0.5), (7, 0.2), (3, 0.6), (7, 0.1), (3, 0.9), (7, 0.9)])
+  b_pairs = _pairs([1, 0, 1, 0], [(7, 0.0), (7, 0.1), (3, 0.4), (3, 0.3)])
+  document = {
+    "differences": {
+      name: {"50": {"per_pair": pairs, "per_seed": [0.0] * len({p["seed"] for p in pairs})}}
+      for name, pairs in (("a", a_pairs), ("b", b_pairs))
+    }
+  }
+  for entry in document["differences"].values():
+    entry["50"].update(mean=0.0, low=0.0, high=0.0, n=len(entry["50"]["per_pair"]))
+  derived = paired_values.enrich(document, None)["derived"]["a - b"]["50"]
+  # seed 0: 0.5 - 0.3, 0.2 - 0.1; seed 1: 0.6 - 0.4, 0.1 - 0.0
+  np.testing.assert_allclose(derived["per_seed"], [0.15, 0.15])
+  assert derived["seeds"] == [0, 1] and derived["pair_level"]["n"] == 4
+  assert derived["pair_level"]["mean"] == pytest.approx(0.15)
 
 
 @pytest.mark.parametrize("workdir", ["missing", "empty"])
