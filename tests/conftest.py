@@ -1,6 +1,9 @@
 """Test set-up: 8 fake CPU devices, set before JAX starts (see WORKSPACE.md)."""
 
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 
 # Must run before jax is imported anywhere in the test process.
@@ -10,7 +13,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A compilation cache private to this test process: tests that compile the same program again
 # (a resumed run, a replay) load it instead of recompiling (minutes on this CPU otherwise).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="rare_jax_xla_"))
+# Removed when the process ends (subprocesses that inherit it end first). Workers share none:
+# the two pytest-xdist workers of a CI run compiled no program in common (0 of 467 entries).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rare_jax_xla_")
+  atexit.register(
+    functools.partial(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
