@@ -26,7 +26,8 @@ A comparison between two non-baseline strategies whose differences against the b
 both stored is added under `derived` ("A - B"): with per-pair values, over the (seed, group,
 category) pairs both have (`seeds` names the seeds), so a strategy run on fewer seeds is compared
 on those; without, per seed, (A - base) - (B - base) = A - B exactly, as both are means over the
-same pairs, and only when both have the same seeds.
+same pairs, and only when both have the same seeds. The JSON holds each pair once (in the
+results' order of strategies); `--derived` picks and orders the table's rows, either direction.
 It also writes `RESULTS/paired_values.md`, a table of both intervals.
 """
 
@@ -183,23 +184,50 @@ def table(document: dict, wanted_derived=None) -> str:
         f"| `{strategy}` - `{baseline}` | {budget} | {_interval(entry['pair_level'])} |"
         f" {_interval(entry['seed_level'])} |"
       )
-  for name, budgets in document.get("derived", {}).items():
-    if wanted_derived is not None and name not in wanted_derived:
-      continue
+  derived = document.get("derived", {})
+  for name in list(derived) if wanted_derived is None else wanted_derived:
     a, b = name.split(" - ")
+    budgets = derived[name] if name in derived else derived[f"{b} - {a}"]
+    sign = 1 if name in derived else -1
     for budget in sorted(budgets, key=int):
       entry = budgets[budget]
       lines.append(
-        f"| `{a}` - `{b}` | {budget} | {_interval(entry.get('pair_level'))} |"
-        f" {_interval(entry['seed_level'])} |"
+        f"| `{a}` - `{b}` | {budget} | {_interval(_signed(entry.get('pair_level'), sign))} |"
+        f" {_interval(_signed(entry['seed_level'], sign))} |"
       )
   return "\n".join(lines) + "\n"
+
+
+def _signed(interval: dict | None, sign: int) -> dict | None:
+  """B - A's interval from A - B's (sign -1): the mean negated, the ends swapped."""
+  if interval is None or sign == 1:
+    return interval
+  return dict(interval, mean=-interval["mean"], low=-interval["high"], high=-interval["low"])
+
+
+def check_derived(document: dict, wanted) -> None:
+  """ValueError naming a wanted derived comparison ("A - B") that the document lacks in
+  either order."""
+  derived = document.get("derived", {})
+  for name in wanted or ():
+    parts = name.split(" - ")
+    if len(parts) != 2 or (name not in derived and f"{parts[1]} - {parts[0]}" not in derived):
+      raise ValueError(
+        f"--derived: {name!r} is not a derived comparison of these results; expected "
+        f"'A - B' (either order) with A and B two strategies sharing pairs, one of "
+        f"{sorted(derived)}"
+      )
 
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("results", None, "A results folder holding paired_differences.json.")
 flags.DEFINE_string("workdir", None, "Optional: the comparison's workdir (per-pair values).")
-flags.DEFINE_list("derived", None, "Derived comparisons to list in the table (default: all).")
+flags.DEFINE_list(
+  "derived",
+  None,
+  "Derived comparisons to list in the table, in this order (default: all). Either order of a "
+  "pair: 'ours - no_bg_split' lists 'no_bg_split - ours' negated.",
+)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "With --workdir: its config.")
 
 
@@ -233,6 +261,10 @@ def main(argv):
         "is not finished): " + "; ".join(incomplete) + "; nothing was written"
       )
   document = enrich(document, pairs)
+  try:
+    check_derived(document, FLAGS.derived)
+  except ValueError as error:
+    raise app.UsageError(f"{error}; nothing was written") from None
   with open(path + ".tmp", "w") as f:
     json.dump(document, f, indent=1, sort_keys=True)
     f.write("\n")

@@ -297,8 +297,24 @@ def _ap(record: Mapping) -> list:
   return record.get("average_precision", [])
 
 
+def unfinished_runs(config, workdir: str) -> list[str]:
+  """`g<group>_s<seed>/<strategy>` of every run that started and has not finished."""
+  out = []
+  for strategy in config.strategies:
+    for seed in config.seeds:
+      for group_index, group in enumerate(config.groups):
+        name = os.path.join(run_name(group_index, seed), strategy)
+        run_dir = os.path.join(workdir, name)
+        started = os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+        if started and not is_finished(run_dir, run_config(config, group, seed), strategy):
+          out.append(name)
+  return out
+
+
 def collect(config, workdir: str) -> dict[str, dict[int, dict[int, list[dict]]]]:
-  """{strategy: {seed: {budget: [point per group]}}}, only budgets every group reached."""
+  """{strategy: {seed: {budget: [point per group]}}}, only budgets every group reached, and only
+  (strategy, seed)s whose runs all finished: a run under way or cut short adds nothing (its
+  early budgets would change n between budgets and mix seeds); `unfinished_runs` names them."""
   out: dict[str, dict[int, dict[int, list[dict]]]] = {}
   headline = config.get("evaluate_model", "deep_head")
   for strategy in config.strategies:
@@ -306,8 +322,11 @@ def collect(config, workdir: str) -> dict[str, dict[int, dict[int, list[dict]]]]
       by_group = []
       for group_index, group in enumerate(config.groups):
         sub = run_config(config, group, seed)
-        path = os.path.join(workdir, run_name(group_index, seed), strategy, "metrics.jsonl")
-        records = metrics.read_metrics(path)
+        run_dir = os.path.join(workdir, run_name(group_index, seed), strategy)
+        records = metrics.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        if records and not is_finished(run_dir, sub, strategy):
+          by_group = []
+          break
         by_group.append(evaluation_points(records, sub, strategy, headline=headline))
       budgets = set.intersection(*(set(points) for points in by_group)) if by_group else set()
       if budgets:
@@ -629,18 +648,21 @@ def plot_f1_curves(
     return None
   figure, axes = _figure()
   top = 0.0
+  seeds = {s: max(p["n"] for p in aggregated[s].values()) for s in present}
   for strategy in present:
     points = aggregated[strategy]
     top = max(top, *(p[key] + p["std_f1"] for p in points.values()))
+    # Strategies over fewer seeds than others (a comparison under way) say how many.
+    label = strategy if len(set(seeds.values())) == 1 else f"{strategy} ({seeds[strategy]} seeds)"
     if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
       point = next(iter(points.values()))
-      axes.axhline(point["mean_f1"], color="k", linestyle="--", label=f"{strategy} (all labels)")
+      axes.axhline(point["mean_f1"], color="k", linestyle="--", label=f"{label}, all labels")
       continue
     budgets = sorted(points)
     mean = np.array([points[b][key] for b in budgets])
     std = np.array([points[b]["std_f1"] for b in budgets])
     color = _color(strategy)
-    axes.plot(budgets, mean, marker="o", color=color, label=strategy)
+    axes.plot(budgets, mean, marker="o", color=color, label=label)
     axes.fill_between(budgets, mean - std, mean + std, color=color, alpha=0.15)
   axes.set_xlabel("labels per category")
   axes.set_ylabel("mean F1 (p >= 0.5), ± std over seeds")
@@ -696,6 +718,9 @@ _HEADLINES = {
 def report(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   """Collects every finished point, writes the table, results.json and the figures."""
   config = resolve_groups(config, workdir, log=log)
+  unfinished = unfinished_runs(config, workdir)
+  if unfinished:
+    log(f"report: left out (not finished): {', '.join(unfinished)}")
   collected = collect(config, workdir)
   aggregated = aggregate(collected)
   baseline = config.get("baseline", "tropel")

@@ -157,6 +157,10 @@ def test_driver_skips_finished_and_resumes_interrupted_runs(finished, tmp_path):
     shutil.rmtree(os.path.join(run_dir, "checkpoints", step))
   metrics.rewrite_up_to(os.path.join(run_dir, "metrics.jsonl"), 2)
   metrics.rewrite_up_to(os.path.join(run_dir, "answers.jsonl"), 3)
+  # A report now leaves the unfinished run out (its round-2 point would change n at 10 labels).
+  assert compare.unfinished_runs(config, copy) == [os.path.join("g1_s0", "tropel")]
+  collected = compare.collect(config, copy)
+  assert 0 not in collected.get("tropel", {}) and 0 in collected["ours_linear"]
   lines = []
   compare.run_all(config, copy, log=lines.append)
   text = "\n".join(lines)

@@ -98,6 +98,13 @@ def test_derived_differences_match_pairs_by_seed_and_category():
   np.testing.assert_allclose(derived["per_seed"], [0.15, 0.15])
   assert derived["seeds"] == [0, 1] and derived["pair_level"]["n"] == 4
   assert derived["pair_level"]["mean"] == pytest.approx(0.15)
+  # The table lists B - A as A - B negated; a pair the results lack is named.
+  document = {"baseline": "t", "differences": {}, "derived": {"a - b": {"50": derived}}}
+  low, high = derived["seed_level"]["low"], derived["seed_level"]["high"]
+  row = paired_values.table(document, ["b - a"]).splitlines()[-1]
+  assert row.startswith("| `b` - `a` | 50 | -0.150 [") and f"[{-high:+.3f}, {-low:+.3f}]" in row
+  with pytest.raises(ValueError, match="'a - c' is not a derived comparison.*\\['a - b'\\]"):
+    paired_values.check_derived(document, ["a - b", "b - a", "a - c"])
 
 
 @pytest.mark.parametrize("workdir", ["missing", "empty"])
