@@ -13,7 +13,8 @@ replays its runs.
 Started again with the same command, finished strategies are skipped and interrupted ones
 resume from their checkpoints (see rare_jax.active.runner); strategies may be added to or dropped
 from the config between starts. The report is rewritten after each strategy, so partial
-results are always on disk:
+results are always on disk; it holds finished runs only (a run under way or cut short is named
+and left out, so every number of a strategy is over the same seeds):
 
     WORKDIR/results.md              mean F1 (+- std over seeds) per strategy and budget point,
                                     and the pseudo-positives' false-positive rate
