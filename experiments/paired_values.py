@@ -23,11 +23,13 @@ strategy and budget:
 - `per_pair` (only with --workdir): `[{seed, group, category, value, baseline, difference}]`,
   from which every interval can be recomputed.
 A comparison between two non-baseline strategies whose differences against the baseline are
-both stored is added under `derived` ("A - B"): with per-pair values, over the (seed, group,
-category) pairs both have (`seeds` names the seeds), so a strategy run on fewer seeds is compared
-on those; without, per seed, (A - base) - (B - base) = A - B exactly, as both are means over the
-same pairs, and only when both have the same seeds. The JSON holds each pair once (in the
-results' order of strategies); `--derived` picks and orders the table's rows, either direction.
+both stored is added under `derived` ("A - B"), over the (seed, group, category) pairs both
+have (from `per_pair`, else from the `pairs` that `rare_jax.compare` stores; `seeds` names the
+seeds), so a strategy run on fewer seeds is compared on those. Files without either: per seed,
+(A - base) - (B - base) = A - B exactly, only when both have as many seeds (nothing says which
+seeds they are). The JSON holds each pair once (in the
+order of `differences` in paired_differences.json, which this script rewrites with sorted
+keys: alphabetical); `--derived` picks and orders the table's rows, in either direction.
 It also writes `RESULTS/paired_values.md`, a table of both intervals.
 """
 
@@ -98,21 +100,31 @@ def seed_means(pairs: list[dict]) -> list[float]:
   return [float(np.mean([p["difference"] for p in pairs if p["seed"] == s])) for s in seeds]
 
 
-def _pair_key(pair: dict) -> tuple[int, int, int]:
-  return pair["seed"], pair["group"], pair["category"]
+def _values_by_pair(entry: dict) -> tuple[str, dict] | None:
+  """(kind, {pair key: value}) of an entry: its per-pair values keyed by (seed, group,
+  category), else `rare_jax.compare`'s `pairs` keyed by (seed, group, position in the group);
+  None when it holds neither."""
+  if "per_pair" in entry:
+    return "category", {
+      (p["seed"], p["group"], p["category"]): p["value"] for p in entry["per_pair"]
+    }
+  pairs = entry.get("pairs")
+  if pairs and "seed" in pairs[0]:
+    return "position", {(p["seed"], p["group"], p["position"]): p["value"] for p in pairs}
+  return None
 
 
 def _derived(one: dict, other: dict) -> dict | None:
-  """A - B from A's and B's entries against the same baseline: with per-pair values, over the
-  (seed, group, category) pairs both have (matched by key, so strategies run on different seeds
-  compare on the seeds they share); without, per seed by position when both have the same
-  seeds. None when nothing is shared."""
-  if "per_pair" in one and "per_pair" in other:
-    theirs = {_pair_key(q): q for q in other["per_pair"]}
-    shared = [(p, theirs[_pair_key(p)]) for p in one["per_pair"] if _pair_key(p) in theirs]
+  """A - B from A's and B's entries against the same baseline, over the (seed, group,
+  category) pairs both have (matched by key, so strategies run on different seeds compare on
+  the seeds they share). Entries without pair values (older files): per seed by position,
+  only when both have the same number of seeds. None when nothing is shared."""
+  mine, theirs = _values_by_pair(one), _values_by_pair(other)
+  if mine is not None and theirs is not None and mine[0] == theirs[0]:
+    shared = sorted(set(mine[1]) & set(theirs[1]))
     if not shared:
       return None
-    pairs = [{**p, "difference": p["value"] - q["value"]} for p, q in shared]
+    pairs = [{"seed": key[0], "difference": mine[1][key] - theirs[1][key]} for key in shared]
     per_seed = seed_means(pairs)
     return {
       "per_seed": per_seed,
@@ -120,7 +132,7 @@ def _derived(one: dict, other: dict) -> dict | None:
       "seed_level": t_interval(per_seed),
       "pair_level": t_interval([p["difference"] for p in pairs]),
     }
-  if len(one["per_seed"]) != len(other["per_seed"]):
+  if mine is not None or theirs is not None or len(one["per_seed"]) != len(other["per_seed"]):
     return None
   per_seed = [x - y for x, y in zip(one["per_seed"], other["per_seed"], strict=True)]
   return {"per_seed": per_seed, "seed_level": t_interval(per_seed)}
@@ -220,15 +232,21 @@ def check_derived(document: dict, wanted) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("results", None, "A results folder holding paired_differences.json.")
-flags.DEFINE_string("workdir", None, "Optional: the comparison's workdir (per-pair values).")
-flags.DEFINE_list(
-  "derived",
-  None,
-  "Derived comparisons to list in the table, in this order (default: all). Either order of a "
-  "pair: 'ours - no_bg_split' lists 'no_bg_split - ours' negated.",
-)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "With --workdir: its config.")
+
+
+def _define_flags():
+  """The script's flags, defined only when it runs (importing it, as the tests do, must not
+  define --workdir a second time beside another command's)."""
+  flags.DEFINE_string("results", None, "A results folder holding paired_differences.json.")
+  flags.DEFINE_string("workdir", None, "Optional: the comparison's workdir (per-pair values).")
+  flags.DEFINE_list(
+    "derived",
+    None,
+    "Derived comparisons to list in the table, in this order (default: all). Either order of "
+    "a pair: 'ours - no_bg_split' lists 'no_bg_split - ours' negated.",
+  )
+  flags.mark_flag_as_required("results")
+  return config_flags.DEFINE_config_file("config", None, "With --workdir: its config.")
 
 
 def main(argv):
@@ -275,5 +293,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("results")
+  _CONFIG = _define_flags()
   app.run(main)

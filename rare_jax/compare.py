@@ -654,10 +654,13 @@ def plot_f1_curves(
     points = aggregated[strategy]
     top = max(top, *(p[key] + p["std_f1"] for p in points.values()))
     # Strategies over fewer seeds than others (a comparison under way) say how many.
-    label = strategy if len(set(seeds.values())) == 1 else f"{strategy} ({seeds[strategy]} seeds)"
+    notes = ["all labels"] if runner.strategy_spec(strategy)["kind"] == "fully_supervised" else []
+    if len(set(seeds.values())) > 1:
+      notes.append(f"{seeds[strategy]} seeds")
+    label = f"{strategy} ({', '.join(notes)})" if notes else strategy
     if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
       point = next(iter(points.values()))
-      axes.axhline(point["mean_f1"], color="k", linestyle="--", label=f"{label}, all labels")
+      axes.axhline(point["mean_f1"], color="k", linestyle="--", label=label)
       continue
     budgets = sorted(points)
     mean = np.array([points[b][key] for b in budgets])

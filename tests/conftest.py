@@ -13,8 +13,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A compilation cache private to this test process: tests that compile the same program again
 # (a resumed run, a replay) load it instead of recompiling (minutes on this CPU otherwise).
-# Removed when the process ends (subprocesses that inherit it end first). Workers share none:
-# the two pytest-xdist workers of a CI run compiled no program in common (0 of 467 entries).
+# Removed when the process that made it ends (subprocesses that inherit it end first). Under
+# pytest-xdist the workers inherit the controller's folder and the controller, ending last,
+# removes it. (Sharing it saves little: a CI run's two workers compiled no program in common.)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rare_jax_xla_")
   atexit.register(

@@ -572,7 +572,7 @@ def test_decision_function_bad_shapes():
     linear.decision_function(features, linear.LinearModel(jnp.ones((2, DIM)), jnp.ones(3)))
 
 
-def test_host_sigmoid_is_stable_and_every_report_uses_it():
+def test_host_sigmoid_is_stable_and_export_and_predict_use_it():
   """`linear.sigmoid` matches scipy's expit from -740 to 740 without an overflow warning and
   keeps the tiny probabilities of very negative logits (1 / (1 + exp(-x)) rounds them to 0 with
   a warning); the export's pool probabilities and predict's scores are computed by it."""

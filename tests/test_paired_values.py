@@ -82,7 +82,9 @@ def test_derived_differences_match_pairs_by_seed_and_category():
   """A - B pairs A's and B's values of the same (seed, group, category), whatever the order
   the pairs are stored in, over the seeds both have (B run on seeds 0-1 only)."""
   from experiments import paired_values
+  from rare_jax import predict  # defines --workdir too: importing the script must not clash
 
+  assert "workdir" in paired_values.FLAGS and predict.main
   a_pairs = _pairs([0, 0, 1, 1, 2, 2], [(3, 0.5), (7, 0.2), (3, 0.6), (7, 0.1), (3, 0.9), (7, 0.9)])
   b_pairs = _pairs([1, 0, 1, 0], [(7, 0.0), (7, 0.1), (3, 0.4), (3, 0.3)])
   document = {
@@ -98,11 +100,19 @@ def test_derived_differences_match_pairs_by_seed_and_category():
   np.testing.assert_allclose(derived["per_seed"], [0.15, 0.15])
   assert derived["seeds"] == [0, 1] and derived["pair_level"]["n"] == 4
   assert derived["pair_level"]["mean"] == pytest.approx(0.15)
+  # The driver's own `pairs` (seed, group, position) are matched the same way.
+  for entry in document["differences"].values():
+    entry["50"]["pairs"] = [
+      dict(p, position=[3, 7].index(p.pop("category"))) for p in entry["50"].pop("per_pair")
+    ]
+  again = paired_values.enrich(document, None)["derived"]["a - b"]["50"]
+  assert again["seeds"] == [0, 1] and again["pair_level"] == derived["pair_level"]
   # The table lists B - A as A - B negated; a pair the results lack is named.
   document = {"baseline": "t", "differences": {}, "derived": {"a - b": {"50": derived}}}
-  low, high = derived["seed_level"]["low"], derived["seed_level"]["high"]
+  pair = derived["pair_level"]  # seed 0: 0.2, 0.1; seed 1: 0.2, 0.1: low < high
   row = paired_values.table(document, ["b - a"]).splitlines()[-1]
-  assert row.startswith("| `b` - `a` | 50 | -0.150 [") and f"[{-high:+.3f}, {-low:+.3f}]" in row
+  assert f"| `b` - `a` | 50 | -0.150 [{-pair['high']:+.3f}, {-pair['low']:+.3f}] (n = 4) |" in row
+  assert pair["low"] < pair["high"] - 0.05
   with pytest.raises(ValueError, match="'a - c' is not a derived comparison.*\\['a - b'\\]"):
     paired_values.check_derived(document, ["a - b", "b - a", "a - c"])
 

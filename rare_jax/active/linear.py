@@ -310,7 +310,8 @@ def decision_function(features: jax.Array, model: LinearModel) -> jax.Array:
 
 
 def sigmoid(logits) -> np.ndarray:
-  """float64 numpy sigmoid of logits on the host (the one every report, page and export uses),
+  """float64 numpy sigmoid of logits on the host (every host-side score: predict, exports, the
+  labeling and audit pages; jitted code uses `jax.nn.sigmoid`),
   from exp(-|x|): no overflow warning for very negative logits and their tiny probabilities kept
   (1 / (1 + exp(-x)) overflows below about -709 and rounds them to 0)."""
   logits = np.asarray(logits, np.float64)
