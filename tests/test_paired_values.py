@@ -14,7 +14,12 @@ from scipy import stats
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "docs", "results")
 PUBLISHED = os.path.join(RESULTS, "imagenet", "paired_differences.json")
-EVERY_PUBLISHED = ("imagenet", "imagenet/all_strategies", "self_supervised")
+EVERY_PUBLISHED = (
+  "imagenet",
+  "imagenet/all_strategies",
+  "imagenet/ablations",
+  "self_supervised",
+)
 
 
 def _t95(values):
