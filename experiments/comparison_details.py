@@ -22,15 +22,20 @@ from scipy import stats
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rare_jax import compare
-from rare_jax.active import metrics  # noqa: E402
+from rare_jax.active import metrics, runner  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The comparison's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The comparison's workdir.")
 
 
 def records_at(config, workdir: str, strategy: str, seed: int, group_index: int) -> dict:
+  """{budget: metrics record} of one run; the fully supervised record under `compare.ALL_LABELS`
+  (its labels_per_category is the pool size, which differs between groups)."""
   path = os.path.join(workdir, compare.run_name(group_index, seed), strategy, "metrics.jsonl")
-  return {int(r["labels_per_category"]): r for r in metrics.read_metrics(path)}
+  records = metrics.read_metrics(path)
+  if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
+    return {compare.ALL_LABELS: records[-1]} if records else {}
+  return {int(r["labels_per_category"]): r for r in records}
 
 
 def main(argv):
@@ -39,23 +44,29 @@ def main(argv):
   workdir = _WORKDIR.value
   baseline = config.get("baseline", "tropel")
   collected = compare.collect(config, workdir)
-  seeds = sorted(set.intersection(*(set(by_seed) for by_seed in collected.values())))
-  print(f"seeds with every strategy: {seeds}")
+  # Each strategy over the seeds it finished (a comparison may be partial, and strategies can
+  # have different seeds); a paired difference over the seeds both strategies have.
+  for strategy, by_seed in collected.items():
+    print(f"{strategy}: seeds {sorted(by_seed)}")
   budgets = sorted({b for by_seed in collected.values() for p in by_seed.values() for b in p})
   for budget in budgets:
-    print(f"\n## {budget} labels per category")
-    rows = {}
-    for strategy in collected:
-      f1, ap, found, val_pos, pool_pos = [], [], [], [], []
+    title = "every pool label (fully supervised)" if budget == compare.ALL_LABELS else ""
+    print(f"\n## {title or f'{budget} labels per category'}")
+    rows = {}  # strategy: (seeds, F1 [seeds, categories], AP, positives found)
+    pool_positives = None
+    val_pos = []
+    for strategy, by_seed in collected.items():
+      seeds = sorted(s for s, points in by_seed.items() if budget in points)
+      if not seeds:
+        continue
+      f1, ap, found, pool_pos = [], [], [], []
       for seed in seeds:
-        points = collected[strategy][seed].get(budget)
-        if points is None:
-          break
+        points = by_seed[seed][budget]
         f1.append([v for p in points for v in p["f1"]])
         ap.append([v for p in points for v in p["ap"]])
         for g in range(len(config.groups)):
           record = records_at(config, workdir, strategy, seed, g)[budget]
-          found += record["positives_found"]
+          found += record.get("positives_found", [])
           # Images, not weights: a weighted validation set reports its weight sums under
           # num_positives and its image counts under num_positive_images.
           val_pos += record.get("num_positive_images", record["num_positives"])
@@ -63,34 +74,45 @@ def main(argv):
             task = json.load(f)
           pool_labels = np.asarray(task["pool_labels"])
           pool_pos += [int((pool_labels == c).sum()) for c in task["categories"]]
-      if len(f1) == len(seeds):
-        rows[strategy] = (np.array(f1), np.array(ap), np.array(found))
-        pool_positives = np.array(pool_pos)
+      rows[strategy] = (seeds, np.array(f1), np.array(ap), np.array(found, float))
+      pool_positives = np.array(pool_pos)
     categories = [c for g in config.groups for c in g]
     print("mean F1 per category over seeds (categories " + ", ".join(map(str, categories)) + ")")
-    for strategy, (f1, ap, found) in rows.items():
-      print(f"  {strategy:12s} F1 " + " ".join(f"{v:.2f}" for v in f1.mean(0)))
-      print(f"  {strategy:12s} AP " + " ".join(f"{v:.2f}" for v in ap.mean(0)))
+    for strategy, (seeds, f1, ap, found) in rows.items():
       print(
-        f"  {strategy:12s} positives found per category (mean over seeds and categories): "
-        f"{found.mean():.1f} of {pool_positives.mean():.1f} in the pool"
+        f"  {strategy:12s} F1 "
+        + " ".join(f"{v:.2f}" for v in f1.mean(0))
+        + f" ({len(seeds)} seed{'' if len(seeds) == 1 else 's'})"
       )
-    if rows:
-      zero = np.all([f1 == 0 for f1, _, _ in rows.values()], axis=0)
+      print(f"  {strategy:12s} AP " + " ".join(f"{v:.2f}" for v in ap.mean(0)))
+      if found.size:
+        print(
+          f"  {strategy:12s} positives found per category (mean over seeds and categories): "
+          f"{found.mean():.1f} of {pool_positives.mean():.1f} in the pool"
+        )
+    common = sorted(set.intersection(*(set(seeds) for seeds, *_ in rows.values()))) if rows else []
+    if common:
+      zero = np.all(
+        [f1[[seeds.index(s) for s in common]] == 0 for seeds, f1, _, _ in rows.values()], axis=0
+      )
       print(
-        f"  pairs (seed, category) where every strategy has F1 0: {int(zero.sum())} of "
-        f"{zero.size}; validation positives per category: {sorted(set(val_pos))}"
+        f"  pairs (seed, category) of seeds {common} where every strategy has F1 0: "
+        f"{int(zero.sum())} of {zero.size}; validation positives per category: "
+        f"{sorted(set(val_pos))}"
       )
     if baseline in rows:
-      base_ap = rows[baseline][1].ravel()
-      for strategy, (_, ap, _) in rows.items():
-        if strategy == baseline:
+      base_seeds, _, base_ap, _ = rows[baseline]
+      for strategy, (seeds, _, ap, _) in rows.items():
+        shared = [s for s in seeds if s in base_seeds]
+        if strategy == baseline or not shared:
           continue
-        d = ap.ravel() - base_ap
+        d = (
+          ap[[seeds.index(s) for s in shared]] - base_ap[[base_seeds.index(s) for s in shared]]
+        ).ravel()
         half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
         print(
           f"  AP {strategy} - {baseline}: {d.mean():+.3f} [{d.mean() - half:+.3f}, "
-          f"{d.mean() + half:+.3f}] (n={d.size})"
+          f"{d.mean() + half:+.3f}] (n={d.size}, seeds {shared})"
         )
 
 

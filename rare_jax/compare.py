@@ -464,7 +464,12 @@ def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) ->
         cells.append("-")
       else:
         seeds = p.get("seed_level")
-        seed_cell = f"; seeds [{seeds['low']:+.3f}, {seeds['high']:+.3f}]" if seeds else ""
+        if not seeds:
+          seed_cell = ""
+        elif seeds["n"] < 2:  # one seed's mean: no interval over seeds
+          seed_cell = f"; {seeds['n']} seed"
+        else:
+          seed_cell = f"; seeds [{seeds['low']:+.3f}, {seeds['high']:+.3f}]"
         cells.append(
           f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
           f"({p['better']}/{p['worse']}/{p['n']}{seed_cell})"

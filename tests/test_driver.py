@@ -199,6 +199,32 @@ def test_cli_report_only(finished, tmp_path):
   assert "| ours_linear |" in result.stdout and "| tropel |" in result.stdout
   assert os.path.exists(os.path.join(copy, "results.md"))
 
+  # Per-category details of a partial comparison: each strategy over the seeds it finished
+  # (here tropel has a second seed, a copy of the first), paired AP over the seeds both have.
+  for group in (0, 1):
+    shutil.copytree(
+      os.path.join(copy, compare.run_name(group, 0)),
+      os.path.join(copy, compare.run_name(group, 1)),
+      ignore=shutil.ignore_patterns("ours_linear"),
+    )
+  result = subprocess.run(
+    [
+      sys.executable,
+      "experiments/comparison_details.py",
+      "--config=experiments/configs/compare_tiny.py",
+      f"--workdir={copy}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "ours_linear: seeds [0]\ntropel: seeds [0, 1]" in result.stdout
+  assert "(2 seeds)" in result.stdout and "(1 seed)" in result.stdout
+  assert "AP ours_linear - tropel: " in result.stdout and "seeds [0])" in result.stdout
+
 
 @pytest.mark.parametrize(
   "module_name, dataset", [("inat2017", "i_naturalist2017"), ("places365", "places365_small")]
@@ -280,4 +306,9 @@ def test_paired_differences_pair_seed_and_category_with_t_intervals():
   )
   assert p["seed_level"]["n"] == 2
   assert "| ours | +0.133 [" in compare.paired_table(out, "tropel")
+  assert "(4/1/6; seeds [" in compare.paired_table(out, "tropel")
+  # One seed: no interval over seeds (not "[+nan, +nan]").
+  one = compare.paired_differences({s: {0: by[0]} for s, by in collected.items()}, "tropel")
+  assert one["ours"][50]["seed_level"]["n"] == 1
+  assert "(2/0/3; 1 seed) |" in compare.paired_table(one, "tropel")
   assert compare.paired_differences(collected, "random") == {}  # no such baseline: no table
