@@ -176,7 +176,11 @@ def enrich(document: dict, pairs: dict | None) -> dict:
 def _interval(entry: dict | None) -> str:
   if entry is None:
     return "not stored"
-  return f"{entry['mean']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}] (n = {entry['n']})"
+  if entry["n"] < 2:  # one value: no interval
+    return f"{entry['mean'] + 0.0:+.3f} (n = {entry['n']}, no interval)"
+  # + 0.0: a negated zero difference (B - A of identical runs) prints as +0.000, not -0.000.
+  mean, low, high = (entry[k] + 0.0 for k in ("mean", "low", "high"))
+  return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n = {entry['n']})"
 
 
 def table(document: dict, wanted_derived=None) -> str:

@@ -18,6 +18,7 @@ EVERY_PUBLISHED = (
   "imagenet",
   "imagenet/all_strategies",
   "imagenet/ablations",
+  "imagenet/baselines_and_f_a",
   "self_supervised",
 )
 
@@ -118,6 +119,12 @@ def test_derived_differences_match_pairs_by_seed_and_category():
   row = paired_values.table(document, ["b - a"]).splitlines()[-1]
   assert f"| `b` - `a` | 50 | -0.150 [{-pair['high']:+.3f}, {-pair['low']:+.3f}] (n = 4) |" in row
   assert pair["low"] < pair["high"] - 0.05
+  # Identical runs negated print +0.000 (not -0.000); one seed has no interval (not [nan, nan]).
+  zero = {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 5}
+  one = {"mean": 0.0, "low": math.nan, "high": math.nan, "n": 1}
+  document["derived"]["a - b"]["50"] = dict(derived, pair_level=zero, seed_level=one)
+  row = paired_values.table(document, ["b - a"]).splitlines()[-1]
+  assert row == "| `b` - `a` | 50 | +0.000 [+0.000, +0.000] (n = 5) | +0.000 (n = 1, no interval) |"
   with pytest.raises(ValueError, match="'a - c' is not a derived comparison.*\\['a - b'\\]"):
     paired_values.check_derived(document, ["a - b", "b - a", "a - c"])
 
