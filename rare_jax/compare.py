@@ -661,7 +661,7 @@ def plot_f1_curves(
     # Strategies over fewer seeds than others (a comparison under way) say how many.
     notes = ["all labels"] if runner.strategy_spec(strategy)["kind"] == "fully_supervised" else []
     if len(set(seeds.values())) > 1:
-      notes.append(f"{seeds[strategy]} seeds")
+      notes.append(f"{seeds[strategy]} seed{'' if seeds[strategy] == 1 else 's'}")
     label = f"{strategy} ({', '.join(notes)})" if notes else strategy
     if runner.strategy_spec(strategy)["kind"] == "fully_supervised":
       point = next(iter(points.values()))
