@@ -44,6 +44,11 @@ def main(argv):
   workdir = _WORKDIR.value
   baseline = config.get("baseline", "tropel")
   collected = compare.collect(config, workdir)
+  if not collected:
+    raise app.UsageError(
+      f"--workdir={workdir!r} holds no finished run of the strategies "
+      f"{list(config.strategies)}; expected a rare_jax.compare workdir of this config"
+    )
   # Each strategy over the seeds it finished (a comparison may be partial, and strategies can
   # have different seeds); a paired difference over the seeds both strategies have.
   for strategy, by_seed in collected.items():

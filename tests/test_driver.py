@@ -178,24 +178,24 @@ def test_cli_report_only(finished, tmp_path):
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
   os.remove(os.path.join(copy, "results.md"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "rare_jax.compare",
-      "--config=experiments/configs/compare_tiny.py",
-      f"--workdir={copy}",
-      "--report_only",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
+
+  def run(*command, expect=0):
+    """`command` (after `python`) on the tiny comparison's copy, from the repository root."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    config = ["--config=experiments/configs/compare_tiny.py", f"--workdir={copy}"]
+    result = subprocess.run(
+      [sys.executable, *command, *config],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+  result = run("-m", "rare_jax.compare", "--report_only")
   assert "| ours_linear |" in result.stdout and "| tropel |" in result.stdout
   assert os.path.exists(os.path.join(copy, "results.md"))
 
@@ -207,23 +207,15 @@ def test_cli_report_only(finished, tmp_path):
       os.path.join(copy, compare.run_name(group, 1)),
       ignore=shutil.ignore_patterns("ours_linear"),
     )
-  result = subprocess.run(
-    [
-      sys.executable,
-      "experiments/comparison_details.py",
-      "--config=experiments/configs/compare_tiny.py",
-      f"--workdir={copy}",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
+  result = run("experiments/comparison_details.py")
   assert "ours_linear: seeds [0]\ntropel: seeds [0, 1]" in result.stdout
   assert "(2 seeds)" in result.stdout and "(1 seed)" in result.stdout
   assert "AP ours_linear - tropel: " in result.stdout and "seeds [0])" in result.stdout
+  # A workdir without finished runs is named, not reported as empty.
+  shutil.rmtree(copy)
+  os.makedirs(copy)
+  result = run("experiments/comparison_details.py", expect=1)
+  assert f"--workdir={copy!r} holds no finished run" in result.stderr
 
 
 @pytest.mark.parametrize(
