@@ -125,6 +125,15 @@ def test_derived_differences_match_pairs_by_seed_and_category():
   document["derived"]["a - b"]["50"] = dict(derived, pair_level=zero, seed_level=one)
   row = paired_values.table(document, ["b - a"]).splitlines()[-1]
   assert row == "| `b` - `a` | 50 | +0.000 [+0.000, +0.000] (n = 5) | +0.000 (n = 1, no interval) |"
+  # A float residue (A - B = 2e-17, negated) prints +0.000 too; a real -0.00005 keeps its sign.
+  residue = {"mean": 2e-17, "low": -0.0149, "high": 0.0151, "n": 25}
+  document["derived"]["a - b"]["50"] = dict(derived, pair_level=residue, seed_level=one)
+  row = paired_values.table(document, ["b - a"]).splitlines()[-1]
+  assert row.startswith("| `b` - `a` | 50 | +0.000 [-0.015, +0.015] (n = 25) |"), row
+  small = dict(residue, mean=5e-5)
+  document["derived"]["a - b"]["50"] = dict(derived, pair_level=small, seed_level=one)
+  row = paired_values.table(document, ["b - a"]).splitlines()[-1]
+  assert row.startswith("| `b` - `a` | 50 | -0.000 [-0.015, +0.015] (n = 25) |"), row
   with pytest.raises(ValueError, match="'a - c' is not a derived comparison.*\\['a - b'\\]"):
     paired_values.check_derived(document, ["a - b", "b - a", "a - c"])
 
