@@ -173,20 +173,17 @@ def enrich(document: dict, pairs: dict | None) -> dict:
   return document
 
 
-def _no_negative_zero(value: float) -> float:
-  """`value` without a sign on zero: a negated zero difference (B - A of identical runs) and a
-  float residue such as -1e-17 print +0.000. A real small difference (-0.00005) keeps its
-  sign and prints -0.000."""
-  return 0.0 if abs(value) < 1e-12 else value
-
-
 def _interval(entry: dict | None) -> str:
+  """One interval as the comparison's tables write it (`compare.signed`: no -0.000 from a
+  float residue)."""
+  from rare_jax.compare import signed
+
   if entry is None:
     return "not stored"
   if entry["n"] < 2:  # one value: no interval
-    return f"{_no_negative_zero(entry['mean']):+.3f} (n = {entry['n']}, no interval)"
-  mean, low, high = (_no_negative_zero(entry[k]) for k in ("mean", "low", "high"))
-  return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n = {entry['n']})"
+    return f"{signed(entry['mean'])} (n = {entry['n']}, no interval)"
+  mean, low, high = (signed(entry[k]) for k in ("mean", "low", "high"))
+  return f"{mean} [{low}, {high}] (n = {entry['n']})"
 
 
 def table(document: dict, wanted_derived=None) -> str:

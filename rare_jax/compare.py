@@ -442,6 +442,13 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:
   return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
+def signed(value: float) -> str:
+  """`value` to 3 decimals with its sign, and no sign on zero: a negated zero difference (B - A
+  of identical runs) and a float residue such as -2e-17 print +0.000. A real small difference
+  (-0.00005) keeps its sign and prints -0.000."""
+  return f"{0.0 if abs(value) < 1e-12 else value:+.3f}"
+
+
 def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) -> str:
   """Markdown: mean paired difference [interval] per strategy and budget."""
   if not paired:
@@ -469,9 +476,9 @@ def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) ->
         elif seeds["n"] < 2:  # one seed's mean: no interval over seeds
           seed_cell = f"; {seeds['n']} seed"
         else:
-          seed_cell = f"; seeds [{seeds['low']:+.3f}, {seeds['high']:+.3f}]"
+          seed_cell = f"; seeds [{signed(seeds['low'])}, {signed(seeds['high'])}]"
         cells.append(
-          f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
+          f"{signed(p['mean'])} [{signed(p['low'])}, {signed(p['high'])}] "
           f"({p['better']}/{p['worse']}/{p['n']}{seed_cell})"
         )
     lines.append("| " + " | ".join([strategy, *cells]) + " |")

@@ -303,4 +303,11 @@ def test_paired_differences_pair_seed_and_category_with_t_intervals():
   one = compare.paired_differences({s: {0: by[0]} for s, by in collected.items()}, "tropel")
   assert one["ours"][50]["seed_level"]["n"] == 1
   assert "(2/0/3; 1 seed) |" in compare.paired_table(one, "tropel")
+  # A float residue (a mean of -2e-17 over pairs that cancel) prints +0.000, not -0.000; a
+  # real small difference keeps its sign.
+  residue = {"mean": -2e-17, "low": -0.015, "high": 0.015, "n": 25, "better": 1, "worse": 1}
+  row = compare.paired_table({"a": {50: residue}}, "b")
+  assert "| a | +0.000 [-0.015, +0.015] (1/1/25) |" in row
+  row = compare.paired_table({"a": {50: {**residue, "mean": -5e-5}}}, "b")
+  assert "| a | -0.000 [-0.015, +0.015] (1/1/25) |" in row
   assert compare.paired_differences(collected, "random") == {}  # no such baseline: no table
