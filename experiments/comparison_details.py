@@ -10,14 +10,12 @@ at p = 0.5 when a category has ~10 validation positives).
 """
 
 import json
-import math
 import os
 import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,10 +112,10 @@ def main(argv):
         d = (
           ap[[seeds.index(s) for s in shared]] - base_ap[[base_seeds.index(s) for s in shared]]
         ).ravel()
-        half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
+        t = metrics.t_interval(d)
         print(
-          f"  AP {strategy} - {baseline}: {d.mean():+.3f} [{d.mean() - half:+.3f}, "
-          f"{d.mean() + half:+.3f}] (n={d.size}, seeds {shared})"
+          f"  AP {strategy} - {baseline}: {t['mean']:+.3f} [{t['low']:+.3f}, "
+          f"{t['high']:+.3f}] (n={t['n']}, seeds {shared})"
         )
 
 

@@ -11,13 +11,11 @@ half-width and per-seed values at each budget).
 """
 
 import json
-import math
 import os
 import sys
 
 import numpy as np
 from absl import app, flags
-from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,13 +69,9 @@ def positives_found(config, workdir: str, strategy: str, seed: int) -> int:
 
 
 def interval(values) -> tuple[float, float]:
-  values = np.asarray(values, float)
-  mean = float(values.mean())
-  if values.size < 2:
-    return mean, math.nan
-  return mean, float(
-    stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
-  )
+  """(mean, half-width) of the comparison's 95% Student-t interval (NaN half for one value)."""
+  t = metrics.t_interval(values)
+  return t["mean"], t["high"] - t["mean"]
 
 
 def main(argv):

@@ -36,14 +36,12 @@ It also writes `RESULTS/paired_values.md`, a table of both intervals.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from scipy import stats
 
 # Run as a script: the repository root on the path, for the configs' `experiments.configs`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,16 +49,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIDENCE = 0.95
 
 
-def t_interval(values, confidence: float = CONFIDENCE) -> dict:
-  """`{mean, low, high, n}`: a Student-t interval for the mean of `values` (NaN for n < 2)."""
-  values = np.asarray(values, float)
-  n = int(values.size)
-  mean = float(values.mean()) if n else math.nan
-  if n > 1:
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
-  else:
-    half = math.nan
-  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+def t_interval(values) -> dict:
+  """`{mean, low, high, n}`: the comparison's Student-t interval at CONFIDENCE."""
+  from rare_jax.active import metrics  # numpy and scipy only: no JAX for a published folder
+
+  return metrics.t_interval(values, CONFIDENCE)
 
 
 def per_pair_values(config, workdir: str) -> dict:

@@ -418,28 +418,14 @@ def paired_differences(
         continue
       d = np.asarray([p["value"] - p["baseline"] for p in pairs])
       out.setdefault(strategy, {})[budget] = {
-        **t_interval(d, confidence),
+        **metrics.t_interval(d, confidence),
         "better": int((d > 0).sum()),
         "worse": int((d < 0).sum()),
         "per_seed": per_seed,
-        "seed_level": t_interval(np.asarray(per_seed), confidence),
+        "seed_level": metrics.t_interval(per_seed, confidence),
         "pairs": pairs,
       }
   return out
-
-
-def t_interval(values: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:
-  """`{mean, low, high, n}`: a Student-t interval for the mean of `values` (NaN bounds when
-  there is one value)."""
-  from scipy import stats
-
-  n = int(values.size)
-  mean = float(values.mean())
-  if n > 1:
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
-  else:
-    half = math.nan
-  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def signed(value: float) -> str:

@@ -324,3 +324,17 @@ def test_plot_f1_vs_labels(tmp_path):
     metrics.plot_f1_vs_labels({"ours": [{"labels_per_category": 1, "f1": [0.1]}]}, out)
   with pytest.raises(ValueError, match="empty"):
     metrics.plot_f1_vs_labels({}, out)
+
+
+def test_t_interval_is_the_student_t_interval_of_the_mean():
+  values = [0.2, 0.4, 0.6]
+  out = metrics.t_interval(values)
+  half = 4.302652729911275 * 0.2 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
+  assert out["n"] == 3
+  np.testing.assert_allclose([out["mean"], out["low"], out["high"]], [0.4, 0.4 - half, 0.4 + half])
+  wider = metrics.t_interval(np.array([[0.2, 0.4], [0.6, 0.8]]), confidence=0.99)
+  assert wider["n"] == 4 and wider["high"] - wider["mean"] > 0.5  # t(0.995, 3) = 5.84
+  one = metrics.t_interval([0.5])
+  assert (one["mean"], one["n"]) == (0.5, 1) and math.isnan(one["low"]) and math.isnan(one["high"])
+  none = metrics.t_interval([])
+  assert none["n"] == 0 and all(math.isnan(none[k]) for k in ("mean", "low", "high"))

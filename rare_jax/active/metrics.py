@@ -252,6 +252,25 @@ def pseudo_label_error_rates(
 
 
 # ----------------------------------------------------------------------------------------------
+# Intervals for comparisons between strategies.
+
+
+def t_interval(values, confidence: float = 0.95) -> dict[str, Any]:
+  """`{mean, low, high, n}`: a Student-t interval for the mean of `values` (NaN bounds for one
+  value; NaN everywhere for none). The one interval every comparison report uses."""
+  from scipy import stats
+
+  values = np.asarray(values, float).ravel()
+  n = int(values.size)
+  mean = float(values.mean()) if n else math.nan
+  if n > 1:
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+  else:
+    half = math.nan
+  return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+# ----------------------------------------------------------------------------------------------
 # metrics.jsonl: one JSON object per line, durable, readable after a crash.
 
 
