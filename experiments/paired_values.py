@@ -167,9 +167,9 @@ def enrich(document: dict, pairs: dict | None) -> dict:
 
 
 def _interval(entry: dict | None) -> str:
-  """One interval as the comparison's tables write it (`compare.signed`: no -0.000 from a
+  """One interval as the comparison's tables write it (`metrics.signed`: no -0.000 from a
   float residue)."""
-  from rare_jax.compare import signed
+  from rare_jax.active.metrics import signed
 
   if entry is None:
     return "not stored"

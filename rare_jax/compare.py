@@ -428,17 +428,11 @@ def paired_differences(
   return out
 
 
-def signed(value: float) -> str:
-  """`value` to 3 decimals with its sign, and no sign on zero: a negated zero difference (B - A
-  of identical runs) and a float residue such as -2e-17 print +0.000. A real small difference
-  (-0.00005) keeps its sign and prints -0.000."""
-  return f"{0.0 if abs(value) < 1e-12 else value:+.3f}"
-
-
 def paired_table(paired: Mapping, baseline: str, *, confidence: float = 0.95) -> str:
   """Markdown: mean paired difference [interval] per strategy and budget."""
   if not paired:
     return ""
+  signed = metrics.signed
   budgets = sorted({b for points in paired.values() for b in points})
   lines = [
     "",

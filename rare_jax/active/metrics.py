@@ -270,6 +270,13 @@ def t_interval(values, confidence: float = 0.95) -> dict[str, Any]:
   return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
+def signed(value: float) -> str:
+  """A difference as the comparison tables print it: 3 decimals with its sign, and no sign on
+  zero. A negated zero difference (B - A of identical runs) and a float residue such as -2e-17
+  print +0.000; a real small difference (-0.00005) keeps its sign and prints -0.000."""
+  return f"{0.0 if abs(value) < 1e-12 else value:+.3f}"
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl: one JSON object per line, durable, readable after a crash.
 
