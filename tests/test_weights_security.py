@@ -434,7 +434,7 @@ class CollidingItems:
 def test_colliding_dict_keys_are_refused_fast(tmp_path):
   # Timed against the same refusal of keys whose hashes differ, in this process: a ratio, so
   # a loaded machine slows both. Inserting the 30,000 colliding keys (~4.5e8 comparisons)
-  # would take hundreds of times longer than the baseline.
+  # takes about 45 times the baseline (26.6 s against 0.59 s on the 2-core CI machine).
   zip_of(tmp_path / "keys.pth", CollidingItems(30_000), {"0": bytes(4)})
   zip_of(tmp_path / "distinct.pth", CollidingItems(30_000, collide=False), {"0": bytes(4)})
 
