@@ -6,7 +6,8 @@ r"""Per-category detail of a `rare_jax.compare` workdir: what the mean F1 hides.
 For each budget point and strategy: mean F1 and AP per category over seeds, positives found by
 the queries (of the pool's positives), and the AP's paired difference against the baseline
 with a 95% Student-t interval (AP ranks the whole validation set, so it is less coarse than F1
-at p = 0.5 when a category has ~10 validation positives).
+at p = 0.5 when a category has ~10 validation positives). With a fully supervised strategy,
+every other strategy's F1 and AP at each budget minus it, over pairs and over seeds.
 """
 
 import json
@@ -22,8 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rare_jax import compare
 from rare_jax.active import metrics, runner  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The comparison's config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The comparison's workdir.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """The script's flags, defined only when it runs (importing it, as the tests do, must not
+  define --config and --workdir a second time beside another command's)."""
+  flags.DEFINE_string("workdir", None, "The comparison's workdir.")
+  config = config_flags.DEFINE_config_file("config", None, "The comparison's config file.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config
 
 
 def records_at(config, workdir: str, strategy: str, seed: int, group_index: int) -> dict:
@@ -36,10 +45,56 @@ def records_at(config, workdir: str, strategy: str, seed: int, group_index: int)
   return {int(r["labels_per_category"]): r for r in records}
 
 
+def minus_all_labels(collected: dict, upper: str) -> list[dict]:
+  """Every other strategy at each of its budgets minus `upper`'s one point (a fully supervised
+  run, under `compare.ALL_LABELS`), F1 and AP paired over (seed, category) of the seeds both
+  finished: `{strategy, budget, metric, seeds, pairs, over_seeds}`, the last two
+  `metrics.t_interval`s over the pairs and over the seeds' means over categories."""
+  upper_points = {s: p[compare.ALL_LABELS] for s, p in collected[upper].items() if p}
+  rows = []
+  for strategy, by_seed in collected.items():
+    if strategy == upper:
+      continue
+    budgets = sorted({b for points in by_seed.values() for b in points} - {compare.ALL_LABELS})
+    for budget in budgets:
+      seeds = sorted(s for s, points in by_seed.items() if budget in points and s in upper_points)
+      if not seeds:
+        continue
+      for metric in ("f1", "ap"):
+        d = np.array([_values(by_seed[s][budget], metric) for s in seeds], float) - np.array(
+          [_values(upper_points[s], metric) for s in seeds], float
+        )
+        rows.append(
+          dict(
+            strategy=strategy,
+            budget=budget,
+            metric=metric,
+            seeds=seeds,
+            pairs=metrics.t_interval(d),
+            over_seeds=metrics.t_interval(d.mean(axis=1)),
+          )
+        )
+  return rows
+
+
+def _values(points: list[dict], metric: str) -> list[float]:
+  """One value per category of every group."""
+  return [v for p in points for v in p[metric]]
+
+
+def _interval(t: dict) -> str:
+  if t["n"] < 2:
+    return f"{metrics.signed(t['mean'])} (n={t['n']})"
+  return (
+    f"{metrics.signed(t['mean'])} [{metrics.signed(t['low'])}, {metrics.signed(t['high'])}] "
+    f"(n={t['n']})"
+  )
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
-  workdir = _WORKDIR.value
+  workdir = FLAGS.workdir
   baseline = config.get("baseline", "tropel")
   collected = compare.collect(config, workdir)
   if not collected:
@@ -118,7 +173,18 @@ def main(argv):
           f"{t['high']:+.3f}] (n={t['n']}, seeds {shared})"
         )
 
+  for upper in collected:
+    if runner.strategy_spec(upper)["kind"] != "fully_supervised":
+      continue
+    print(f"\n## minus {upper} (every pool label), paired over the seeds both finished")
+    for row in minus_all_labels(collected, upper):
+      print(
+        f"  {row['metric'].upper()} {row['strategy']} at {row['budget']} - {upper}: "
+        f"pairs {_interval(row['pairs'])}; seed means {_interval(row['over_seeds'])}; "
+        f"seeds {row['seeds']}"
+      )
+
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  _CONFIG = _define_flags()
   app.run(main)

@@ -92,6 +92,41 @@ def test_aggregate_means_over_categories_then_seeds():
   assert "| deep_prop | 0.500 (2) |" in table  # the FPR table
 
 
+def test_details_pair_each_budget_with_the_fully_supervised_point():
+  from experiments import comparison_details
+
+  full = compare.ALL_LABELS
+  point = lambda f1, ap: [{"f1": f1[:2], "ap": ap[:2]}, {"f1": f1[2:], "ap": ap[2:]}]  # 2 groups
+  collected = {
+    "fully_supervised": {
+      0: {full: point([0.5, 0.5, 0.2], [0.6, 0.6, 0.6])},
+      2: {full: point([0.4, 0.4, 0.4], [0.5, 0.5, 0.5])},
+    },
+    "ours": {
+      0: {50: point([0.3, 0.5, 0.4], [0.6, 0.6, 0.6]), 100: point([0.5] * 3, [0.7] * 3)},
+      1: {50: point([0.9] * 3, [0.9] * 3)},  # no fully supervised seed 1: left out
+      2: {50: point([0.4, 0.6, 0.5], [0.5, 0.5, 0.5])},
+    },
+    "tropel": {1: {50: point([0.1] * 3, [0.1] * 3)}},  # no seed in common: no row
+  }
+  rows = comparison_details.minus_all_labels(collected, "fully_supervised")
+  assert [(r["strategy"], r["budget"], r["metric"], r["seeds"]) for r in rows] == [
+    ("ours", 50, "f1", [0, 2]),
+    ("ours", 50, "ap", [0, 2]),
+    ("ours", 100, "f1", [0]),
+    ("ours", 100, "ap", [0]),
+  ]
+  f1_50 = rows[0]
+  # Pairs: -0.2, 0, +0.2 (seed 0) and 0, +0.2, +0.1 (seed 2); seed means +0 and +0.1.
+  assert f1_50["pairs"]["n"] == 6 and f1_50["over_seeds"]["n"] == 2
+  np.testing.assert_allclose(f1_50["pairs"]["mean"], 0.3 / 6)
+  np.testing.assert_allclose(f1_50["over_seeds"]["mean"], 0.05)
+  assert f1_50["pairs"]["low"] < 0 < f1_50["pairs"]["high"]
+  np.testing.assert_allclose(rows[1]["pairs"]["mean"], 0.0, atol=1e-12)  # AP equal
+  np.testing.assert_allclose(rows[2]["pairs"]["mean"], 0.1)  # 0.5 - (0.5, 0.5, 0.2)
+  assert rows[2]["over_seeds"]["n"] == 1 and np.isnan(rows[2]["over_seeds"]["low"])
+
+
 def test_check_config_refuses_bad_sweeps():
   config = compare_tiny.get_config()
   with config.unlocked():
