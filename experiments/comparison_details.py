@@ -82,15 +82,6 @@ def _values(points: list[dict], metric: str) -> list[float]:
   return [v for p in points for v in p[metric]]
 
 
-def _interval(t: dict) -> str:
-  if t["n"] < 2:
-    return f"{metrics.signed(t['mean'])} (n={t['n']})"
-  return (
-    f"{metrics.signed(t['mean'])} [{metrics.signed(t['low'])}, {metrics.signed(t['high'])}] "
-    f"(n={t['n']})"
-  )
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -180,7 +171,8 @@ def main(argv):
     for row in minus_all_labels(collected, upper):
       print(
         f"  {row['metric'].upper()} {row['strategy']} at {row['budget']} - {upper}: "
-        f"pairs {_interval(row['pairs'])}; seed means {_interval(row['over_seeds'])}; "
+        f"pairs {metrics.interval_text(row['pairs'])}; "
+        f"seed means {metrics.interval_text(row['over_seeds'])}; "
         f"seeds {row['seeds']}"
       )
 

@@ -169,14 +169,9 @@ def enrich(document: dict, pairs: dict | None) -> dict:
 def _interval(entry: dict | None) -> str:
   """One interval as the comparison's tables write it (`metrics.signed`: no -0.000 from a
   float residue)."""
-  from rare_jax.active.metrics import signed
+  from rare_jax.active.metrics import interval_text
 
-  if entry is None:
-    return "not stored"
-  if entry["n"] < 2:  # one value: no interval
-    return f"{signed(entry['mean'])} (n = {entry['n']}, no interval)"
-  mean, low, high = (signed(entry[k]) for k in ("mean", "low", "high"))
-  return f"{mean} [{low}, {high}] (n = {entry['n']})"
+  return "not stored" if entry is None else interval_text(entry)
 
 
 def table(document: dict, wanted_derived=None) -> str:

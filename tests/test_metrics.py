@@ -338,3 +338,9 @@ def test_t_interval_is_the_student_t_interval_of_the_mean():
   assert (one["mean"], one["n"]) == (0.5, 1) and math.isnan(one["low"]) and math.isnan(one["high"])
   none = metrics.t_interval([])
   assert none["n"] == 0 and all(math.isnan(none[k]) for k in ("mean", "low", "high"))
+
+
+def test_interval_text_writes_the_reports_format():
+  t = metrics.t_interval([0.1, 0.2, 0.3])
+  assert metrics.interval_text(t) == "+0.200 [-0.048, +0.448] (n = 3)"
+  assert metrics.interval_text(metrics.t_interval([-2e-17])) == "+0.000 (n = 1, no interval)"

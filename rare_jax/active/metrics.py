@@ -277,6 +277,14 @@ def signed(value: float) -> str:
   return f"{0.0 if abs(value) < 1e-12 else value:+.3f}"
 
 
+def interval_text(t: Mapping[str, Any]) -> str:
+  """A `t_interval` as the comparison reports write it: `+0.014 [-0.006, +0.034] (n = 25)`,
+  or `+0.014 (n = 1, no interval)`."""
+  if t["n"] < 2:
+    return f"{signed(t['mean'])} (n = {t['n']}, no interval)"
+  return f"{signed(t['mean'])} [{signed(t['low'])}, {signed(t['high'])}] (n = {t['n']})"
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl: one JSON object per line, durable, readable after a crash.
 
